@@ -1,0 +1,300 @@
+"""``entropy-probe``: read a run's probe log from the command line.
+
+Example::
+
+    entropy-probe summary lightning_logs/version_0
+    entropy-probe plot lightning_logs/version_0 -o dh.png
+    entropy-probe compare lightning_logs/version_0 lightning_logs/version_1
+    entropy-probe export lightning_logs/version_0 --csv -o probes.csv
+
+Entropy changes are in nats per token (``normalize="per_token"``) or nats per response.
+A missing, empty or corrupt log exits with status 2 and a one-line message on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from .result import CORE_FIELDS
+from .runlog import load_run
+
+PROG = "entropy-probe"
+UNITS = {"per_token": "nats per token", "per_sequence": "nats per response"}
+EXPORT_COLUMNS = (
+    "step",
+    *CORE_FIELDS,
+    "B_E",
+    "T_E",
+    "normalize",
+    "ESS",
+    "reliable",
+    "update_source",
+    "timing_total",
+    "error",
+)
+
+
+def _num(value: Any) -> float | None:
+    """A finite float, or None."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def pearson(xs: Sequence[Any], ys: Sequence[Any]) -> tuple[float | None, int]:
+    """Pearson r over the pairs where both values are finite, and the number of such pairs.
+
+    r is None with fewer than 2 pairs or when either side has zero variance.
+    """
+    pairs: list[tuple[float, float]] = []
+    for a, b in zip(xs, ys, strict=True):
+        x, y = _num(a), _num(b)
+        if x is not None and y is not None:
+            pairs.append((x, y))
+    n = len(pairs)
+    if n < 2:
+        return None, n
+    mx = sum(x for x, _ in pairs) / n
+    my = sum(y for _, y in pairs) / n
+    sxy = sum((x - mx) * (y - my) for x, y in pairs)
+    sxx = sum((x - mx) ** 2 for x, _ in pairs)
+    syy = sum((y - my) ** 2 for _, y in pairs)
+    if sxx <= 0 or syy <= 0:
+        return None, n
+    return sxy / math.sqrt(sxx * syy), n
+
+
+def _mean(values: Sequence[Any]) -> float | None:
+    finite = [v for v in map(_num, values) if v is not None]
+    return sum(finite) / len(finite) if finite else None
+
+
+def _sci(value: Any, digits: int = 3) -> str:
+    number = _num(value)
+    return "-" if number is None else f"{number:.{digits}e}"
+
+
+def _fixed(value: Any, digits: int = 3) -> str:
+    number = _num(value)
+    return "-" if number is None else f"{number:.{digits}f}"
+
+
+def _pm(value: Any, se: Any) -> str:
+    if _num(value) is None:
+        return "-"
+    return _sci(value) if _num(se) is None else f"{_sci(value)} ± {_sci(se, 1)}"
+
+
+def _units(records: list[dict[str, Any]]) -> str:
+    kinds = {r.get("normalize") for r in records if r.get("normalize")}
+    return UNITS.get(kinds.pop(), "nats") if len(kinds) == 1 else "nats"
+
+
+def _note(record: dict[str, Any]) -> str:
+    error = record.get("error")
+    if error:
+        phase = error.get("phase", "?") if isinstance(error, dict) else "?"
+        return f"error in {phase}"
+    return "unreliable (low ESS)" if record.get("reliable") is False else ""
+
+
+def _table(rows: list[list[str]], out: TextIO) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        out.write(
+            "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() + "\n"
+        )
+
+
+def _correlation_line(records: list[dict[str, Any]]) -> str:
+    r, n = pearson([x.get("deltaH1") for x in records], [x.get("deltaH_true") for x in records])
+    shown = "n/a" if r is None else f"{r:.3f}"
+    return f"Pearson r(δH₁, ΔH_true) = {shown} over {n} probes"
+
+
+def cmd_summary(args: argparse.Namespace, out: TextIO) -> int:
+    """One row per probe, then the correlation of predicted and true ΔH across probes."""
+    records = load_run(args.run_dir)
+    rows = [["step", "δH₁ ± SE", "ΔH_true ± SE", "ESS/B", "lr", "note"]]
+    for r in records:
+        rows.append(
+            [
+                str(r["step"]),
+                _pm(r.get("deltaH1"), r.get("deltaH1_se")),
+                _pm(r.get("deltaH_true"), r.get("deltaH_true_se")),
+                _fixed(r.get("ess_fraction")),
+                _sci(r.get("learning_rate"), 2),
+                _note(r),
+            ]
+        )
+    out.write(f"{args.run_dir}: {len(records)} probes ({_units(records)})\n")
+    _table(rows, out)
+    out.write(_correlation_line(records) + "\n")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace, out: TextIO) -> int:
+    """One row per run: probes, mean δH₁, mean ΔH_true, correlation, mean ESS/B."""
+    rows = [["run", "probes", "mean δH₁", "mean ΔH_true", "r", "mean ESS/B"]]
+    for run_dir in args.run_dirs:
+        records = load_run(run_dir)
+        r, _ = pearson([x.get("deltaH1") for x in records], [x.get("deltaH_true") for x in records])
+        rows.append(
+            [
+                str(run_dir),
+                str(len(records)),
+                _sci(_mean([x.get("deltaH1") for x in records])),
+                _sci(_mean([x.get("deltaH_true") for x in records])),
+                _fixed(r),
+                _fixed(_mean([x.get("ess_fraction") for x in records])),
+            ]
+        )
+    _table(rows, out)
+    return 0
+
+
+def _cell(value: Any) -> Any:
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, sort_keys=True)
+    return "" if value is None else value
+
+
+def cmd_export(args: argparse.Namespace, out: TextIO) -> int:
+    """The records as CSV (one row per probe), to ``-o FILE`` or stdout."""
+    records = load_run(args.run_dir)
+    extra = sorted({k for r in records for k in r} - set(EXPORT_COLUMNS))
+    columns = [*EXPORT_COLUMNS, *extra]
+    if args.output is None:
+        _write_csv(records, columns, out)
+    else:
+        with open(args.output, "w", newline="", encoding="utf-8") as handle:
+            _write_csv(records, columns, handle)
+    return 0
+
+
+def _write_csv(records: list[dict[str, Any]], columns: list[str], handle: TextIO) -> None:
+    writer = csv.writer(handle, lineterminator="\n")
+    writer.writerow(columns)
+    for record in records:
+        writer.writerow([_cell(record.get(c)) for c in columns])
+
+
+def _series(records: list[dict[str, Any]], key: str) -> list[float]:
+    return [math.nan if _num(r.get(key)) is None else float(r[key]) for r in records]
+
+
+def cmd_plot(args: argparse.Namespace, out: TextIO) -> int:
+    """Predicted and true ΔH over steps with ±2 SE bands; scatter of predicted vs true."""
+    records = load_run(args.run_dir)
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as exc:
+        raise ImportError("`plot` needs matplotlib: pip install 'entropy-callback[plot]'") from exc
+    steps = [r["step"] for r in records]
+    units = _units(records)
+    fig = Figure(figsize=(8, 9))  # no pyplot: no global backend or figure state is touched
+    top, bottom = fig.subplots(2, 1)
+    for key, label, color in (
+        ("deltaH1", "δH₁ (predicted)", "C0"),
+        ("deltaH_true", "ΔH_true (measured)", "C1"),
+    ):
+        value, se = _series(records, key), _series(records, f"{key}_se")
+        top.plot(steps, value, "o-", color=color, label=label, markersize=3)
+        lo = [v - 2 * s for v, s in zip(value, se, strict=True)]
+        hi = [v + 2 * s for v, s in zip(value, se, strict=True)]
+        top.fill_between(steps, lo, hi, color=color, alpha=0.2, linewidth=0)
+    top.axhline(0.0, color="grey", linewidth=0.5)
+    top.set_xlabel("optimizer step")
+    top.set_ylabel(f"entropy change ({units})")
+    top.set_title("entropy change per probed step (bands: ±2 SE)")
+    top.legend()
+
+    pred, true = _series(records, "deltaH1"), _series(records, "deltaH_true")
+    two_se = [
+        [0.0 if math.isnan(s) else 2 * s for s in _series(records, f"{k}_se")]
+        for k in ("deltaH1", "deltaH_true")
+    ]
+    bottom.errorbar(
+        pred,
+        true,
+        xerr=two_se[0],
+        yerr=two_se[1],
+        fmt="o",
+        color="C2",
+        markersize=4,
+        elinewidth=0.8,
+        alpha=0.8,
+        label="probes (±2 SE)",
+    )
+    finite = [v for v in pred + true if math.isfinite(v)]
+    if finite:
+        low, high = min(finite), max(finite)
+        pad = 0.05 * (high - low) or 1e-12
+        line = [low - pad, high + pad]
+        bottom.plot(line, line, "k--", linewidth=1, label="y = x")
+        bottom.legend()
+    r, n = pearson(pred, true)
+    bottom.set_title(f"predicted vs true (r = {'n/a' if r is None else f'{r:.3f}'}, n = {n})")
+    bottom.set_xlabel(f"δH₁ ({units})")
+    bottom.set_ylabel(f"ΔH_true ({units})")
+    fig.tight_layout()
+    fig.savefig(args.output, dpi=120)
+    out.write(f"wrote {args.output}\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``entropy-probe`` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Read the entropy probe's logs (predicted vs true ΔH)."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    run_help = "a run's log_dir, its entropy_probe/ directory, or lightning_logs/version_N"
+
+    summary = sub.add_parser("summary", help="table of probes and the δH₁ / ΔH_true correlation")
+    summary.add_argument("run_dir", help=run_help)
+    summary.set_defaults(func=cmd_summary)
+
+    plot = sub.add_parser("plot", help="PNG: ΔH over steps, predicted vs true scatter")
+    plot.add_argument("run_dir", help=run_help)
+    plot.add_argument("-o", "--output", type=Path, default=Path("entropy_probe.png"))
+    plot.set_defaults(func=cmd_plot)
+
+    compare = sub.add_parser("compare", help="one row per run")
+    compare.add_argument("run_dirs", nargs="+", metavar="run_dir", help=run_help)
+    compare.set_defaults(func=cmd_compare)
+
+    export = sub.add_parser("export", help="the probe records as CSV")
+    export.add_argument("run_dir", help=run_help)
+    export.add_argument(
+        "--csv", action="store_true", help="CSV output (the default and only format)"
+    )
+    export.add_argument("-o", "--output", type=Path, default=None, help="file (default: stdout)")
+    export.set_defaults(func=cmd_export)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``entropy-probe``; returns the exit status (2 for an unreadable log)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args, sys.stdout)
+    except (OSError, ValueError, ImportError) as exc:
+        message = " ".join(str(exc).split())
+        sys.stderr.write(f"{PROG} {args.command}: error: {message}\n")
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,166 @@
+"""TensorBoard sink: one scalar per quantity per probed step, and a Custom Scalars layout.
+
+Tags live under ``entropy_probe/`` and are written at ``step = result.step`` (the probed
+optimizer step t, the same index every sink uses). Entropy quantities are in nats per token
+(``normalize="per_token"``) or nats per response (``"per_sequence"``); timings in seconds.
+
+Example::
+
+    sink = TensorBoardSink(experiment=trainer.logger.experiment)
+    sink.write_layout(trainer.logger.log_dir)
+    sink.log(result)
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from .result import ProbeResult
+
+PREFIX = "entropy_probe"
+LAYOUT_SUBDIR = "entropy_probe_layout"
+SCALAR_FIELDS = (
+    "deltaH1",
+    "deltaH_true",
+    "deltaH1_se",
+    "deltaH_true_se",
+    "bars_dot",
+    "H_orig",
+    "H_upd",
+    "ess_fraction",
+    "learning_rate",
+    "update_cosine",
+    "update_rel_error",
+)
+MULTILINE_CHART = "predicted vs true ΔH"
+MARGIN_CHART = "ΔH_true ± 2 SE"
+
+
+def layout() -> dict[str, dict[str, list[Any]]]:
+    """The Custom Scalars layout, in ``SummaryWriter.add_custom_scalars`` form.
+
+    Multiline tags are regexes (anchored with ``$`` so that ``deltaH1`` does not also match
+    ``deltaH1_se``); the margin chart takes exact tags (value, lower, upper).
+    """
+    true = f"{PREFIX}/deltaH_true"
+    return {
+        PREFIX: {
+            MULTILINE_CHART: ["Multiline", [rf"{PREFIX}/deltaH1$", rf"{PREFIX}/deltaH_true$"]],
+            MARGIN_CHART: ["Margin", [true, f"{true}_lo2se", f"{true}_hi2se"]],
+        }
+    }
+
+
+def _finite(value: Any) -> float | None:
+    """``value`` as a float, or None when it is missing, not a number, or not finite."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def scalars(result: ProbeResult) -> dict[str, float]:
+    """The tag -> value pairs one probe writes (missing and non-finite values left out).
+
+    ``deltaH_true_lo2se`` / ``deltaH_true_hi2se`` are ΔH_true ∓ 2 SE (nats per token), written
+    only when both ΔH_true and its standard error are known; ``time/<phase>`` are seconds.
+    """
+    out: dict[str, float] = {}
+    for name in SCALAR_FIELDS:
+        value = _finite(getattr(result, name, None))
+        if value is not None:
+            out[f"{PREFIX}/{name}"] = value
+    true, se = _finite(result.deltaH_true), _finite(result.deltaH_true_se)
+    if true is not None and se is not None:
+        out[f"{PREFIX}/deltaH_true_lo2se"] = true - 2.0 * se
+        out[f"{PREFIX}/deltaH_true_hi2se"] = true + 2.0 * se
+    for phase, seconds in (result.timing or {}).items():
+        value = _finite(seconds)
+        if value is not None:
+            out[f"{PREFIX}/time/{phase}"] = value
+    return out
+
+
+class TensorBoardSink:
+    """Writes each ``ProbeResult`` as TensorBoard scalars.
+
+    Args:
+        experiment: a ``torch.utils.tensorboard.SummaryWriter``-like object (anything with
+            ``add_scalar(tag, value, global_step=...)``), e.g. Lightning's
+            ``TensorBoardLogger.experiment``. The sink never closes a writer it was given.
+        log_dir: where to create its own ``SummaryWriter`` when no ``experiment`` is given.
+
+    Example::
+
+        sink = TensorBoardSink(log_dir="runs/probe")
+        sink.write_layout()
+        sink.log(result)
+        sink.close()
+    """
+
+    def __init__(self, experiment: Any | None = None, log_dir: str | Path | None = None) -> None:
+        self._owns_writer = experiment is None
+        if experiment is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            experiment = SummaryWriter(log_dir=None if log_dir is None else str(log_dir))
+        self.writer = experiment
+        self._layout_written = False
+
+    @property
+    def log_dir(self) -> Path | None:
+        """The writer's run directory, when the writer exposes one."""
+        for getter in ("log_dir", "logdir"):
+            value = getattr(self.writer, getter, None)
+            if isinstance(value, (str, Path)):
+                return Path(value)
+        get_logdir = getattr(self.writer, "get_logdir", None)
+        return Path(get_logdir()) if callable(get_logdir) else None
+
+    def log(self, result: ProbeResult) -> None:
+        """Write the probe's scalars at ``step=result.step``; None / non-finite are skipped."""
+        for tag, value in scalars(result).items():
+            self.writer.add_scalar(tag, value, global_step=int(result.step))
+
+    def write_layout(self, run_dir: str | Path | None = None) -> Path | None:
+        """Write the Custom Scalars layout once, into ``<run_dir>/entropy_probe_layout/``.
+
+        The layout gets its own run subdirectory so that it never replaces a layout the user
+        wrote in their own run (TensorBoard merges the layouts of all runs). ``run_dir``
+        defaults to the writer's log_dir. Returns the layout directory, or None when there is
+        nothing to write into or the layout is already there (a resumed run).
+        """
+        if self._layout_written:
+            return None
+        base = Path(run_dir) if run_dir is not None else self.log_dir
+        if base is None:
+            return None
+        target = base / LAYOUT_SUBDIR
+        self._layout_written = True
+        if target.is_dir() and any(target.glob("events.out.tfevents.*")):
+            return None
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(log_dir=str(target))
+        try:
+            writer.add_custom_scalars(layout())
+        finally:
+            writer.close()
+        return target
+
+    def flush(self) -> None:
+        """Flush pending events to disk."""
+        flush = getattr(self.writer, "flush", None)
+        if callable(flush):
+            flush()
+
+    def close(self) -> None:
+        """Flush, and close the writer if this sink created it."""
+        self.flush()
+        if self._owns_writer:
+            self.writer.close()

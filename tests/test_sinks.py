@@ -1,0 +1,496 @@
+"""The sinks (TensorBoard, JSON records) and the reading side (load_run, CLI).
+
+Every ProbeResult here is built by hand with realistic magnitudes: entropies near 1.9 nats per
+token, steps of a few 1e-4 nats per token, learning rate 1e-5.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.custom_scalar import layout_pb2
+
+from entropy_callback import jsonlog
+from entropy_callback.cli import main, pearson
+from entropy_callback.config import ProbeConfig
+from entropy_callback.jsonlog import JsonLogWriter, step_filename, summary_filename
+from entropy_callback.result import ProbeResult
+from entropy_callback.runlog import RunLogError, load_run, load_step
+from entropy_callback.tensorboard import LAYOUT_SUBDIR, TensorBoardSink
+
+TIMING = {"sampling": 2.10, "score_orig": 0.84, "delta_h1": 0.31, "score_upd": 0.79}
+
+
+def make_result(step: int, shift: float = 0.0, **overrides) -> ProbeResult:
+    """A complete, healthy probe: deltaH1 = learning_rate * bars_dot."""
+    lr, bars_dot = 1e-5, -32.0 + shift
+    true = lr * bars_dot * 0.93 + 2e-5 * math.sin(step)  # the measurement scatters around δH₁
+    values = dict(
+        step=step,
+        B_E=4,
+        T_E=377,
+        learning_rate=lr,
+        bars_dot=bars_dot,
+        deltaH1=lr * bars_dot,
+        deltaH1_se=4.1e-5,
+        deltaH_true=true,
+        deltaH_true_se=5.2e-5,
+        H_orig=1.8731,
+        H_upd=1.8731 + true,
+        ESS=3.64,
+        ess_fraction=0.91,
+        reliable=True,
+        update_cosine=0.99998,
+        update_rel_error=2.1e-4,
+        update_source="adamw_reconstructed",
+        update_norm=0.0137,
+        num_params=1_572_864,
+        diagnostics={"w_max": 1.21, "w_min": 0.83, "w_sum_global": 4.0},
+        eta_sweep=[{"multiplier": 1.0, "deltaH_true": true, "ess_fraction": 0.91}],
+        timing=dict(TIMING),
+        batch_statistics={"E_batch": {"num_sequences": 4, "avg_generation_length": 94.25}},
+        sequences={
+            "prompt_id": [0, 1, 2, 3],
+            "response_text": ["x = 4", "The answer is 7.", "12", "Let me think"],
+            "sequence_logprob": [-11.2, -23.9, -4.1, -40.3],
+            "rb_entropy": [150.2, 201.7, 31.0, 322.9],
+        },
+        token_data=[
+            {"sequence_id": 0, "tokens": [87, 284, 19], "token_logprobs": [-2.3, -1.4, -3.7]}
+        ],
+        raw_tensors={"E_batch_S_orig": [-11.2, -23.9, -4.1, -40.3]},
+    )
+    values.update(overrides)
+    return ProbeResult(**values)
+
+
+def partial_result(step: int) -> ProbeResult:
+    """ΔH_true unavailable (ESS collapsed); H_upd non-finite."""
+    return make_result(
+        step,
+        shift=5.0,
+        deltaH_true=None,
+        deltaH_true_se=None,
+        H_upd=float("nan"),
+        reliable=False,
+        ess_fraction=0.08,
+        null_reasons={"deltaH_true": "ESS / B_E = 0.08 below ess_threshold 0.5"},
+    )
+
+
+def error_result(step: int) -> ProbeResult:
+    """A probe whose after_step phase failed: only the prediction survived."""
+    return ProbeResult(
+        step=step,
+        B_E=4,
+        learning_rate=1e-5,
+        deltaH1=-2.5e-4,
+        bars_dot=-25.0,
+        timing={"sampling": 1.9},
+        error={"phase": "after_step", "type": "RuntimeError", "message": "CUDA out of memory"},
+    )
+
+
+def write_run(root: Path, steps=(20, 40, 60, 80), **config) -> JsonLogWriter:
+    writer = JsonLogWriter(root / "entropy_probe", ProbeConfig(**config))
+    for i, step in enumerate(steps):
+        writer.write(make_result(step, shift=3.0 * i))
+    return writer
+
+
+def read_json(path: Path) -> dict:
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+# TensorBoard ------------------------------------------------------------------------------
+
+
+def accumulator(directory: Path) -> EventAccumulator:
+    acc = EventAccumulator(str(directory), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+def test_tensorboard_scalars_read_back_at_probed_steps(tmp_path):
+    sink = TensorBoardSink(log_dir=tmp_path / "tb")
+    good, partial, failed = make_result(20), partial_result(40), error_result(60)
+    for result in (good, partial, failed):
+        sink.log(result)
+    sink.close()
+
+    acc = accumulator(tmp_path / "tb")
+    tags = set(acc.Tags()["scalars"])
+    expected = {
+        f"entropy_probe/{name}"
+        for name in (
+            "deltaH1 deltaH_true deltaH1_se deltaH_true_se bars_dot H_orig H_upd ess_fraction "
+            "learning_rate update_cosine update_rel_error deltaH_true_lo2se deltaH_true_hi2se"
+        ).split()
+    } | {f"entropy_probe/time/{phase}" for phase in TIMING}
+    assert expected <= tags
+
+    def series(tag):
+        return {e.step: e.value for e in acc.Scalars(tag)}
+
+    assert series("entropy_probe/deltaH1") == pytest.approx(
+        {20: good.deltaH1, 40: partial.deltaH1, 60: failed.deltaH1}, rel=1e-6
+    )
+    # None (partial, failed) and NaN (partial H_upd) are skipped, not written as 0 or NaN.
+    assert set(series("entropy_probe/deltaH_true")) == {20}
+    assert set(series("entropy_probe/H_upd")) == {20}
+    lo, hi = series("entropy_probe/deltaH_true_lo2se"), series("entropy_probe/deltaH_true_hi2se")
+    assert lo[20] == pytest.approx(good.deltaH_true - 2 * good.deltaH_true_se, rel=1e-6)
+    assert hi[20] == pytest.approx(good.deltaH_true + 2 * good.deltaH_true_se, rel=1e-6)
+    assert series("entropy_probe/time/sampling") == pytest.approx({20: 2.10, 40: 2.10, 60: 1.9})
+
+
+def test_tensorboard_layout_lives_in_its_own_subdirectory_with_two_charts(tmp_path):
+    run = tmp_path / "version_0"
+    sink = TensorBoardSink(log_dir=run)
+    layout_dir = sink.write_layout()
+    assert layout_dir == run / LAYOUT_SUBDIR
+    assert sink.write_layout(run) is None  # once
+    sink.log(make_result(20))
+    sink.close()
+
+    events = list(layout_dir.glob("events.out.tfevents.*"))
+    assert len(events) == 1
+    assert "custom_scalars__config__" not in accumulator(run).Tags()["tensors"]
+
+    acc = accumulator(layout_dir)
+    proto = acc.Tensors("custom_scalars__config__")[0].tensor_proto
+    layout = layout_pb2.Layout.FromString(proto.string_val[0])
+    (category,) = layout.category
+    assert category.title == "entropy_probe"
+    charts = {chart.title: chart for chart in category.chart}
+    assert set(charts) == {"predicted vs true ΔH", "ΔH_true ± 2 SE"}
+    assert list(charts["predicted vs true ΔH"].multiline.tag) == [
+        r"entropy_probe/deltaH1$",
+        r"entropy_probe/deltaH_true$",
+    ]
+    (series,) = charts["ΔH_true ± 2 SE"].margin.series
+    assert (series.value, series.lower, series.upper) == (
+        "entropy_probe/deltaH_true",
+        "entropy_probe/deltaH_true_lo2se",
+        "entropy_probe/deltaH_true_hi2se",
+    )
+
+    # A new sink on the same run (resume) does not write a second layout.
+    assert TensorBoardSink(experiment=_FakeWriter()).write_layout(run) is None
+
+
+class _FakeWriter:
+    def __init__(self):
+        self.calls, self.closed, self.flushed = [], False, False
+
+    def add_scalar(self, tag, value, global_step=None):
+        self.calls.append((tag, value, global_step))
+
+    def flush(self):
+        self.flushed = True
+
+    def close(self):
+        self.closed = True
+
+
+def test_tensorboard_sink_never_closes_a_writer_it_was_given():
+    writer = _FakeWriter()
+    sink = TensorBoardSink(experiment=writer)
+    sink.log(error_result(7))
+    sink.close()
+    assert writer.flushed and not writer.closed
+    assert all(step == 7 and math.isfinite(value) for _, value, step in writer.calls)
+    assert "entropy_probe/deltaH_true" not in {tag for tag, _, _ in writer.calls}
+
+
+def test_tensorboard_sink_writes_through_lightning_logger(tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    logger = TensorBoardLogger(save_dir=str(tmp_path), name="lightning_logs")
+    sink = TensorBoardSink(experiment=logger.experiment)
+    sink.write_layout(logger.log_dir)
+    sink.log(make_result(20))
+    sink.flush()
+    logger.finalize("success")
+
+    log_dir = Path(logger.log_dir)
+    assert (log_dir / LAYOUT_SUBDIR).is_dir()
+    assert "entropy_probe/deltaH1" in accumulator(log_dir).Tags()["scalars"]
+
+
+# JSON records -----------------------------------------------------------------------------
+
+LEVEL_SECTIONS = {
+    "minimal": {"run_metadata", "core_results", "timing", "update"},
+    "standard": {"run_metadata", "core_results", "timing", "update", "ground_truth",
+                 "batch_statistics"},
+    "detailed": {"run_metadata", "core_results", "timing", "update", "ground_truth",
+                 "batch_statistics", "sequences"},
+    "debug": {"run_metadata", "core_results", "timing", "update", "ground_truth",
+              "batch_statistics", "sequences", "token_data", "raw_tensors"},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("level", list(LEVEL_SECTIONS))
+def test_json_record_sections_follow_log_level(tmp_path, level):
+    config = ProbeConfig(log_level=level)
+    path = JsonLogWriter(tmp_path, config).write(make_result(20), {"epoch": 2})
+    assert path == tmp_path / "step_00000020.json"
+    record = read_json(path)
+    assert set(record) == LEVEL_SECTIONS[level]
+    meta = record["run_metadata"]
+    assert meta["timestamp"].endswith("Z") and meta["epoch"] == 2
+    assert meta["config_hash"] == config.config_hash()
+    assert meta["probe_version"]
+    assert {"python_version", "torch_version", "lightning_version", "cuda_version",
+            "device_name", "platform"} <= set(meta["environment"])  # fmt: skip
+    assert record["core_results"]["deltaH1"] == pytest.approx(-3.2e-4)
+    if level == "detailed":
+        assert record["sequences"]["E_batch"][1]["response_text"] == "The answer is 7."
+    if level == "debug":
+        assert record["token_data"]["E_batch"][0]["tokens"] == [87, 284, 19]
+
+
+def test_section_flags_override_the_level(tmp_path):
+    config = ProbeConfig(log_level="standard", log_sequences=True)
+    record = read_json(JsonLogWriter(tmp_path, config).write(make_result(20)))
+    assert "sequences" in record and "token_data" not in record
+
+
+def test_summary_jsonl_and_config_are_written_beside_the_record(tmp_path):
+    writer = write_run(tmp_path, steps=(20, 40))
+    root = writer.root
+    summary = read_json(root / summary_filename(40))
+    assert summary["core_results"]["step"] == 40
+    assert summary["run_metadata"]["record"] == step_filename(40)
+    lines = (root / "probes.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [20, 40]
+    assert json.loads(lines[0])["timing_total"] == pytest.approx(sum(TIMING.values()))
+    config = yaml.safe_load((root / "config.yaml").read_text())
+    assert config["config"]["log_level"] == "standard"
+    assert config["run_metadata"]["config_hash"] == writer.config.config_hash()
+
+
+def test_gzip_records_are_readable(tmp_path):
+    writer = write_run(tmp_path, steps=(20, 40), log_level="debug", compress=True)
+    path = writer.root / "step_00000020.json.gz"
+    assert path.is_file() and not (writer.root / "step_00000020.json").exists()
+    assert read_json(path)["raw_tensors"]["E_batch_S_orig"][0] == -11.2
+    assert load_step(tmp_path, 20)["core_results"]["step"] == 20
+    (writer.root / "probes.jsonl").unlink()  # fall back to the step files
+    assert [r["step"] for r in load_run(tmp_path)] == [20, 40]
+
+
+def test_max_files_prunes_oldest_records_but_keeps_every_jsonl_line(tmp_path):
+    writer = write_run(tmp_path, steps=(10, 20, 30, 40), max_files=2)
+    names = sorted(p.name for p in writer.root.glob("step_*"))
+    assert names == [
+        "step_00000030.json",
+        "step_00000030_summary.json",
+        "step_00000040.json",
+        "step_00000040_summary.json",
+    ]
+    assert [r["step"] for r in load_run(tmp_path)] == [10, 20, 30, 40]
+    writer.write(make_result(5))  # a resumed run re-probing an early step keeps its record
+    assert sorted(p.name for p in writer.root.glob("step_*[0-9].json")) == [
+        "step_00000005.json",
+        "step_00000040.json",
+    ]
+
+
+def test_crash_before_rename_leaves_no_partial_or_temp_file(tmp_path, monkeypatch):
+    writer = JsonLogWriter(tmp_path, ProbeConfig())
+    writer.write(make_result(20))
+    before = (tmp_path / "step_00000020.json").read_bytes()
+
+    def crash(src, dst):
+        raise OSError("simulated crash between write and rename")
+
+    monkeypatch.setattr(jsonlog.os, "replace", crash)
+    with pytest.raises(OSError, match="simulated crash"):
+        writer.write(make_result(40))
+    with pytest.raises(OSError, match="simulated crash"):
+        writer.write(make_result(20, shift=9.0))
+
+    names = sorted(os.listdir(tmp_path))
+    assert names == ["config.yaml", "probes.jsonl", "step_00000020.json",
+                     "step_00000020_summary.json"]  # fmt: skip
+    assert (tmp_path / "step_00000020.json").read_bytes() == before
+
+
+def test_error_and_odd_values_are_written_not_raised(tmp_path):
+    result = error_result(60)
+    result.timing["score_upd"] = float("inf")
+    result.batch_statistics = {"lengths": np.array([3, 5]), "mean": np.float32(4.0),
+                               "S": torch.tensor([-1.5, float("nan")])}  # fmt: skip
+    path = JsonLogWriter(tmp_path, ProbeConfig(log_level="debug")).write(result)
+    record = json.loads(path.read_text())  # strict JSON: no NaN / Infinity tokens
+    assert record["core_results"]["error"]["phase"] == "after_step"
+    assert record["core_results"]["deltaH_true"] is None
+    assert record["timing"]["score_upd"] is None
+    assert record["batch_statistics"] == {"lengths": [3, 5], "mean": 4.0, "S": [-1.5, None]}
+    (line,) = load_run(tmp_path)
+    assert line["error"]["message"] == "CUDA out of memory"
+
+
+def test_unwritable_root_raises_oserror(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(OSError):
+        JsonLogWriter(blocker / "entropy_probe", ProbeConfig()).write(make_result(20))
+
+
+# Reading ----------------------------------------------------------------------------------
+
+
+def test_truncated_last_jsonl_line_is_skipped_and_repaired_on_next_append(tmp_path):
+    writer = write_run(tmp_path, steps=(20, 40, 60))
+    with open(writer.jsonl_path, "a") as handle:
+        handle.write('{"step": 80, "deltaH1": -3.')  # crash mid-line
+    assert [r["step"] for r in load_run(tmp_path)] == [20, 40, 60]
+    writer.write(make_result(80))
+    lines = writer.jsonl_path.read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [20, 40, 60, 80]
+
+
+def test_load_run_accepts_log_dir_probe_dir_and_lightning_version_dir(tmp_path):
+    version = tmp_path / "lightning_logs" / "version_0"
+    write_run(version, steps=(40, 20))
+    for where in (version, version / "entropy_probe", tmp_path / "lightning_logs"):
+        assert [r["step"] for r in load_run(where)] == [20, 40]
+    write_run(tmp_path / "lightning_logs" / "version_1", steps=(20,))
+    with pytest.raises(ValueError, match="several runs"):
+        load_run(tmp_path / "lightning_logs")
+
+
+def test_load_run_keeps_the_last_record_of_a_repeated_step(tmp_path):
+    writer = write_run(tmp_path, steps=(20,))
+    writer.write(make_result(20, shift=10.0))
+    (record,) = load_run(tmp_path)
+    assert record["bars_dot"] == pytest.approx(-22.0)
+
+
+def test_load_run_errors_say_what_was_expected(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such directory.*probes.jsonl"):
+        load_run(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no probe log"):
+        load_run(tmp_path / "empty")
+
+    corrupt = tmp_path / "corrupt" / "entropy_probe"
+    corrupt.mkdir(parents=True)
+    (corrupt / "step_00000020.json").write_text('{"core_results": {"step": 2')
+    with pytest.raises(RunLogError, match="step_00000020.json: corrupt"):
+        load_run(tmp_path / "corrupt")
+    (corrupt / "probes.jsonl").write_text('{"step": 20}\nnot json\n{"step": 40}\n')
+    with pytest.raises(ValueError, match=r"probes.jsonl:2: corrupt"):
+        load_run(corrupt)
+
+
+def test_load_run_as_dataframe(tmp_path):
+    write_run(tmp_path, steps=(20, 40))
+    try:
+        import pandas  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="needs pandas"):
+            load_run(tmp_path, as_dataframe=True)
+    else:
+        frame = load_run(tmp_path, as_dataframe=True)
+        assert list(frame["step"]) == [20, 40]
+
+
+# CLI --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    root = tmp_path / "run"
+    writer = write_run(root, steps=(20, 40, 60, 80))
+    writer.write(partial_result(100))
+    writer.write(error_result(120))
+    return root
+
+
+def test_cli_summary_prints_a_row_per_probe_and_the_correlation(run_dir, capsys):
+    assert main(["summary", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "6 probes (nats per token)" in out
+    for step in (20, 40, 60, 80, 100, 120):
+        assert f"\n{step} " in out
+    assert "error in after_step" in out and "unreliable" in out
+    records = load_run(run_dir)
+    both = [r for r in records if r["deltaH_true"] is not None]
+    r = np.corrcoef([x["deltaH1"] for x in both], [x["deltaH_true"] for x in both])[0, 1]
+    assert f"Pearson r(δH₁, ΔH_true) = {r:.3f} over 4 probes" in out
+
+
+def test_cli_export_writes_csv_to_stdout_and_file(run_dir, tmp_path, capsys):
+    assert main(["export", str(run_dir), "--csv"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [int(row["step"]) for row in rows] == [20, 40, 60, 80, 100, 120]
+    assert float(rows[0]["deltaH1"]) == pytest.approx(-3.2e-4)
+    assert rows[4]["deltaH_true"] == ""
+    assert json.loads(rows[5]["error"])["type"] == "RuntimeError"
+
+    target = tmp_path / "probes.csv"
+    assert main(["export", str(run_dir), "--csv", "-o", str(target)]) == 0
+    assert len(target.read_text().splitlines()) == 7
+
+
+def test_cli_plot_writes_a_png(run_dir, tmp_path):
+    target = tmp_path / "dh.png"
+    assert main(["plot", str(run_dir), "-o", str(target)]) == 0
+    assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert target.stat().st_size > 10_000
+
+
+def test_cli_plot_without_matplotlib_says_how_to_install(run_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # import now raises ImportError
+    assert main(["plot", str(run_dir), "-o", str(tmp_path / "dh.png")]) == 2
+    assert "pip install 'entropy-callback[plot]'" in capsys.readouterr().err
+    assert not (tmp_path / "dh.png").exists()
+
+
+def test_cli_compare_prints_one_row_per_run(run_dir, tmp_path, capsys):
+    other = tmp_path / "other"
+    write_run(other, steps=(10, 20))
+    assert main(["compare", str(run_dir), str(other)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3
+    assert lines[1].split()[:2] == [str(run_dir), "6"]
+    assert lines[2].split()[:2] == [str(other), "2"]
+
+
+def test_cli_exits_2_with_one_line_for_unreadable_logs(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "probes.jsonl").write_text("[1, 2]\n")
+    for command in ("summary", "export", "plot"):
+        for where in (tmp_path / "missing", tmp_path / "empty", corrupt):
+            assert main([command, str(where)]) == 2
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and "Traceback" not in err
+            assert err.startswith(f"entropy-probe {command}: error: ")
+    assert main(["compare", str(tmp_path / "empty"), str(corrupt)]) == 2
+
+
+def test_pearson_handles_missing_values_and_degenerate_input():
+    r, n = pearson([1.0, 2.0, None, 3.0, float("nan")], [2.0, 4.1, 5.0, 5.9, 1.0])
+    assert n == 3 and r == pytest.approx(np.corrcoef([1, 2, 3], [2.0, 4.1, 5.9])[0, 1])
+    assert pearson([1.0], [1.0]) == (None, 1)
+    assert pearson([1.0, 1.0], [2.0, 3.0]) == (None, 2)
