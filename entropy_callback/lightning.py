@@ -105,7 +105,6 @@ class EntropyProbeCallback(Callback):
         tok = self._tokenizer if self._tokenizer is not None else _attr(
             pl_module, self.tokenizer_attr, "tokenizer")
         self.probe = EntropyProbe(model, tok, self.prompts, self.config)
-        self.probe.rank = trainer.global_rank
         if trainer.is_global_zero:
             self._setup_sinks(trainer)
 
@@ -140,6 +139,8 @@ class EntropyProbeCallback(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.probe is None:
             return
+        if trainer.world_size > 1:
+            self.probe.set_distributed(trainer.global_rank, trainer.world_size)
         for optimizer in trainer.optimizers:
             self._hooks.append(optimizer.register_step_post_hook(self._after_optimizer_step))
 
@@ -159,10 +160,13 @@ class EntropyProbeCallback(Callback):
             return
         self._optimizer = optimizer
         clip_val = trainer.gradient_clip_val
+        # Lightning stores an explicit algorithm as GradClipAlgorithmType, whose str() is
+        # "GradClipAlgorithmType.NORM": take the enum's value ("norm" / "value").
+        algorithm = trainer.gradient_clip_algorithm
         self.probe.before_step(
             optimizer,
             clip_val=float(clip_val) if clip_val else None,
-            clip_algorithm=str(trainer.gradient_clip_algorithm or "norm"),
+            clip_algorithm=str(getattr(algorithm, "value", algorithm) or "norm"),
             step=t,
         )
 

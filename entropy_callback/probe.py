@@ -20,10 +20,11 @@ import torch
 
 from . import records
 from .config import ProbeConfig, ProbeConfigError
+from .distributed import any_rank_failed, make_gather, shard
 from .estimators import delta_h1, snis
 from .observer import EntropyProbeWarning, PhaseRunner, preserved_state
 from .result import ProbeResult
-from .sampling import EBatch, sample_batch
+from .sampling import EBatch, draw_randomness, sample_batch
 from .scoring import Scorer, sequence_terms
 from .update import (
     adam_update,
@@ -89,7 +90,7 @@ class EntropyProbe:
                 "trainable (LoRA) parameters; add adapters (peft.get_peft_model) or unfreeze some."
             )
         self.scorer = Scorer(model, config.temperature, config.chunk_size)
-        self.rank = 0
+        self.rank, self.world_size = 0, 1
         self.gather: Gather = lambda x: x
         self._pending: _Pending | None = None
         self._calls = 0
@@ -186,6 +187,10 @@ class EntropyProbe:
                     for m in cfg.multipliers[1:]:
                         moved = {n: pending.theta[n] + m * observed[n] for n in observed}
                         sweep[m] = self._score_all(pending.batch, moved)
+            if self.world_size > 1 and any_rank_failed(runner.failed, self.device):
+                if not runner.failed:
+                    with runner.phase("distributed"):
+                        raise RuntimeError("the probe failed on another rank; all ranks skip it")
             if not runner.failed:
                 with runner.phase("estimators"):
                     self._estimate(pending, sweep)
@@ -193,6 +198,13 @@ class EntropyProbe:
         result.timing["total"] = time.perf_counter() - pending.started
         records.sanitize(result)
         return result
+
+    def set_distributed(self, rank: int, world_size: int) -> None:
+        """Shard E over ``world_size`` processes; statistics are all-gathered (torch.distributed
+        must be initialised). Every rank must call before_step/after_step at the same steps."""
+        self.rank, self.world_size = int(rank), int(world_size)
+        if self.world_size > 1:
+            self.gather = make_gather(self.config.batch_size, self.world_size, self.device)
 
     def cancel(self) -> None:
         """Drop a pending probe whose optimizer step never happened (e.g. skipped by AMP)."""
@@ -209,18 +221,21 @@ class EntropyProbe:
 
     # ------------------------------------------------------------------ passes
     def _sample(self, step: int) -> EBatch:
+        """This rank's rows of the step's E batch (every rank draws the same global randomness)."""
         cfg = self.config
-        generator = torch.Generator(device=self.device)
-        generator.manual_seed((cfg.seed * 1_000_003 + step) * 8191 + self.rank)
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        prompt_index, uniforms = draw_randomness(
+            len(self.prompt_token_ids), cfg.batch_size, cfg.max_new_tokens, generator
+        )
+        rows = shard(cfg.batch_size, self.world_size, self.rank)
         return sample_batch(
             self.model,
             self.prompt_token_ids,
-            batch_size=cfg.batch_size,
-            max_new_tokens=cfg.max_new_tokens,
+            prompt_index[rows],
+            uniforms[rows],
             temperature=cfg.temperature,
             eos_token_ids=self.eos_ids,
             pad_token_id=self.pad_id,
-            generator=generator,
             microbatch_size=cfg.microbatch_size,
             device=self.device,
         )

@@ -1,8 +1,9 @@
 """The evaluation batch E: prompts drawn uniformly, responses sampled exactly from pi_theta.
 
-The probe samples with its own loop (KV cache, its own ``torch.Generator``) rather than
-``model.generate``: no logits processor from ``generation_config`` (top_k, top_p, repetition
-penalty...) can touch the distribution, and the user's global RNG streams are never consumed.
+The probe samples with its own loop (KV cache, randomness from its own ``torch.Generator``)
+rather than ``model.generate``: no logits processor from ``generation_config`` (top_k, top_p,
+repetition penalty...) can touch the distribution, and the user's global RNG streams are never
+consumed.
 """
 
 from __future__ import annotations
@@ -77,51 +78,73 @@ def left_pad(seqs: list[list[int]], pad_id: int, device: torch.device):
     return ids.to(device), mask.to(device)
 
 
+def draw_randomness(
+    pool: int, batch_size: int, max_new_tokens: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """All the randomness of one E batch, drawn up front on the CPU.
+
+    Returns prompt indices [B] (uniform over the pool, with replacement) and uniforms [B, L] in
+    float64, one per response position. Row i's response depends only on row i's draws, so the
+    batch is the same however it is split into microbatches or across DDP ranks.
+    """
+    prompt_index = torch.randint(pool, (batch_size,), generator=generator)
+    uniforms = torch.rand((batch_size, max_new_tokens), generator=generator, dtype=torch.float64)
+    return prompt_index, uniforms
+
+
 @torch.no_grad()
 def sample_batch(
     model: torch.nn.Module,
     prompt_token_ids: list[list[int]],
+    prompt_index: torch.Tensor,
+    uniforms: torch.Tensor,
     *,
-    batch_size: int,
-    max_new_tokens: int,
     temperature: float,
     eos_token_ids: tuple[int, ...],
     pad_token_id: int,
-    generator: torch.Generator,
     microbatch_size: int,
     device: torch.device,
 ) -> EBatch:
-    """Draw ``batch_size`` prompts uniformly with replacement and sample one response each.
+    """Sample one response for each of the prompts ``prompt_index`` [B], using ``uniforms``.
 
     Each token is drawn from softmax(logits / temperature) over the full vocabulary, computed in
-    float64. A response stops right after its first EOS (which is kept and scored) or after
-    ``max_new_tokens`` tokens (any of ``eos_token_ids`` stops it). The model must be in eval
-    mode (the caller arranges it).
+    float64, by inverting its CDF at the row's uniform for that position. A response stops right
+    after its first EOS (kept and scored; any of ``eos_token_ids``) or after L =
+    ``uniforms.shape[1]`` tokens. The model must be in eval mode (the caller arranges it).
     """
-    pool = len(prompt_token_ids)
-    prompt_index = torch.randint(pool, (batch_size,), generator=generator, device=device).cpu()
     parts = []
-    for start in range(0, batch_size, microbatch_size):
-        rows = prompt_index[start : start + microbatch_size].tolist()
+    for start in range(0, len(prompt_index), microbatch_size):
+        rows = slice(start, start + microbatch_size)
         parts.append(
             _sample_rows(
                 model,
-                [prompt_token_ids[r] for r in rows],
-                max_new_tokens=max_new_tokens,
+                [prompt_token_ids[r] for r in prompt_index[rows].tolist()],
+                uniforms[rows].to(device),
                 temperature=temperature,
                 eos_token_ids=eos_token_ids,
                 pad_token_id=pad_token_id,
-                generator=generator,
                 device=device,
             )
         )
     return _concat(parts, prompt_index, pad_token_id)
 
 
-def _sample_rows(model, prompts, *, max_new_tokens, temperature, eos_token_ids, pad_token_id,
-                 generator, device):
+def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """probs [b, V] (float64, rows sum to ~1), u [b] in [0, 1) -> token ids [b].
+
+    The first v with cdf(v) > u * cdf(V): exact sampling, and a zero-probability token is never
+    chosen.
+    """
+    cdf = probs.cumsum(-1)
+    return torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1).clamp(
+        max=probs.shape[-1] - 1
+    )
+
+
+def _sample_rows(model, prompts, uniforms, *, temperature, eos_token_ids, pad_token_id, device):
     prompt_ids, prompt_mask = left_pad(prompts, pad_token_id, device)
     eos = torch.tensor(eos_token_ids, dtype=torch.long, device=device)
+    max_new_tokens = uniforms.shape[1]
     B = prompt_ids.shape[0]
     prompt_lengths = prompt_mask.sum(-1)
     out = model(
@@ -139,7 +162,12 @@ def _sample_rows(model, prompts, *, max_new_tokens, temperature, eos_token_ids, 
     tokens = []
     for k in range(max_new_tokens):
         probs = torch.softmax(logits.double() / temperature, dim=-1)
-        tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        if not bool(torch.isfinite(probs).all()):  # else the CDF inversion draws garbage
+            raise FloatingPointError(
+                "the policy's next-token logits are not finite (NaN/inf): no evaluation batch "
+                "can be sampled at theta (the model's own forward pass overflowed or diverged)."
+            )
+        tok = inverse_cdf(probs, uniforms[:, k])
         tok = torch.where(alive, tok, torch.full_like(tok, pad_token_id))
         tokens.append(tok)
         lengths += alive.long()

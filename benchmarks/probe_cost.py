@@ -1,0 +1,126 @@
+"""What one probe costs, against its floor, measured side by side in one run.
+
+The floor is what any implementation of the probe must spend: sampling the E batch, one
+forward-mode pass at theta (the directional derivatives of l and H along Delta theta) and one
+scoring pass at theta'. Each is timed alone, with the engine's own functions, on the same model
+and batch; the probe is timed whole (before_step + after_step). Reported: the median of each over
+``--repeats`` repetitions and the ratio probe / floor.
+
+    python benchmarks/probe_cost.py                  # the demo's tiny model
+    python benchmarks/probe_cost.py --hidden 256 --layers 4 --batch-size 128 --max-new-tokens 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from contextlib import contextmanager
+
+import torch
+
+from entropy_callback import EntropyProbe, ProbeConfig
+from entropy_callback.demos import build_policy
+from entropy_callback.observer import preserved_state
+from entropy_callback.scoring import sequence_terms
+from entropy_callback.update import probed_parameters, snapshot
+
+
+class _Clock:
+    """``with clock("name"):`` adds the block's wall time to ``clock.seconds["name"]``."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+def one_repetition(probe, model, params, opt, make_grads, rep: int) -> dict[str, float]:
+    """The whole probe on one step, then each part of its floor alone on a fresh batch."""
+    clock = _Clock()
+    make_grads()
+    with clock("probe"):
+        probe.before_step(opt, step=rep)
+    opt.step()
+    with clock("probe"):
+        result = probe.after_step()
+    assert result.error is None, result.error
+    theta = snapshot(params)
+    tangents = {n: torch.randn_like(t) * 1e-3 for n, t in theta.items()}
+    with preserved_state(model):
+        with clock("sampling"):
+            batch = probe._sample(rep)
+        with clock("derivative_pass"):
+            for mb in probe._microbatches(batch):
+                logp, ent, dl, dh = probe.scorer.score_with_tangent(mb, theta, tangents)
+                sequence_terms(logp, ent, mb.response_mask, dl, dh)
+        with clock("scoring_pass"):
+            for mb in probe._microbatches(batch):
+                logp, ent = probe.scorer.score(mb)
+                sequence_terms(logp, ent, mb.response_mask)
+    return {**clock.seconds, **{f"probe.{k}": v for k, v in result.timing.items()}}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--microbatch-size", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--json", help="also write the figures to this file")
+    args = parser.parse_args(argv)
+
+    model, tok = build_policy(seed=0, hidden_size=args.hidden, num_layers=args.layers,
+                              intermediate_size=2 * args.hidden)
+    with torch.no_grad():  # a non-trivial adapter, so that the step moves the policy
+        gen = torch.Generator().manual_seed(1)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
+    prompts = [f"{a}+{b}=" for a in range(10) for b in range(10)]
+    cfg = ProbeConfig(batch_size=args.batch_size, microbatch_size=args.microbatch_size,
+                      max_new_tokens=args.max_new_tokens, log_level="minimal")
+    probe = EntropyProbe(model, tok, prompts, cfg)
+    params = probed_parameters(model)
+    opt = torch.optim.AdamW(params.values(), lr=1e-3)
+
+    def make_grads():
+        opt.zero_grad()
+        enc = tok(prompts[:16], return_tensors="pt", padding=True)
+        model(**enc, labels=enc["input_ids"]).loss.backward()
+
+    rows: dict[str, list[float]] = {}
+    for rep in range(args.repeats + 1):  # the first repetition warms up and is dropped
+        seconds = one_repetition(probe, model, params, opt, make_grads, rep)
+        if rep > 0:
+            for k, v in seconds.items():
+                rows.setdefault(k, []).append(v)
+
+    med = {k: statistics.median(v) for k, v in rows.items()}
+    floor = med["sampling"] + med["derivative_pass"] + med["scoring_pass"]
+    report = {
+        "model": f"tiny llama hidden={args.hidden} layers={args.layers} vocab={len(tok)}",
+        "B_E": args.batch_size,
+        "max_new_tokens": args.max_new_tokens,
+        "repeats": args.repeats,
+        "median_seconds": med,
+        "floor_seconds": floor,
+        "ratio_probe_over_floor": med["probe"] / floor,
+        "torch_threads": torch.get_num_threads(),
+    }
+    print(json.dumps(report, indent=2))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(report, fh, indent=2)
+    return report
+
+
+if __name__ == "__main__":
+    main()

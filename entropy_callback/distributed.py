@@ -1,0 +1,54 @@
+"""Multi-process probes: each rank samples and scores its shard of E; the per-sequence sufficient
+statistics are all-gathered so that every rank computes the single-process result on the union.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def shard(batch_size: int, world_size: int, rank: int) -> slice:
+    """Rank ``rank``'s contiguous block of the global E rows (sizes differ by at most one)."""
+    base, extra = divmod(batch_size, world_size)
+    start = rank * base + min(rank, extra)
+    return slice(start, start + base + (1 if rank < extra else 0))
+
+
+def _backend_device(model_device: torch.device) -> torch.device:
+    import torch.distributed as dist
+
+    return model_device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def make_gather(batch_size: int, world_size: int, model_device: torch.device):
+    """A function [n_rank] -> [batch_size]: every rank's shard, concatenated in rank order.
+
+    Shards may differ in size by one row; they are padded to the largest for ``all_gather``.
+    Every rank must call it the same number of times in the same order (the engine does: the
+    decision to probe comes from the step index alone).
+    """
+    import torch.distributed as dist
+
+    sizes = [shard(batch_size, world_size, r).stop - shard(batch_size, world_size, r).start
+             for r in range(world_size)]
+    width = max(sizes)
+    device = _backend_device(model_device)
+
+    def gather(x: torch.Tensor) -> torch.Tensor:
+        buf = torch.zeros(width, dtype=x.dtype, device=device)
+        buf[: x.numel()] = x.reshape(-1).to(device)
+        out = [torch.empty_like(buf) for _ in range(world_size)]
+        dist.all_gather(out, buf)
+        return torch.cat([o[:n] for o, n in zip(out, sizes, strict=True)]).cpu()
+
+    return gather
+
+
+def any_rank_failed(failed: bool, model_device: torch.device) -> bool:
+    """All ranks agree whether any of them failed (a MAX all-reduce of a flag)."""
+    import torch.distributed as dist
+
+    flag = torch.tensor([1 if failed else 0], dtype=torch.int32,
+                        device=_backend_device(model_device))
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
