@@ -115,7 +115,6 @@ def test_lightning_ddp_spawn_writes_once_from_rank_zero(tmp_path, monkeypatch):
     from entropy_callback import EntropyProbeCallback
     from entropy_callback.demos import GRPOModule, make_prompts
 
-    monkeypatch.delenv("MASTER_PORT", raising=False)
     monkeypatch.setenv("MASTER_PORT", str(_free_port()))
     L.seed_everything(0)
     model, tok = build_policy(seed=0)
@@ -135,3 +134,38 @@ def test_lightning_ddp_spawn_writes_once_from_rank_zero(tmp_path, monkeypatch):
     for r in records:
         assert r.get("error") is None, r.get("error")
         assert r["B_E"] == 8  # the union of both ranks' shards
+
+
+def _ddp_fit(tmp_path: Path, name: str, with_probe: bool, monkeypatch) -> dict:
+    import lightning as L
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from entropy_callback import EntropyProbeCallback
+    from entropy_callback.demos import GRPOModule, make_prompts
+
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))  # a fresh port for every run
+    L.seed_everything(0)
+    model, tok = build_policy(seed=0, lora_dropout=0.1)
+    module = GRPOModule(model, tok, make_prompts(64, seed=0), prompts_per_step=2, group_size=2,
+                        max_new_tokens=4, total_steps=4)
+    callbacks = [EntropyProbeCallback(prompts=make_prompts(16, seed=1), every=2, batch_size=8,
+                                      max_new_tokens=4)] if with_probe else []
+    trainer = L.Trainer(accelerator="cpu", devices=WORLD, strategy="ddp_spawn", max_steps=4,
+                        logger=TensorBoardLogger(tmp_path, name=name), callbacks=callbacks,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, gradient_clip_val=1.0)
+    trainer.fit(module)
+    # ddp_spawn hands rank 0's trained weights back to this process
+    return {n: p.detach().clone() for n, p in module.model.named_parameters() if "lora_" in n}
+
+
+def test_observer_contract_holds_under_ddp(tmp_path, monkeypatch):
+    without = _ddp_fit(tmp_path, "without", False, monkeypatch)
+    with_ = _ddp_fit(tmp_path, "with", True, monkeypatch)
+    assert (tmp_path / "with" / "version_0" / "entropy_probe" / "probes.jsonl").exists()
+    initial = build_policy(seed=0, lora_dropout=0.1)[0]
+    moved = [n for n, p in initial.named_parameters() if "lora_" in n
+             and not torch.equal(p, without[n])]
+    assert moved, "training did not move the LoRA weights: the comparison would be vacuous"
+    for name, value in without.items():
+        assert torch.equal(value, with_[name]), name
