@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import lightning as L
+import torch
 import yaml
 from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -37,6 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, help="seed (default: config)")
     parser.add_argument("--out", default="runs/demo", help="TensorBoard/JSON root directory")
     parser.add_argument("--devices", type=int, default=1, help="CPU processes (2 = DDP)")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads; the "
+                        "tiny model runs fastest on one (more threads only add overhead)")
     parser.add_argument("--checkpoint", help="a local transformers checkpoint instead of the "
                         "tiny model (its tokenizer must handle the 'a+b=' prompts)")
     return parser.parse_args(argv)
@@ -51,6 +54,7 @@ def main(argv=None) -> list[dict]:
     train = dict(cfg["training"])
     clip = train.pop("gradient_clip_val", None)
 
+    torch.set_num_threads(args.threads)
     L.seed_everything(seed, verbose=False)
     model, tokenizer = build_policy(args.checkpoint, seed=seed)
     module = GRPOModule(model, tokenizer, make_prompts(4096, seed=seed), total_steps=steps,
