@@ -1,0 +1,125 @@
+"""Scoring and sampling mechanics: float64 chunks, bounded memory, padding, exact sampling."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from entropy_callback.demos import build_policy
+from entropy_callback.observer import preserved_state
+from entropy_callback.sampling import draw_randomness, inverse_cdf, sample_batch
+from entropy_callback.scoring import Scorer, sequence_terms, token_logp_and_entropy
+
+PROMPTS = ["1+2=", "33+44=", "5=", "7+8+9+0="]  # different lengths: left padding matters
+
+
+class Float64Sizes(TorchDispatchMode):
+    """Records the element count of every float64 tensor an op produces."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if torch.is_tensor(t) and t.dtype == torch.float64:
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_chunked_float64_scoring_equals_one_chunk():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, 11, generator=gen)
+    targets = torch.randint(11, (3, 5), generator=gen)
+    ref_l, ref_h = token_logp_and_entropy(logits, targets, 0.7, chunk_size=10_000)
+    for chunk in (1, 4, 7):
+        logp, ent = token_logp_and_entropy(logits, targets, 0.7, chunk_size=chunk)
+        assert logp.dtype == ent.dtype == torch.float64
+        torch.testing.assert_close(logp, ref_l, rtol=0, atol=0)
+        torch.testing.assert_close(ent, ref_h, rtol=0, atol=0)
+    p = torch.softmax(logits.double() / 0.7, -1)
+    torch.testing.assert_close(ref_h, -(p * p.log()).sum(-1))
+    torch.testing.assert_close(ref_l, p.log().gather(-1, targets.unsqueeze(-1)).squeeze(-1))
+
+
+def test_float64_memory_is_bounded_by_the_chunk_not_the_batch():
+    batch, length, vocab, chunk = 8, 16, 50, 4
+    logits = torch.randn(batch, length, vocab)
+    targets = torch.randint(vocab, (batch, length))
+    with Float64Sizes() as sizes:
+        token_logp_and_entropy(logits, targets, 1.0, chunk_size=chunk)
+    # the largest float64 tensor is one chunk of rows x the vocabulary, never batch x length x V
+    assert sizes.largest == chunk * vocab
+    assert sizes.largest < batch * length * vocab / 10
+
+
+def _tiny():
+    model, tok = build_policy(seed=0, dtype=torch.float64, attn_implementation="sdpa")
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.05 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return model, tok
+
+
+def test_left_padded_batch_scores_exactly_what_each_unpadded_sequence_scores():
+    model, tok = _tiny()
+    ids = [tok(p)["input_ids"] for p in PROMPTS]
+    index, uniforms = draw_randomness(len(ids), 12, 5, torch.Generator().manual_seed(0))
+    with preserved_state(model):
+        batch = sample_batch(model, ids, index, uniforms, temperature=1.0,
+                             eos_token_ids=(tok.eos_token_id,), pad_token_id=tok.pad_token_id,
+                             microbatch_size=5, device=torch.device("cpu"))
+        logp, ent = Scorer(model, 1.0, 64).score(batch)
+        for i in range(batch.size):
+            prompt = ids[int(batch.prompt_index[i])]
+            T = int(batch.lengths[i])
+            full = torch.tensor([prompt + batch.response_ids[i, :T].tolist()])
+            logits = model(input_ids=full).logits[0, len(prompt) - 1 : -1]
+            l_ref, h_ref = token_logp_and_entropy(logits[None], full[:, len(prompt):], 1.0, 64)
+            torch.testing.assert_close(logp[i, :T], l_ref[0], rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(ent[i, :T], h_ref[0], rtol=1e-10, atol=1e-12)
+
+
+def test_the_batch_does_not_depend_on_the_microbatch_size():
+    model, tok = _tiny()
+    ids = [tok(p)["input_ids"] for p in PROMPTS]
+    index, uniforms = draw_randomness(len(ids), 10, 5, torch.Generator().manual_seed(1))
+    with preserved_state(model):
+        batches = [sample_batch(model, ids, index, uniforms, temperature=1.0,
+                                eos_token_ids=(tok.eos_token_id,), pad_token_id=tok.pad_token_id,
+                                microbatch_size=mbs, device=torch.device("cpu"))
+                   for mbs in (1, 3, 10)]
+    for other in batches[1:]:
+        assert torch.equal(other.lengths, batches[0].lengths)
+        for i in range(10):
+            T = int(batches[0].lengths[i])
+            assert torch.equal(other.response_ids[i, :T], batches[0].response_ids[i, :T])
+
+
+def test_inverse_cdf_never_picks_a_zero_probability_token_and_matches_probabilities():
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.5], [0.1, 0.2, 0.3, 0.4]], dtype=torch.float64)
+    u = torch.linspace(0, 1 - 1e-12, 100_001, dtype=torch.float64)
+    for row in range(2):
+        tokens = inverse_cdf(probs[row].expand(len(u), 4), u)
+        freq = torch.bincount(tokens, minlength=4).double() / len(u)
+        torch.testing.assert_close(freq, probs[row], atol=1e-4, rtol=0)  # a uniform grid
+    assert int(inverse_cdf(probs[:1], torch.tensor([0.5], dtype=torch.float64))) == 3
+
+
+def test_sequence_terms_match_their_definitions():
+    gen = torch.Generator().manual_seed(2)
+    logp, ent, dl, dh = (torch.randn(2, 4, generator=gen, dtype=torch.float64) for _ in range(4))
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    terms = sequence_terms(logp, ent, mask, dl, dh)
+    for i in range(2):
+        T = int(mask[i].sum())
+        assert terms["T"][i] == T
+        Bsum = sum(dl[i, k] * ent[i, k + 1:T].sum() for k in range(T))
+        C = sum(dl[i, k] * (T - (k + 1)) for k in range(T))
+        torch.testing.assert_close(terms["Bsum"][i], Bsum)
+        torch.testing.assert_close(terms["C"][i], C)
+        torch.testing.assert_close(terms["A"][i], dh[i, :T].sum())
+        torch.testing.assert_close(terms["S"][i], logp[i, :T].sum())
