@@ -73,6 +73,7 @@ class EntropyProbe:
         config: ProbeConfig | None = None,
         **overrides,
     ):
+        ProbeConfig.check_names(overrides, "EntropyProbe")
         if config is None:
             config = ProbeConfig(**overrides)
         elif overrides:
@@ -172,6 +173,18 @@ class EntropyProbe:
                     if pending.predicted is not None:
                         cos, rel, norm = flat_cosine_and_rel_error(pending.predicted, observed)
                         result.update_cosine, result.update_rel_error = cos, rel
+                        if norm == 0:
+                            for name in ("update_cosine", "update_rel_error"):
+                                result.null_reasons[name] = (
+                                    "the observed step is zero (no gradient signal, e.g. all "
+                                    "advantages zero): the comparison is undefined"
+                                )
+                    else:
+                        for name in ("update_cosine", "update_rel_error"):
+                            result.null_reasons[name] = (
+                                "no predicted step to compare: the optimizer is not Adam/AdamW "
+                                "(update_source 'observed')"
+                            )
                     result.update_norm = float(
                         torch.sqrt(sum((d.double() ** 2).sum() for d in observed.values()))
                     )
@@ -329,9 +342,11 @@ def _special_ids(model, tokenizer) -> tuple[tuple[int, ...], int]:
 
 def _check_prompts(prompts) -> list[str]:
     if isinstance(prompts, str) or not isinstance(prompts, Sequence) or len(prompts) == 0:
+        got = "an empty list" if isinstance(prompts, Sequence) and not isinstance(
+            prompts, str) else f"a {type(prompts).__name__}"
         raise ProbeConfigError(
-            "prompts must be a non-empty list of strings (the held-out prompt pool), got "
-            f"{type(prompts).__name__}{'' if isinstance(prompts, Sequence) else ''}."
+            f"prompts must be a non-empty list of strings (the held-out prompt pool), got {got}. "
+            "Pass e.g. prompts=[\"2+3=\", ...]; wrap a single prompt in a list."
         )
     bad = [i for i, p in enumerate(prompts) if not isinstance(p, str) or not p]
     if bad:

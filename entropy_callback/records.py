@@ -116,9 +116,9 @@ def sanitize(result: ProbeResult) -> None:
             continue
         if isinstance(value, float) and not math.isfinite(value):
             setattr(result, name, None)
-            result.null_reasons[name] = (
+            result.null_reasons.setdefault(name, (
                 "non-finite value (NaN/inf log-probs or entropies, or collapsed importance "
                 "weights)"
-            )
+            ))
     if result.ess_fraction is None and result.error is None and result.reliable is not None:
         result.reliable = False
