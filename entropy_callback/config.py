@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -146,6 +147,22 @@ class ProbeConfig:
         return tuple(f.name for f in dataclasses.fields(cls) if f.name != "extra")
 
     @classmethod
+    def check_names(cls, names, owner: str) -> None:
+        """Raise ProbeConfigError naming ``owner`` if ``names`` holds a non-option (typo hints)."""
+        valid = cls.field_names()
+        unknown = sorted(set(names) - set(valid))
+        if unknown:
+            hints = [
+                f"{name!r} (did you mean {close[0]!r}?)" if close else repr(name)
+                for name in unknown
+                for close in [difflib.get_close_matches(name, valid, n=1)]
+            ]
+            raise ProbeConfigError(
+                f"{owner} got unknown option(s) {', '.join(hints)}; probe options are "
+                f"{list(valid)}."
+            )
+
+    @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ProbeConfig:
         """Build from a flat dict, accepting seed 001's ``detailed_logging`` section as is."""
         data = dict(data)
@@ -155,9 +172,5 @@ class ProbeConfig:
             if key in ("enabled", "filename_template"):
                 continue
             data.setdefault(renames.get(key, key), value)
-        unknown = sorted(set(data) - set(cls.field_names()))
-        if unknown:
-            raise ProbeConfigError(
-                f"unknown probe option(s) {unknown}; valid options are {list(cls.field_names())}."
-            )
+        cls.check_names(data, "the probe config")
         return cls(**data)

@@ -38,6 +38,7 @@ from .result import ProbeResult, finite_or_none
 JSONL_NAME = "probes.jsonl"
 CONFIG_NAME = "config.yaml"
 STEP_FILE_RE = re.compile(r"^step_(\d+)\.json(\.gz)?$")
+STEP_OR_SUMMARY_RE = re.compile(r"^step_(\d+)(_summary)?\.json(\.gz)?$")
 TMP_PREFIX = ".tmp-"
 
 
@@ -351,6 +352,43 @@ class JsonLogWriter:
                     path.unlink()
                     deleted.append(path)
         return deleted
+
+    def drop_from(self, step: int) -> list[int]:
+        """Forget the records of steps >= ``step``: a run resumed from a checkpoint older than
+        its last probe re-runs those steps and probes them again.
+
+        ``probes.jsonl`` is rewritten atomically without their lines (a truncated last line goes
+        too; a line that is not JSON is kept), and their step records and summaries are deleted.
+        Returns the dropped steps, sorted.
+        """
+        if not self.root.is_dir():
+            return []
+        dropped: set[int] = set()
+        path = self.jsonl_path
+        if path.is_file():
+            raw = path.read_bytes()
+            lines = raw.splitlines(keepends=True)
+            kept = []
+            for line in lines:
+                if not line.endswith(b"\n"):
+                    continue  # a crash mid-write; append_line would cut it anyway
+                try:
+                    line_step = json.loads(line)["step"]
+                except (ValueError, TypeError, KeyError):
+                    line_step = None
+                if isinstance(line_step, int) and line_step >= step:
+                    dropped.add(line_step)
+                else:
+                    kept.append(line)
+            if len(kept) != len(lines):
+                atomic_write(path, b"".join(kept))
+        for file in self.root.iterdir():
+            match = STEP_OR_SUMMARY_RE.match(file.name)
+            if match and int(match.group(1)) >= step:
+                with contextlib.suppress(FileNotFoundError):
+                    file.unlink()
+                dropped.add(int(match.group(1)))
+        return sorted(dropped)
 
     def _prepare(self) -> None:
         """Create the directory and remove temporary files a crashed writer left behind."""

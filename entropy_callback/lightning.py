@@ -18,7 +18,7 @@ from .probe import EntropyProbe, _check_prompts
 from .result import ProbeResult
 from .tensorboard import TensorBoardSink, scalars
 
-UNSUPPORTED_STRATEGIES = ("FSDP", "DeepSpeed")
+UNSUPPORTED_STRATEGIES = ("FSDP", "DeepSpeed", "ModelParallel")
 
 
 class EntropyProbeCallback(Callback):
@@ -63,12 +63,7 @@ class EntropyProbeCallback(Callback):
             raise ProbeConfigError(
                 f"every must be an integer >= 1 (probe every N optimizer steps), got {every!r}."
             )
-        unknown = sorted(set(config_fields) - set(ProbeConfig.field_names()))
-        if unknown:
-            raise ProbeConfigError(
-                f"EntropyProbeCallback got unknown option(s) {unknown}; probe options are "
-                f"{list(ProbeConfig.field_names())}."
-            )
+        ProbeConfig.check_names(config_fields, "EntropyProbeCallback")
         base = config.to_dict() if config is not None else {}
         self.config = ProbeConfig(**{**base, **config_fields})
         self.prompts = _check_prompts(prompts)
@@ -91,8 +86,8 @@ class EntropyProbeCallback(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit" or self.probe is not None:
             return
-        strategy = type(trainer.strategy).__name__
-        if any(name in strategy for name in UNSUPPORTED_STRATEGIES):
+        strategy = unsupported_strategy(trainer.strategy)
+        if strategy is not None:
             warnings.warn(
                 f"EntropyProbeCallback is disabled under {strategy}: sharded parameters and "
                 "optimizer state are not supported yet (use DDP, or a single device).",
@@ -121,17 +116,21 @@ class EntropyProbeCallback(Callback):
                 experiment=tb.experiment if tb is not None else None,
                 log_dir=None if tb is not None else self.log_dir,
             )
-            self.tensorboard.write_layout(self.log_dir)
         except Exception as exc:
             self._sink_failed("tensorboard", exc)
-        try:
+        try:  # an unwritable log_dir costs the layout and the JSON records, with one warning
+            if self.tensorboard is not None:
+                self.tensorboard.write_layout(self.log_dir)
             self.json = JsonLogWriter(self.log_dir / "entropy_probe", self.config)
             self.json.write_config()
         except OSError as exc:
             self.json = None
+            still = ("TensorBoard scalars are still logged" if self.tensorboard is not None
+                     else "nothing of the probe is logged")
             warnings.warn(
-                f"EntropyProbeCallback cannot write its JSON logs under {self.log_dir} ({exc}); "
-                "TensorBoard scalars are still logged. Pass log_dir= a writable directory.",
+                f"EntropyProbeCallback cannot write under log_dir={str(self.log_dir)!r} ({exc}): "
+                f"no JSON records and no Custom Scalars layout; {still}. Pass log_dir= a "
+                "writable directory.",
                 EntropyProbeWarning,
                 stacklevel=2,
             )
@@ -139,6 +138,7 @@ class EntropyProbeCallback(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.probe is None:
             return
+        self._forget_from(trainer.global_step)
         if trainer.world_size > 1:
             self.probe.set_distributed(trainer.global_rank, trainer.world_size)
         for optimizer in trainer.optimizers:
@@ -213,6 +213,26 @@ class EntropyProbeCallback(Callback):
                 self.json.write(result, {"global_step": result.step, "every": self.every,
                                          "epoch": trainer.current_epoch})
 
+    def _forget_from(self, step: int) -> None:
+        """Steps >= ``step`` are about to run (again, when resuming from a checkpoint older than
+        the last probe): drop their records so that each probed step is logged once."""
+        self.probed_steps = [t for t in self.probed_steps if t < step]
+        if self.json is None:
+            return
+        try:
+            dropped = self.json.drop_from(step)
+        except OSError as exc:
+            self._sink_failed("json", exc)
+            return
+        if dropped:
+            warnings.warn(
+                f"the run starts at step {step}: dropped the probe records of steps {dropped} "
+                f"from {self.json.root}: an earlier run went past this point, and this run "
+                "logs its own probes of those steps.",
+                EntropyProbeWarning,
+                stacklevel=2,
+            )
+
     def _sink_failed(self, phase: str, exc: Exception) -> None:
         if self.config.strict:
             raise exc
@@ -226,6 +246,15 @@ class EntropyProbeCallback(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.probed_steps = list(state_dict.get("probed_steps", []))
+
+
+def unsupported_strategy(strategy: Any) -> str | None:
+    """The strategy's class name when it shards parameters (FSDP, DeepSpeed, ModelParallel),
+    itself or through a base class; else None."""
+    for cls in type(strategy).__mro__:
+        if any(name in cls.__name__ for name in UNSUPPORTED_STRATEGIES):
+            return type(strategy).__name__
+    return None
 
 
 def _attr(pl_module: LightningModule, name: str, what: str):

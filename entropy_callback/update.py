@@ -118,13 +118,14 @@ def adam_update(
 
 
 def learning_rate(optimizer: torch.optim.Optimizer, params: dict[str, torch.nn.Parameter]):
-    """eta: the lr of the group holding the probed parameters, and whether groups disagree."""
-    groups = group_of(optimizer)
-    lrs = {_value(groups[id(p)]["lr"]) for p in params.values() if id(p) in groups}
+    """eta: the lr of the first param group (in the optimizer's order) holding probed
+    parameters, and whether the groups holding probed parameters disagree."""
+    probed = {id(p) for p in params.values()}
+    lrs = [_value(g["lr"]) for g in optimizer.param_groups
+           if any(id(p) in probed for p in g["params"])]
     if not lrs:
         return None, False
-    first = _value(groups[id(next(p for p in params.values() if id(p) in groups))]["lr"])
-    return first, len(lrs) > 1
+    return lrs[0], len(set(lrs)) > 1
 
 
 def snapshot(params: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:

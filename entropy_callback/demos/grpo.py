@@ -1,0 +1,383 @@
+"""A toy RL task with a verifiable reward, and a GRPO-style LightningModule that trains on it.
+
+The task: a prompt ``"a+b="`` with two digits; the answer is ``(a + b) mod 10`` as one digit
+followed by EOS. The reward gives half credit for the format alone, which a random tiny policy
+can find. What the tiny policy does with the defaults (seeds 0-2, measured): within the first
+20-80 steps it learns the format (mean reward 0 -> 0.5) while its entropy collapses, from about
+3.3 nats per token to about 0.5, then 0.2-0.4 by step 200; the digit collapses too, to a nearly
+prompt-independent choice, so the correct-answer rate stays near chance (about 10%). Entropy
+collapse ending exploration, in miniature: the thing the entropy probe is built to measure.
+
+The update is Dr-GRPO: group-centred advantages without std division, and a constant
+normaliser (number of sequences times ``max_new_tokens``) instead of per-sequence lengths.
+
+Example::
+
+    model, tokenizer = build_policy(seed=0)
+    module = GRPOModule(model, tokenizer, make_prompts(256, seed=0))
+    lightning.Trainer(max_steps=200, accelerator="cpu").fit(module)
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
+
+import lightning
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, IterableDataset
+from transformers import PreTrainedTokenizerBase
+
+from entropy_callback.demos.tiny import EOS_TOKEN
+
+_PROMPT = re.compile(r"^(\d)\+(\d)=$")
+_DIGITS = "0123456789"
+
+RewardFn = Callable[[str, str], float]
+
+
+def make_prompts(n: int, seed: int = 0) -> list[str]:
+    """``n`` prompts ``"a+b="`` with digits a, b drawn uniformly (with replacement).
+
+    Deterministic in ``seed``; uses its own ``random.Random`` and no global RNG.
+    """
+    rng = random.Random(seed)
+    return [f"{rng.randrange(10)}+{rng.randrange(10)}=" for _ in range(n)]
+
+
+def answer(prompt: str) -> str:
+    """The correct response text of a task prompt: ``(a + b) mod 10`` as one digit."""
+    match = _PROMPT.match(prompt)
+    if match is None:
+        raise ValueError(f"prompt {prompt!r} is not of the form 'a+b=' with digits a, b")
+    return str((int(match.group(1)) + int(match.group(2))) % 10)
+
+
+def reward(prompt: str, response: str) -> float:
+    """Verifiable reward in {0, 0.5, 1} for one response to one task prompt.
+
+    ``response`` is the decoded response text, ending with the ``EOS_TOKEN`` marker ("<eos>")
+    when the response stopped at EOS (without it, the response was cut at ``max_new_tokens``).
+
+    - 0.5 for the format: exactly one digit, then EOS;
+    - 0.5 more if that digit is the correct answer.
+
+    A random tiny policy meets the format about once in 200 samples, enough to learn it within
+    100 steps; while it does, its entropy collapses (see ``GRPOModule``).
+    """
+    target = answer(prompt)
+    if not response.endswith(EOS_TOKEN):
+        return 0.0
+    text = response[: -len(EOS_TOKEN)]
+    if len(text) != 1 or text not in _DIGITS:
+        return 0.0
+    return 1.0 if text == target else 0.5
+
+
+class PromptBatches(IterableDataset):
+    """Batches (lists) of prompt strings: shuffled passes over the pool, from ``seed``.
+
+    Yields ``num_batches`` batches, or forever when it is None. Every ``iter()`` restarts the
+    same sequence, so a run's data order depends on ``seed`` only.
+    """
+
+    def __init__(
+        self,
+        prompts: Sequence[str],
+        batch_size: int,
+        seed: int = 0,
+        num_batches: int | None = None,
+    ) -> None:
+        if not prompts:
+            raise ValueError("prompts is empty; pass at least one prompt")
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size}; pass a positive integer")
+        self.prompts = list(prompts)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.num_batches = num_batches
+
+    def __iter__(self) -> Iterator[list[str]]:
+        rng = random.Random(self.seed)
+        order: list[str] = []
+        emitted = 0
+        while self.num_batches is None or emitted < self.num_batches:
+            batch = []
+            while len(batch) < self.batch_size:
+                if not order:
+                    order = self.prompts.copy()
+                    rng.shuffle(order)
+                batch.append(order.pop())
+            yield batch
+            emitted += 1
+
+
+def _as_list(batch: list[str]) -> list[str]:
+    return list(batch)
+
+
+def prompt_dataloader(
+    prompts: Sequence[str],
+    batch_size: int,
+    seed: int = 0,
+    num_batches: int | None = None,
+) -> DataLoader:
+    """A ``DataLoader`` over ``PromptBatches``: each item is a list of ``batch_size`` prompts."""
+    dataset = PromptBatches(prompts, batch_size, seed=seed, num_batches=num_batches)
+    return DataLoader(dataset, batch_size=None, num_workers=0, collate_fn=_as_list)
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, final: float = 0.1) -> float:
+    """Learning-rate factor: linear warmup to 1 over ``warmup_steps``, then cosine to ``final``.
+
+    Step 0 already has the factor ``1 / warmup_steps`` (never 0); after ``total_steps`` the
+    factor stays at ``final``.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def sample_responses(
+    model: torch.nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    eos_token_id: int,
+    pad_token_id: int,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample one response per (left-padded) prompt from ``softmax(logits / temperature)``.
+
+    Plain ancestral sampling with a KV cache and the global torch RNG (reproducible under
+    ``lightning.seed_everything``); no top-k, top-p or penalties. A response stops at its
+    first EOS (included) or at ``max_new_tokens``; the positions after the stop hold
+    ``pad_token_id``.
+
+    Args:
+        model: a causal LM taking ``input_ids, attention_mask, position_ids, past_key_values``.
+        prompt_ids: [N, P] token ids, left-padded.
+        prompt_mask: [N, P] attention mask (1 = token, 0 = padding).
+
+    Returns:
+        ``(response_ids, lengths)``: [N, T] ids with T <= max_new_tokens (T shrinks when every
+        response stopped early), and [N] response lengths T_i (EOS counted).
+    """
+    n = prompt_ids.shape[0]
+    mask = prompt_mask
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(
+        input_ids=prompt_ids, attention_mask=mask, position_ids=position_ids, use_cache=True
+    )
+    finished = torch.zeros(n, dtype=torch.bool, device=prompt_ids.device)
+    lengths = torch.zeros(n, dtype=torch.long, device=prompt_ids.device)
+    tokens = []
+    for k in range(max_new_tokens):
+        probs = torch.softmax(out.logits[:, -1].float() / temperature, dim=-1)
+        y = torch.multinomial(probs, 1).squeeze(-1)
+        y = torch.where(finished, torch.full_like(y, pad_token_id), y)
+        active = ~finished
+        tokens.append(y)
+        lengths += active.long()
+        finished = finished | (active & (y == eos_token_id))
+        if k == max_new_tokens - 1 or bool(finished.all()):
+            break
+        mask = torch.cat([mask, active.long()[:, None]], dim=-1)
+        position_ids = position_ids[:, -1:] + 1
+        out = model(
+            input_ids=y[:, None],
+            attention_mask=mask,
+            position_ids=position_ids,
+            past_key_values=out.past_key_values,
+            use_cache=True,
+        )
+    return torch.stack(tokens, dim=1), lengths
+
+
+def score_responses(
+    model: torch.nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    response_ids: torch.Tensor,
+    lengths: torch.Tensor,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Teacher-forced log-probs and entropies of the sampled responses.
+
+    Args:
+        prompt_ids, prompt_mask: [N, P] left-padded prompts.
+        response_ids: [N, T] responses, padded after their stop.
+        lengths: [N] response lengths; the response mask is ``k < lengths[i]``.
+
+    Returns:
+        ``(token_logp, token_entropy, response_mask)``, each [N, T]: log pi(y_k | x, y_<k)
+        (with grad), the full next-token entropy H_k in nats (detached), and the float mask.
+        Both are zero outside the mask.
+    """
+    t = response_ids.shape[1]
+    response_mask = torch.arange(t, device=lengths.device)[None, :] < lengths[:, None]
+    attention_mask = torch.cat([prompt_mask, response_mask.long()], dim=-1)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    input_ids = torch.cat([prompt_ids, response_ids], dim=-1)
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=False,
+    ).logits
+    logits = logits[:, prompt_ids.shape[1] - 1 : -1].float() / temperature
+    logp = F.log_softmax(logits, dim=-1)
+    maskf = response_mask.to(logp.dtype)
+    token_logp = logp.gather(-1, response_ids[..., None]).squeeze(-1) * maskf
+    with torch.no_grad():
+        token_entropy = -(logp.exp() * logp).sum(-1) * maskf
+    return token_logp, token_entropy, maskf
+
+
+class GRPOModule(lightning.LightningModule):
+    """Dr-GRPO on a prompt pool with a verifiable reward.
+
+    Each training step takes a batch of prompts, samples ``group_size`` responses per prompt
+    from the current policy, and minimises
+
+        loss = -sum_i A_i * sum_k log pi(y_ik) / (N * max_new_tokens),
+        A_i = r_i - mean(r over i's group),
+
+    with N = sequences in the step. Logs ``train/reward``, ``train/entropy`` (mean per-token
+    entropy of the sampled responses, nats), ``train/response_length`` and ``train/full_reward``
+    (fraction of responses scoring 1.0).
+
+    The policy and tokenizer are the attributes ``model`` and ``tokenizer`` (what the entropy
+    probe callback reads by default).
+
+    Args:
+        model: the policy (e.g. a LoRA ``PeftModel``); only its trainable parameters are
+            optimised.
+        tokenizer: the policy's tokenizer (left padding, with pad and eos tokens).
+        prompts: the training prompt pool (``train_dataloader`` draws from it).
+        group_size: G, responses per prompt.
+        prompts_per_step: prompts per training step (N = prompts_per_step * group_size).
+        max_new_tokens: L, the longest response.
+        lr, weight_decay: AdamW settings (peak learning rate). At 1e-3 the tiny policy's
+            entropy collapse spans steps ~20-80; at 3e-3 it is over by step ~40.
+        warmup_steps, total_steps: the linear-warmup-then-cosine schedule (decays to 10%).
+        temperature: sampling temperature tau; the log-probs use the same tau.
+        reward_fn: ``reward_fn(prompt, response) -> float``; ``response`` ends with "<eos>"
+            when it stopped at EOS.
+        seed: seed of the prompt order in ``train_dataloader``.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        prompts: Sequence[str],
+        *,
+        group_size: int = 4,
+        prompts_per_step: int = 8,
+        max_new_tokens: int = 6,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 10,
+        total_steps: int = 200,
+        temperature: float = 1.0,
+        reward_fn: RewardFn = reward,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
+            raise ValueError("tokenizer needs pad_token and eos_token set")
+        if group_size < 2:
+            raise ValueError(f"group_size={group_size}; GRPO needs at least 2 per group")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.prompts = list(prompts)
+        self.group_size = group_size
+        self.prompts_per_step = prompts_per_step
+        self.max_new_tokens = max_new_tokens
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.warmup_steps = warmup_steps
+        self.total_steps = total_steps
+        self.temperature = temperature
+        self.reward_fn = reward_fn
+        self.seed = seed
+        self.save_hyperparameters(ignore=["model", "tokenizer", "prompts", "reward_fn"])
+
+    def train_dataloader(self) -> DataLoader:
+        """Endless batches of ``prompts_per_step`` prompts from the pool, ordered by ``seed``."""
+        return prompt_dataloader(self.prompts, self.prompts_per_step, seed=self.seed)
+
+    def decode_response(self, ids: torch.Tensor, length: int) -> str:
+        """Response text for ``reward_fn``: tokens before the stop, plus "<eos>" if it hit EOS."""
+        ids = ids[:length].tolist()
+        terminated = bool(ids) and ids[-1] == self.tokenizer.eos_token_id
+        body = ids[:-1] if terminated else ids
+        text = self.tokenizer.decode(body, skip_special_tokens=False)
+        return text + EOS_TOKEN if terminated else text
+
+    def training_step(self, batch: list[str], batch_idx: int) -> dict[str, torch.Tensor]:
+        """One Dr-GRPO step on ``batch`` (a list of prompt strings)."""
+        prompts = [p for p in batch for _ in range(self.group_size)]
+        enc = self.tokenizer(
+            prompts, return_tensors="pt", padding=True, add_special_tokens=False
+        ).to(self.device)
+        response_ids, lengths = sample_responses(
+            self.model,
+            enc["input_ids"],
+            enc["attention_mask"],
+            max_new_tokens=self.max_new_tokens,
+            eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.tokenizer.pad_token_id,
+            temperature=self.temperature,
+        )
+        texts = [
+            self.decode_response(ids, int(n))
+            for ids, n in zip(response_ids, lengths, strict=False)
+        ]
+        rewards = torch.tensor(
+            [self.reward_fn(p, t) for p, t in zip(prompts, texts, strict=False)],
+            dtype=torch.float32,
+            device=self.device,
+        )
+        grouped = rewards.view(-1, self.group_size)
+        advantages = (grouped - grouped.mean(dim=1, keepdim=True)).flatten()
+
+        token_logp, token_entropy, mask = score_responses(
+            self.model,
+            enc["input_ids"],
+            enc["attention_mask"],
+            response_ids,
+            lengths,
+            temperature=self.temperature,
+        )
+        seq_logp = token_logp.sum(-1)
+        loss = -(advantages * seq_logp).sum() / (len(prompts) * self.max_new_tokens)
+
+        log = partial(self.log, on_step=True, on_epoch=False, batch_size=len(batch))
+        log("train/reward", rewards.mean(), prog_bar=True)
+        log("train/entropy", token_entropy.sum() / mask.sum(), prog_bar=True)
+        log("train/response_length", lengths.float().mean())
+        log("train/full_reward", (rewards >= 1.0).float().mean())
+        return {"loss": loss, "rewards": rewards, "advantages": advantages}
+
+    def configure_optimizers(self) -> dict:
+        """AdamW over the trainable parameters, with a per-step warmup-cosine schedule."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        schedule = partial(
+            warmup_cosine, warmup_steps=self.warmup_steps, total_steps=self.total_steps
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
