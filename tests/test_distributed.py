@@ -136,6 +136,12 @@ def test_lightning_ddp_spawn_writes_once_from_rank_zero(tmp_path, monkeypatch):
         assert r["B_E"] == 8  # the union of both ranks' shards
 
 
+def _dense_reward(prompt: str, response: str) -> float:
+    """A reward that varies within every group from step 0 (the task's reward is 0 for the
+    untrained tiny policy, which would make every step zero and the comparison vacuous)."""
+    return float(len(response))
+
+
 def _ddp_fit(tmp_path: Path, name: str, with_probe: bool, monkeypatch) -> dict:
     import lightning as L
     from lightning.pytorch.loggers import TensorBoardLogger
@@ -146,8 +152,9 @@ def _ddp_fit(tmp_path: Path, name: str, with_probe: bool, monkeypatch) -> dict:
     monkeypatch.setenv("MASTER_PORT", str(_free_port()))  # a fresh port for every run
     L.seed_everything(0)
     model, tok = build_policy(seed=0, lora_dropout=0.1)
-    module = GRPOModule(model, tok, make_prompts(64, seed=0), prompts_per_step=2, group_size=2,
-                        max_new_tokens=4, total_steps=4)
+    module = GRPOModule(model, tok, make_prompts(64, seed=0), prompts_per_step=4, group_size=4,
+                        max_new_tokens=4, total_steps=4, warmup_steps=1,
+                        reward_fn=_dense_reward)
     callbacks = [EntropyProbeCallback(prompts=make_prompts(16, seed=1), every=2, batch_size=8,
                                       max_new_tokens=4)] if with_probe else []
     trainer = L.Trainer(accelerator="cpu", devices=WORLD, strategy="ddp_spawn", max_steps=4,
