@@ -74,8 +74,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--microbatch-size", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (the tiny model is fastest on one)")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
 
     model, tok = build_policy(seed=0, hidden_size=args.hidden, num_layers=args.layers,
                               intermediate_size=2 * args.hidden)

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from .result import CORE_FIELDS
+from .result import CORE_FIELDS, finite_float
 from .runlog import load_run
 
 PROG = "entropy-probe"
@@ -41,17 +41,6 @@ EXPORT_COLUMNS = (
 )
 
 
-def _num(value: Any) -> float | None:
-    """A finite float, or None."""
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
-
-
 def pearson(xs: Sequence[Any], ys: Sequence[Any]) -> tuple[float | None, int]:
     """Pearson r over the pairs where both values are finite, and the number of such pairs.
 
@@ -59,7 +48,7 @@ def pearson(xs: Sequence[Any], ys: Sequence[Any]) -> tuple[float | None, int]:
     """
     pairs: list[tuple[float, float]] = []
     for a, b in zip(xs, ys, strict=True):
-        x, y = _num(a), _num(b)
+        x, y = finite_float(a), finite_float(b)
         if x is not None and y is not None:
             pairs.append((x, y))
     n = len(pairs)
@@ -76,24 +65,24 @@ def pearson(xs: Sequence[Any], ys: Sequence[Any]) -> tuple[float | None, int]:
 
 
 def _mean(values: Sequence[Any]) -> float | None:
-    finite = [v for v in map(_num, values) if v is not None]
+    finite = [v for v in map(finite_float, values) if v is not None]
     return sum(finite) / len(finite) if finite else None
 
 
 def _sci(value: Any, digits: int = 3) -> str:
-    number = _num(value)
+    number = finite_float(value)
     return "-" if number is None else f"{number:.{digits}e}"
 
 
 def _fixed(value: Any, digits: int = 3) -> str:
-    number = _num(value)
+    number = finite_float(value)
     return "-" if number is None else f"{number:.{digits}f}"
 
 
 def _pm(value: Any, se: Any) -> str:
-    if _num(value) is None:
+    if finite_float(value) is None:
         return "-"
-    return _sci(value) if _num(se) is None else f"{_sci(value)} ± {_sci(se, 1)}"
+    return _sci(value) if finite_float(se) is None else f"{_sci(value)} ± {_sci(se, 1)}"
 
 
 def _units(records: list[dict[str, Any]]) -> str:
@@ -191,7 +180,7 @@ def _write_csv(records: list[dict[str, Any]], columns: list[str], handle: TextIO
 
 
 def _series(records: list[dict[str, Any]], key: str) -> list[float]:
-    return [math.nan if _num(r.get(key)) is None else float(r[key]) for r in records]
+    return [math.nan if finite_float(r.get(key)) is None else float(r[key]) for r in records]
 
 
 def cmd_plot(args: argparse.Namespace, out: TextIO) -> int:

@@ -21,6 +21,17 @@ CORE_FIELDS = (
 )
 
 
+def finite_float(value: Any) -> float | None:
+    """``value`` as a float, or None when it is missing, not a number, or not finite."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
 def finite_or_none(value: Any) -> Any:
     """JSON has no NaN/inf: non-finite floats become None."""
     if isinstance(value, float) and not math.isfinite(value):

@@ -13,11 +13,10 @@ Example::
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
-from .result import ProbeResult
+from .result import ProbeResult, finite_float
 
 PREFIX = "entropy_probe"
 LAYOUT_SUBDIR = "entropy_probe_layout"
@@ -53,17 +52,6 @@ def layout() -> dict[str, dict[str, list[Any]]]:
     }
 
 
-def _finite(value: Any) -> float | None:
-    """``value`` as a float, or None when it is missing, not a number, or not finite."""
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
-
-
 def scalars(result: ProbeResult) -> dict[str, float]:
     """The tag -> value pairs one probe writes (missing and non-finite values left out).
 
@@ -72,15 +60,15 @@ def scalars(result: ProbeResult) -> dict[str, float]:
     """
     out: dict[str, float] = {}
     for name in SCALAR_FIELDS:
-        value = _finite(getattr(result, name, None))
+        value = finite_float(getattr(result, name, None))
         if value is not None:
             out[f"{PREFIX}/{name}"] = value
-    true, se = _finite(result.deltaH_true), _finite(result.deltaH_true_se)
+    true, se = finite_float(result.deltaH_true), finite_float(result.deltaH_true_se)
     if true is not None and se is not None:
         out[f"{PREFIX}/deltaH_true_lo2se"] = true - 2.0 * se
         out[f"{PREFIX}/deltaH_true_hi2se"] = true + 2.0 * se
     for phase, seconds in (result.timing or {}).items():
-        value = _finite(seconds)
+        value = finite_float(seconds)
         if value is not None:
             out[f"{PREFIX}/time/{phase}"] = value
     return out

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,18 +21,6 @@ from entropy_callback.demos import GRPOModule, build_policy, make_prompts
 
 TINY_MODEL = dict(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32)
 SMALL_PROBE = dict(batch_size=8, microbatch_size=8, max_new_tokens=4)
-
-
-@contextmanager
-def one_thread() -> Iterator[None]:
-    """One intra-op thread inside (restored after): on a small shared machine torch's default
-    pool oversubscribes the cores and a tiny run gets many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def tiny_policy(seed: int = 0, **kwargs: Any):

@@ -22,7 +22,6 @@ from probe_harness import (
     grpo_module,
     jsonl_records,
     make_trainer,
-    one_thread,
     probe_callback,
     probe_prompts,
     probe_warnings,
@@ -33,12 +32,6 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from entropy_callback import EntropyProbe, EntropyProbeCallback, ProbeConfigError
 from entropy_callback.demos import GRPOModule
 from entropy_callback.lightning import unsupported_strategy
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
 
 
 @pytest.fixture(scope="module")

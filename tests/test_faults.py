@@ -24,7 +24,6 @@ from probe_harness import (
     jsonl_records,
     lora_state,
     make_trainer,
-    one_thread,
     probe_callback,
     probe_dir,
     probe_prompts,
@@ -43,12 +42,6 @@ from entropy_callback import (
 from entropy_callback import probe as probe_module
 from entropy_callback.scoring import Scorer
 from entropy_callback.tensorboard import TensorBoardSink
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
 
 
 class InjectedFault(RuntimeError):

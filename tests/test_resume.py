@@ -15,7 +15,6 @@ from probe_harness import (
     grpo_module,
     jsonl_records,
     make_trainer,
-    one_thread,
     probe_callback,
     probe_dir,
     step_record,
@@ -25,12 +24,6 @@ from entropy_callback import EntropyProbeCallback, ProbeConfig
 from entropy_callback.jsonlog import JsonLogWriter
 
 EVERY = 2
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
 
 
 def checkpointing(root) -> ModelCheckpoint:

@@ -1,12 +1,13 @@
 """A toy RL task with a verifiable reward, and a GRPO-style LightningModule that trains on it.
 
 The task: a prompt ``"a+b="`` with two digits; the answer is ``(a + b) mod 10`` as one digit
-followed by EOS. The reward gives half credit for the format alone, which a random tiny policy
-can find. What the tiny policy does with the defaults (seeds 0-2, measured): within the first
-20-80 steps it learns the format (mean reward 0 -> 0.5) while its entropy collapses, from about
-3.3 nats per token to about 0.5, then 0.2-0.4 by step 200; the digit collapses too, to a nearly
-prompt-independent choice, so the correct-answer rate stays near chance (about 10%). Entropy
-collapse ending exploration, in miniature: the thing the entropy probe is built to measure.
+followed by EOS. The reward gives partial credit for stopping, for starting with a digit and
+for the exact format, so a random tiny policy has a signal from the first step. What the tiny
+policy does with the defaults (seeds 0-2, measured): over the first ~60 steps it learns the
+format (mean reward 0.1 -> 0.5) while its entropy collapses from about 3.3 nats per token to
+about 0.5, then creeps down to 0.2-0.4 by step 200. The digit collapses too, to a nearly
+prompt-independent choice, so the correct-answer rate stays near chance (about 10%): entropy
+collapse ending exploration, in miniature, which is what the entropy probe is built to measure.
 
 The update is Dr-GRPO: group-centred advantages without std division, and a constant
 normaliser (number of sequences times ``max_new_tokens``) instead of per-sequence lengths.
@@ -58,24 +59,33 @@ def answer(prompt: str) -> str:
 
 
 def reward(prompt: str, response: str) -> float:
-    """Verifiable reward in {0, 0.5, 1} for one response to one task prompt.
+    """Verifiable reward in [0, 1] for one response to one task prompt.
 
     ``response`` is the decoded response text, ending with the ``EOS_TOKEN`` marker ("<eos>")
     when the response stopped at EOS (without it, the response was cut at ``max_new_tokens``).
 
-    - 0.5 for the format: exactly one digit, then EOS;
-    - 0.5 more if that digit is the correct answer.
+    Partial credit, additive, so that an untrained policy gets a signal from the first step
+    (about 1 response in 8 earns something) and every group is not flat:
 
-    A random tiny policy meets the format about once in 200 samples, enough to learn it within
-    100 steps; while it does, its entropy collapses (see ``GRPOModule``).
+    - 0.2 if the response stopped at EOS;
+    - 0.2 if its first character is a digit;
+    - 0.1 if it is exactly one digit followed by EOS (format complete: 0.5 in all);
+    - 0.5 if, moreover, that digit is the correct answer.
+
+    Examples: "7<eos>" for "3+4=" scores 1.0, "8<eos>" 0.5, "7x<eos>" 0.4, "<eos>" 0.2,
+    "777777" (cut) 0.2, "abcdef" 0.0.
     """
     target = answer(prompt)
-    if not response.endswith(EOS_TOKEN):
-        return 0.0
-    text = response[: -len(EOS_TOKEN)]
-    if len(text) != 1 or text not in _DIGITS:
-        return 0.0
-    return 1.0 if text == target else 0.5
+    terminated = response.endswith(EOS_TOKEN)
+    text = response[: -len(EOS_TOKEN)] if terminated else response
+    score = 0.2 if terminated else 0.0
+    if text[:1] != "" and text[:1] in _DIGITS:
+        score += 0.2
+        if terminated and len(text) == 1:
+            score += 0.1
+            if text == target:
+                score += 0.5
+    return score
 
 
 class PromptBatches(IterableDataset):
@@ -267,7 +277,7 @@ class GRPOModule(lightning.LightningModule):
         prompts_per_step: prompts per training step (N = prompts_per_step * group_size).
         max_new_tokens: L, the longest response.
         lr, weight_decay: AdamW settings (peak learning rate). At 1e-3 the tiny policy's
-            entropy collapse spans steps ~20-80; at 3e-3 it is over by step ~40.
+            entropy collapse spans steps ~0-60; at 5e-4 ~0-100; at 3e-3 it is over by ~30.
         warmup_steps, total_steps: the linear-warmup-then-cosine schedule (decays to 10%).
         temperature: sampling temperature tau; the log-probs use the same tau.
         reward_fn: ``reward_fn(prompt, response) -> float``; ``response`` ends with "<eos>"
@@ -340,11 +350,10 @@ class GRPOModule(lightning.LightningModule):
             temperature=self.temperature,
         )
         texts = [
-            self.decode_response(ids, int(n))
-            for ids, n in zip(response_ids, lengths, strict=False)
+            self.decode_response(ids, int(n)) for ids, n in zip(response_ids, lengths, strict=True)
         ]
         rewards = torch.tensor(
-            [self.reward_fn(p, t) for p, t in zip(prompts, texts, strict=False)],
+            [self.reward_fn(p, t) for p, t in zip(prompts, texts, strict=True)],
             dtype=torch.float32,
             device=self.device,
         )
