@@ -81,6 +81,9 @@ def adam_update(
         t  = step + 1;  m' = b1 m + (1 - b1) g;  s' = b2 s + (1 - b2) g^2  (amsgrad: max)
         D  = sqrt(s' / (1 - b2^t)) + eps
         dtheta = -lr (wd theta + m' / ((1 - b1^t) D))     (AdamW; Adam adds wd theta to g)
+
+    Computed in float64; the result is the difference between theta' rounded to the parameter's
+    dtype and theta, i.e. the change the stored float32 (or bf16) parameter will really show.
     """
     groups = group_of(optimizer)
     out = {}
@@ -113,7 +116,8 @@ def adam_update(
         step = -(lr / (1 - beta1**t)) * m_new / D
         if wd != 0 and decoupled:
             step = step - lr * wd * theta
-        out[name] = step
+        # the step the stored parameter actually takes: theta' rounded to the parameter's dtype
+        out[name] = (theta + step).to(p.dtype).to(torch.float64) - theta
     return out
 
 
