@@ -24,6 +24,7 @@ from entropy_callback import EntropyProbe, ProbeConfig
 from entropy_callback.demos import build_policy
 from entropy_callback.observer import preserved_state
 from entropy_callback.scoring import sequence_terms
+from entropy_callback.testing import randomize_lora_b
 from entropy_callback.update import probed_parameters, snapshot
 
 
@@ -82,11 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     model, tok = build_policy(seed=0, hidden_size=args.hidden, num_layers=args.layers,
                               intermediate_size=2 * args.hidden)
-    with torch.no_grad():  # a non-trivial adapter, so that the step moves the policy
-        gen = torch.Generator().manual_seed(1)
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
+    randomize_lora_b(model, std=0.05, seed=1)  # a non-trivial adapter: the step moves the policy
     prompts = [f"{a}+{b}=" for a in range(10) for b in range(10)]
     cfg = ProbeConfig(batch_size=args.batch_size, microbatch_size=args.microbatch_size,
                       max_new_tokens=args.max_new_tokens, log_level="minimal")

@@ -124,6 +124,20 @@ class _Level:
     next_log_probs: Tensor
 
 
+def randomize_lora_b(model: nn.Module, *, std: float = 0.05, seed: int = 1234) -> nn.Module:
+    """Draw every ``lora_B`` tensor from N(0, std^2) with its own seeded generator (in place).
+
+    peft starts ``lora_B`` at zero, so a fresh adapter has no effect; tests and benchmarks that
+    need a non-trivial policy call this. The global RNG is not touched. Returns ``model``.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(std * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return model
+
+
 @contextmanager
 def _oracle_mode(model: nn.Module) -> Iterator[None]:
     """Eval mode and "highest" float32 matmul precision for the duration; both restored."""

@@ -21,6 +21,7 @@ import torch.multiprocessing as mp
 
 from entropy_callback import EntropyProbe, ProbeConfig, load_run
 from entropy_callback.demos import build_policy
+from entropy_callback.testing import randomize_lora_b
 
 PROMPTS = ["1+2=", "33+4=", "5=", "7+8+9="]  # different lengths: left padding matters
 WORLD = 2
@@ -35,11 +36,7 @@ def _free_port() -> int:
 def _probe_once(world: int, rank: int, fail_rank: int | None = None):
     """One probed AdamW step on a float64 tiny model; identical inputs on every rank."""
     model, tok = build_policy(seed=0, dtype=torch.float64, attn_implementation="sdpa")
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.05 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    randomize_lora_b(model, std=0.05, seed=1)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.01)
     enc = tok(["3+4=7", "1+1=2", "9+9=8"], return_tensors="pt", padding=True)

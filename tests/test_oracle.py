@@ -34,6 +34,7 @@ from entropy_callback.testing import (
     exact_entropy,
     exact_float64,
     exact_response_distribution,
+    randomize_lora_b,
 )
 
 ALPHABET = "abcde"  # + <pad>, <eos>, <unk> = 8 ids
@@ -53,11 +54,7 @@ def policy() -> Iterator[tuple[nn.Module, object]]:
     assert len(tokenizer) == VOCAB
     base = build_tiny_llama(tokenizer, dtype=torch.float64, attn_implementation="sdpa", seed=0)
     model = exact_float64(add_lora(base, r=4, alpha=8, seed=0))
-    gen = torch.Generator().manual_seed(1234)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.05 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    randomize_lora_b(model, std=0.05, seed=1234)
     model.eval()
     yield model, tokenizer
 

@@ -9,6 +9,7 @@ from entropy_callback.demos import build_policy
 from entropy_callback.observer import preserved_state
 from entropy_callback.sampling import draw_randomness, inverse_cdf, sample_batch
 from entropy_callback.scoring import Scorer, sequence_terms, token_logp_and_entropy
+from entropy_callback.testing import randomize_lora_b
 
 PROMPTS = ["1+2=", "33+44=", "5=", "7+8+9+0="]  # different lengths: left padding matters
 
@@ -56,11 +57,7 @@ def test_float64_memory_is_bounded_by_the_chunk_not_the_batch():
 
 def _tiny():
     model, tok = build_policy(seed=0, dtype=torch.float64, attn_implementation="sdpa")
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.05 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    randomize_lora_b(model, std=0.05, seed=3)
     return model, tok
 
 

@@ -63,6 +63,7 @@ from entropy_callback.testing import (
     exact_entropy,
     exact_float64,
     exact_response_distribution,
+    randomize_lora_b,
 )
 from entropy_callback.update import probed_parameters, snapshot
 
@@ -84,11 +85,7 @@ def policy() -> Iterator[tuple[nn.Module, object]]:
     tokenizer = build_char_tokenizer(alphabet=ALPHABET)
     base = build_tiny_llama(tokenizer, dtype=torch.float64, attn_implementation="sdpa", seed=0)
     model = exact_float64(add_lora(base, r=4, alpha=8, seed=0))
-    gen = torch.Generator().manual_seed(1234)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.05 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    randomize_lora_b(model, std=0.05, seed=1234)
     model.eval()
     yield model, tokenizer
 
@@ -441,11 +438,7 @@ def gpt2_policy() -> Iterator[tuple[nn.Module, object]]:
     with warnings.catch_warnings():  # peft sets fan_in_fan_out for GPT-2's Conv1D, and says so
         warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
         model = exact_float64(add_lora(base, r=4, alpha=8, target_modules=["c_attn"], seed=0))
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.05 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    randomize_lora_b(model, std=0.05, seed=1)
     model.eval()
     yield model, tokenizer
 
