@@ -63,6 +63,7 @@ def main(argv=None) -> list[dict]:
     probe = EntropyProbeCallback(prompts=heldout, every=every,
                                  config=ProbeConfig.from_dict(cfg["probe"]))
     logger = TensorBoardLogger(args.out, name="grpo_demo")
+    log_dir = logger.log_dir  # fixes the version before ddp_spawn's processes copy the logger
     trainer = L.Trainer(
         max_steps=steps,
         accelerator="cpu",
@@ -80,12 +81,12 @@ def main(argv=None) -> list[dict]:
     trainer.fit(module)
     if os.environ.get("LOCAL_RANK", "0") != "0" or not trainer.is_global_zero:
         return []
-    records = load_run(logger.log_dir)
-    report(records, logger, time.perf_counter() - start)
+    records = load_run(log_dir)
+    report(records, log_dir, logger.save_dir, time.perf_counter() - start)
     return records
 
 
-def report(records: list[dict], logger: TensorBoardLogger, seconds: float) -> None:
+def report(records: list[dict], log_dir: str, save_dir: str, seconds: float) -> None:
     def fmt(x, se):
         return "      n/a" if x is None else f"{x:+.5f} ± {se or 0:.5f}"
 
@@ -105,8 +106,8 @@ def report(records: list[dict], logger: TensorBoardLogger, seconds: float) -> No
     print(f"Entropy per token: {records[0].get('H_orig'):.3f} -> {records[-1].get('H_upd'):.3f}"
           if records and records[0].get("H_orig") is not None
           and records[-1].get("H_upd") is not None else "")
-    print(f"JSON records: {Path(logger.log_dir) / 'entropy_probe'}")
-    print(f"TensorBoard:  tensorboard --logdir {logger.save_dir}")
+    print(f"JSON records: {Path(log_dir) / 'entropy_probe'}")
+    print(f"TensorBoard:  tensorboard --logdir {save_dir}")
 
 
 if __name__ == "__main__":
