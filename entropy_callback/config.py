@@ -6,7 +6,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 NORMALIZATIONS = ("per_token", "per_sequence")
@@ -68,7 +68,6 @@ class ProbeConfig:
     log_sequences: bool | None = None
     log_tokens: bool | None = None
     log_raw_tensors: bool | None = None
-    extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.eta_multipliers = tuple(float(m) for m in self.eta_multipliers)
@@ -144,7 +143,7 @@ class ProbeConfig:
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in dataclasses.fields(cls) if f.name != "extra")
+        return tuple(f.name for f in dataclasses.fields(cls))
 
     @classmethod
     def check_names(cls, names, owner: str) -> None:

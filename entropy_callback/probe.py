@@ -288,10 +288,8 @@ class EntropyProbe:
         result.deltaH1, result.deltaH1_se = d1.deltaH1, d1.deltaH1_se
         eta = result.learning_rate
         result.bars_dot = d1.deltaH1 / eta if eta else None
-        points = {}
-        for m, terms in sweep.items():
-            points[m] = snis(g["S"], self.gather(terms["S"]), h, self.gather(terms["h"]), T,
-                             cfg.normalize)
+        moved = {m: {k: self.gather(terms[k]) for k in ("S", "h")} for m, terms in sweep.items()}
+        points = {m: snis(g["S"], u["S"], h, u["h"], T, cfg.normalize) for m, u in moved.items()}
         gt = points[1.0]
         result.deltaH_true, result.deltaH_true_se = gt.deltaH_true, gt.deltaH_true_se
         result.H_orig, result.H_upd = gt.H_orig, gt.H_upd
@@ -299,8 +297,7 @@ class EntropyProbe:
         result.reliable = bool(result.ess_fraction >= cfg.ess_threshold)
         result.diagnostics = dict(gt.diagnostics, ess_threshold=cfg.ess_threshold)
         result.eta_sweep = records.sweep_points(points, eta, d1.deltaH1)
-        records.fill(self, result, pending, d1, gt, self.gather(sweep[1.0]["h"]),
-                     self.gather(sweep[1.0]["S"]))
+        records.fill(self, result, pending, d1, gt, g, moved[1.0])
 
 
 def _cat(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

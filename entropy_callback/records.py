@@ -30,11 +30,15 @@ def sweep_points(points: dict[float, SNIS], eta: float | None, deltaH1: float) -
 
 
 def fill(probe, result: ProbeResult, pending, d1: DeltaH1, gt: SNIS,
-         h_upd: torch.Tensor, S_upd: torch.Tensor) -> None:
-    """batch_statistics, and at higher levels sequences, token_data and raw_tensors."""
+         at_theta: dict[str, torch.Tensor], at_theta_upd: dict[str, torch.Tensor]) -> None:
+    """batch_statistics, and at higher levels sequences, token_data and raw_tensors.
+
+    ``at_theta`` (T, S, h, ...) and ``at_theta_upd`` (S, h) are the per-sequence vectors already
+    gathered over every rank.
+    """
     cfg, batch = probe.config, pending.batch
-    T = probe.gather(pending.terms["T"])
-    h, S = probe.gather(pending.terms["h"]), probe.gather(pending.terms["S"])
+    T, h, S = at_theta["T"], at_theta["h"], at_theta["S"]
+    h_upd, S_upd = at_theta_upd["h"], at_theta_upd["S"]
     prompt_len = probe.gather(batch.prompt_lengths.to(torch.float64))
     if len(result.eta_sweep) > 1:
         ms = [p["multiplier"] for p in result.eta_sweep]
