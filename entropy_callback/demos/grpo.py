@@ -323,7 +323,7 @@ class GRPOModule(lightning.LightningModule):
         self.temperature = temperature
         self.reward_fn = reward_fn
         self.seed = seed
-        self.probe_prompts = None if probe_prompts is None else list(probe_prompts)
+        self.probe_prompts = probe_prompts
         self.save_hyperparameters(ignore=["model", "tokenizer", "prompts", "reward_fn",
                                           "probe_prompts"])
 
