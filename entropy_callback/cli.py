@@ -8,7 +8,9 @@ Example::
     entropy-probe export lightning_logs/version_0 --csv -o probes.csv
 
 Entropy changes are in nats per token (``normalize="per_token"``) or nats per response.
-A missing, empty or corrupt log exits with status 2 and a one-line message on stderr.
+A missing, empty or corrupt log (wrong field types, a record or line over the size bounds of
+``runlog``), or ``plot`` of a run with no finite value, exits with status 2 and a one-line
+message on stderr. No correlation is shown over fewer than 3 probes with both values finite.
 """
 
 from __future__ import annotations
@@ -41,10 +43,17 @@ EXPORT_COLUMNS = (
 )
 
 
+class NothingToPlot(ValueError):
+    """The run was read but holds no finite number to plot."""
+
+
+MIN_PAIRS = 3  # fewer finite pairs give r = ±1 (two points) or nothing: no correlation shown
+
+
 def pearson(xs: Sequence[Any], ys: Sequence[Any]) -> tuple[float | None, int]:
     """Pearson r over the pairs where both values are finite, and the number of such pairs.
 
-    r is None with fewer than 2 pairs or when either side has zero variance.
+    r is None with fewer than ``MIN_PAIRS`` (3) pairs or when either side has zero variance.
     """
     pairs: list[tuple[float, float]] = []
     for a, b in zip(xs, ys, strict=True):
@@ -52,7 +61,7 @@ def pearson(xs: Sequence[Any], ys: Sequence[Any]) -> tuple[float | None, int]:
         if x is not None and y is not None:
             pairs.append((x, y))
     n = len(pairs)
-    if n < 2:
+    if n < MIN_PAIRS:
         return None, n
     mx = sum(x for x, _ in pairs) / n
     my = sum(y for _, y in pairs) / n
@@ -108,8 +117,10 @@ def _table(rows: list[list[str]], out: TextIO) -> None:
 
 def _correlation_line(records: list[dict[str, Any]]) -> str:
     r, n = pearson([x.get("deltaH1") for x in records], [x.get("deltaH_true") for x in records])
-    shown = "n/a" if r is None else f"{r:.3f}"
-    return f"Pearson r(δH₁, ΔH_true) = {shown} over {n} probes"
+    if r is None:
+        why = f"needs {MIN_PAIRS} probes with both finite" if n < MIN_PAIRS else "no variance"
+        return f"Pearson r(δH₁, ΔH_true) = n/a over {n} probes ({why})"
+    return f"Pearson r(δH₁, ΔH_true) = {r:.3f} over {n} probes"
 
 
 def cmd_summary(args: argparse.Namespace, out: TextIO) -> int:
@@ -186,6 +197,13 @@ def _series(records: list[dict[str, Any]], key: str) -> list[float]:
 def cmd_plot(args: argparse.Namespace, out: TextIO) -> int:
     """Predicted and true ΔH over steps with ±2 SE bands; scatter of predicted vs true."""
     records = load_run(args.run_dir)
+    if not any(finite_float(r.get(k)) is not None for r in records
+               for k in ("deltaH1", "deltaH_true")):
+        errors = sum(1 for r in records if r.get("error"))
+        raise NothingToPlot(
+            f"{args.run_dir}: nothing to plot: none of its {len(records)} probes has a finite "
+            f"δH₁ or ΔH_true ({errors} ended in an error; `summary` shows them); no file written."
+        )
     try:
         from matplotlib.figure import Figure
     except ImportError as exc:
@@ -275,7 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``entropy-probe``; returns the exit status (2 for an unreadable log)."""
+    """Entry point of ``entropy-probe``; returns the exit status: 0, or 2 with one line on
+    stderr for an unreadable log (missing, corrupt, wrong field types, over a size bound) or a
+    run with nothing finite to plot."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args, sys.stdout)

@@ -6,10 +6,18 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
+import numbers
+import os
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 NORMALIZATIONS = ("per_token", "per_sequence")
+SEED_LIMIT = 2**32  # seed * 1_000_003 + step stays below 2**64 (torch's seed range) for any step
+                    # below 1.8e19
 LOG_LEVELS = ("minimal", "standard", "detailed", "debug")
 
 
@@ -17,7 +25,7 @@ class ProbeConfigError(ValueError):
     """A probe argument is invalid; the message names the argument and the fix."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class ProbeConfig:
     """Everything that decides what one probe measures and how it is logged.
 
@@ -34,9 +42,13 @@ class ProbeConfig:
         temperature: tau; pi_theta = softmax(logits / tau). No top-k, top-p or penalties.
         normalize: "per_token" (entropy in nats per token, the default) or "per_sequence"
             (nats per response).
-        eta_multipliers: m values; Delta H_true is measured at theta + m * Delta theta for each.
-            1.0 is always measured (at the live theta').
-        seed: seed of the probe's own random generator (prompt draws and sampling).
+        eta_multipliers: m values, finite and non-zero; Delta H_true is measured at
+            theta + m * Delta theta for each. 1.0 is always measured (at the live theta').
+        seed: seed of the probe's own random generator (prompt draws and sampling), an integer
+            in [0, 2**32); step t draws from ``seed * 1_000_003 + t``.
+        add_special_tokens: passed to the tokenizer for string prompts (True: the tokenizer's
+            own BOS/EOS rules, as ``tokenizer(prompt)``; False for prompts that already hold
+            them, e.g. chat-templated text). Token-id prompts are used as given.
         ess_threshold: an estimate whose ESS / B_E falls below this is flagged unreliable.
         chunk_size: rows (sequence positions) per float64 log-softmax chunk; bounds the float64
             scoring memory at about chunk_size * vocab * 8 bytes * a few.
@@ -49,6 +61,10 @@ class ProbeConfig:
         log_sequences: include per-sequence records (on by default at level "detailed").
         log_tokens: include token-level data (on by default at level "debug").
         log_raw_tensors: include raw per-sequence tensors (on by default at level "debug").
+
+    Every field is checked at construction (a ProbeConfigError names the field and the fix).
+    A ProbeConfig is frozen: derive a changed copy with ``dataclasses.replace(cfg, seed=1)``,
+    which checks the new values too.
     """
 
     batch_size: int = 64
@@ -58,6 +74,7 @@ class ProbeConfig:
     normalize: str = "per_token"
     eta_multipliers: tuple[float, ...] = (1.0,)
     seed: int = 0
+    add_special_tokens: bool = True
     ess_threshold: float = 0.5
     chunk_size: int = 256
     strict: bool = False
@@ -70,50 +87,8 @@ class ProbeConfig:
     log_raw_tensors: bool | None = None
 
     def __post_init__(self) -> None:
-        self.eta_multipliers = tuple(float(m) for m in self.eta_multipliers)
-        self.validate()
-
-    def validate(self) -> None:
-        def need(cond: bool, msg: str) -> None:
-            if not cond:
-                raise ProbeConfigError(msg)
-
-        for name in ("batch_size", "microbatch_size", "max_new_tokens", "chunk_size"):
-            value = getattr(self, name)
-            need(
-                isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-                f"{name} must be an integer >= 1, got {value!r}.",
-            )
-        need(
-            isinstance(self.temperature, (int, float)) and self.temperature > 0,
-            f"temperature must be > 0, got {self.temperature!r}: the probe samples from "
-            "softmax(logits / temperature); use 1.0 for the plain policy.",
-        )
-        need(
-            self.normalize in NORMALIZATIONS,
-            f"normalize must be one of {NORMALIZATIONS}, got {self.normalize!r}.",
-        )
-        need(
-            len(self.eta_multipliers) >= 1 and all(m != 0 for m in self.eta_multipliers),
-            f"eta_multipliers must be non-empty and non-zero, got {self.eta_multipliers!r}; "
-            "use (1.0,) to measure only the step taken.",
-        )
-        need(
-            0.0 <= self.ess_threshold <= 1.0,
-            f"ess_threshold is a fraction of B_E in [0, 1], got {self.ess_threshold!r}.",
-        )
-        need(
-            self.log_level in LOG_LEVELS,
-            f"log_level must be one of {LOG_LEVELS}, got {self.log_level!r}.",
-        )
-        need(
-            self.max_files is None or (isinstance(self.max_files, int) and self.max_files >= 1),
-            f"max_files must be None (keep all) or an integer >= 1, got {self.max_files!r}.",
-        )
-        need(
-            isinstance(self.seed, int) and not isinstance(self.seed, bool),
-            f"seed must be an integer, got {self.seed!r}.",
-        )
+        for name, check in _CHECKS.items():
+            object.__setattr__(self, name, check(name, getattr(self, name)))
 
     @property
     def multipliers(self) -> tuple[float, ...]:
@@ -162,10 +137,31 @@ class ProbeConfig:
             )
 
     @classmethod
+    def resolve(cls, config: Any, overrides: Mapping[str, Any], owner: str) -> ProbeConfig:
+        """``config`` (None, a ProbeConfig or a mapping of fields) with keyword ``overrides``
+        on top, checked; errors name ``owner``."""
+        cls.check_names(overrides, owner)
+        if config is None:
+            return cls(**overrides)
+        if isinstance(config, ProbeConfig):
+            return dataclasses.replace(config, **overrides) if overrides else config
+        if isinstance(config, Mapping):
+            return cls.from_dict({**config, **overrides})
+        raise ProbeConfigError(
+            f"{owner} config= must be a ProbeConfig or a mapping of its fields, got "
+            f"{type(config).__name__}; e.g. config=ProbeConfig(batch_size=64) or "
+            "config={'batch_size': 64}."
+        )
+
+    @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ProbeConfig:
         """Build from a flat dict, accepting seed 001's ``detailed_logging`` section as is."""
         data = dict(data)
         section = data.pop("detailed_logging", None) or {}
+        if not isinstance(section, Mapping):
+            raise ProbeConfigError(
+                f"detailed_logging must be a mapping of log options, got {type(section).__name__}."
+            )
         renames = {"level": "log_level", "output_directory": "log_dir"}
         for key, value in section.items():
             if key in ("enabled", "filename_template"):
@@ -173,3 +169,160 @@ class ProbeConfig:
             data.setdefault(renames.get(key, key), value)
         cls.check_names(data, "the probe config")
         return cls(**data)
+
+
+def check_step(step: Any) -> int:
+    """An engine step index: a non-negative integer (numpy integers accepted)."""
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
+        raise ProbeConfigError(
+            f"step must be a non-negative integer (the optimizer step index), got {step!r}; "
+            "pass step=trainer.global_step or leave it None to count calls."
+        )
+    return int(step)
+
+
+def integer(name: str, value: Any, minimum: int = 1) -> int:
+    """``value`` as an int >= ``minimum``; numpy integers pass, bools and floats do not."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ProbeConfigError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+    return int(value)
+
+
+def boolean(name: str, value: Any) -> bool:
+    """``value`` as a bool: only True/False (numpy bools too); "false", 0, 1 are refused."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ProbeConfigError(
+            f"{name} must be True or False, got {value!r} ({type(value).__name__}); a string "
+            "or number is not read as a flag."
+        )
+    return bool(value)
+
+
+def name_of_attribute(name: str, value: Any) -> str:
+    """An attribute name: a non-empty identifier string."""
+    if not isinstance(value, str) or not value.isidentifier():
+        raise ProbeConfigError(
+            f"{name} must be an attribute name (a non-empty identifier string), got {value!r}; "
+            f"e.g. {name}='policy'."
+        )
+    return value
+
+
+def _number(name: str, value: Any, fix: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ProbeConfigError(
+            f"{name} must be a finite number, got {value!r} ({type(value).__name__}); {fix}."
+        )
+    number = float(value)
+    if not math.isfinite(number):
+        raise ProbeConfigError(f"{name} must be a finite number, got {value!r}; {fix}.")
+    return number
+
+
+def _temperature(name: str, value: Any) -> float:
+    number = _number(name, value, "use 1.0 for the plain policy")
+    if number <= 0:
+        raise ProbeConfigError(
+            f"temperature must be > 0, got {value!r}: the probe samples from "
+            "softmax(logits / temperature); use 1.0 for the plain policy."
+        )
+    return number
+
+
+def _ess_threshold(name: str, value: Any) -> float:
+    number = _number(name, value, "e.g. 0.5 (the default)")
+    if not 0.0 <= number <= 1.0:
+        raise ProbeConfigError(
+            f"ess_threshold is a fraction of B_E in [0, 1], got {value!r}; 0.5 is the default."
+        )
+    return number
+
+
+def _eta_multipliers(name: str, value: Any) -> tuple[float, ...]:
+    fix = "use (1.0,) to measure only the step taken, or e.g. (0.5, 1.0, 2.0)"
+    if (isinstance(value, (str, bytes)) or not isinstance(value, (Sequence, np.ndarray))
+            or np.ndim(value) != 1 or len(value) == 0):
+        raise ProbeConfigError(
+            f"eta_multipliers must be a non-empty sequence of numbers, got {value!r}; {fix}."
+        )
+    out = []
+    for m in value:
+        if isinstance(m, bool) or not isinstance(m, numbers.Real) or not math.isfinite(m) or m == 0:
+            raise ProbeConfigError(
+                f"eta_multipliers must hold finite non-zero numbers, got {m!r} in {value!r}; "
+                f"{fix}."
+            )
+        out.append(float(m))
+    return tuple(out)
+
+
+def _seed(name: str, value: Any) -> int:
+    if (isinstance(value, bool) or not isinstance(value, numbers.Integral)
+            or not 0 <= value < SEED_LIMIT):
+        raise ProbeConfigError(
+            f"seed must be an integer in [0, 2**32), got {value!r}: step t samples with "
+            "torch.Generator().manual_seed(seed * 1_000_003 + t), which must fit in 64 bits."
+        )
+    return int(value)
+
+
+def _choice(options: tuple[str, ...]) -> Callable[[str, Any], str]:
+    def check(name: str, value: Any) -> str:
+        if not isinstance(value, str) or value not in options:
+            raise ProbeConfigError(f"{name} must be one of {options}, got {value!r}.")
+        return value
+    return check
+
+
+def _log_dir(name: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, (str, os.PathLike)) or isinstance(os.fspath(value), bytes):
+        raise ProbeConfigError(
+            f"log_dir must be None (the trainer logger's directory) or a path (str or "
+            f"os.PathLike), got {value!r} ({type(value).__name__})."
+        )
+    return os.fspath(value)
+
+
+def _max_files(name: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ProbeConfigError(
+            f"max_files must be None (keep all) or an integer >= 1, got {value!r}."
+        )
+    return int(value)
+
+
+def _optional_boolean(name: str, value: Any) -> bool | None:
+    if value is None:
+        return None
+    if not isinstance(value, (bool, np.bool_)):
+        raise ProbeConfigError(
+            f"{name} must be None (the log_level's default), True or False, got {value!r} "
+            f"({type(value).__name__})."
+        )
+    return bool(value)
+
+
+_CHECKS: dict[str, Callable[[str, Any], Any]] = {
+    "batch_size": integer,
+    "microbatch_size": integer,
+    "max_new_tokens": integer,
+    "temperature": _temperature,
+    "normalize": _choice(NORMALIZATIONS),
+    "eta_multipliers": _eta_multipliers,
+    "seed": _seed,
+    "add_special_tokens": boolean,
+    "ess_threshold": _ess_threshold,
+    "chunk_size": integer,
+    "strict": boolean,
+    "log_dir": _log_dir,
+    "log_level": _choice(LOG_LEVELS),
+    "compress": boolean,
+    "max_files": _max_files,
+    "log_sequences": _optional_boolean,
+    "log_tokens": _optional_boolean,
+    "log_raw_tensors": _optional_boolean,
+}

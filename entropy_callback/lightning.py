@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,10 +12,11 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from .config import ProbeConfig, ProbeConfigError
+from .config import ProbeConfig, ProbeConfigError, integer, name_of_attribute
 from .jsonlog import JsonLogWriter
 from .observer import EntropyProbeWarning, PhaseRunner
-from .probe import EntropyProbe, _check_prompts
+from .probe import EntropyProbe
+from .prompts import check_prompts
 from .result import ProbeResult
 from .tensorboard import TensorBoardSink, scalars
 
@@ -34,44 +36,54 @@ class EntropyProbeCallback(Callback):
     next step taken is probed instead; several optimizer steps in one batch each get a record.
 
     Args:
-        prompts: held-out prompt pool (strings formatted for the model).
+        prompts: held-out prompt pool (strings formatted for the model, or token-id lists);
+            None = ``pl_module.<prompts_attr>``, else ``trainer.datamodule.<prompts_attr>``,
+            read at setup.
         every: probe every this many optimizer steps.
         model, tokenizer: the policy and its tokenizer; by default read from
             ``pl_module.<model_attr>`` and ``pl_module.<tokenizer_attr>``.
         model_attr, tokenizer_attr: attribute names on the LightningModule.
-        config: a ``ProbeConfig``; any of its fields may also be given as keywords
+        prompts_attr: attribute name of the prompt pool on the LightningModule or DataModule.
+        config: a ``ProbeConfig`` or a mapping of its fields; any field may also be a keyword
             (batch_size, max_new_tokens, temperature, normalize, log_level, strict...).
 
     Example::
 
         from entropy_callback import EntropyProbeCallback
-        probe = EntropyProbeCallback(prompts=heldout_prompts, every=20, batch_size=64)
+        probe = EntropyProbeCallback(every=20, batch_size=64)  # prompts: pl_module.probe_prompts
         trainer = Trainer(callbacks=[probe], logger=TensorBoardLogger("runs"))
     """
 
     def __init__(
         self,
-        prompts: list[str],
+        prompts: Sequence[str | Sequence[int]] | None = None,
         every: int = 20,
         *,
         model: torch.nn.Module | None = None,
         tokenizer: Any = None,
         model_attr: str = "model",
         tokenizer_attr: str = "tokenizer",
-        config: ProbeConfig | None = None,
+        prompts_attr: str = "probe_prompts",
+        config: ProbeConfig | Mapping[str, Any] | None = None,
         **config_fields: Any,
     ):
-        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+        self.every = integer("every", every)
+        self.config = ProbeConfig.resolve(config, config_fields, "EntropyProbeCallback")
+        self.prompts = None if prompts is None else check_prompts(prompts)
+        if model is not None and not isinstance(model, torch.nn.Module):
             raise ProbeConfigError(
-                f"every must be an integer >= 1 (probe every N optimizer steps), got {every!r}."
+                f"model must be None (read pl_module.{model_attr}) or the policy module, got "
+                f"{type(model).__name__}; pass the model object, not its name."
             )
-        ProbeConfig.check_names(config_fields, "EntropyProbeCallback")
-        base = config.to_dict() if config is not None else {}
-        self.config = ProbeConfig(**{**base, **config_fields})
-        self.prompts = _check_prompts(prompts)
-        self.every = every
+        if tokenizer is not None and not callable(tokenizer):
+            raise ProbeConfigError(
+                f"tokenizer must be None (read pl_module.{tokenizer_attr}) or a tokenizer object, "
+                f"got {type(tokenizer).__name__}; pass e.g. AutoTokenizer.from_pretrained(...)."
+            )
         self._model, self._tokenizer = model, tokenizer
-        self.model_attr, self.tokenizer_attr = model_attr, tokenizer_attr
+        self.model_attr = name_of_attribute("model_attr", model_attr)
+        self.tokenizer_attr = name_of_attribute("tokenizer_attr", tokenizer_attr)
+        self.prompts_attr = name_of_attribute("prompts_attr", prompts_attr)
         self.probe: EntropyProbe | None = None
         self.tensorboard: TensorBoardSink | None = None
         self.json: JsonLogWriter | None = None
@@ -102,9 +114,28 @@ class EntropyProbeCallback(Callback):
                                                                   "model")
         tok = self._tokenizer if self._tokenizer is not None else _attr(
             pl_module, self.tokenizer_attr, "tokenizer")
-        self.probe = EntropyProbe(model, tok, self.prompts, self.config)
+        prompts = self.prompts if self.prompts is not None else self._attached_prompts(
+            trainer, pl_module)
+        self.probe = EntropyProbe(model, tok, prompts, self.config)
         if trainer.is_global_zero:
             self._setup_sinks(trainer)
+
+    def _attached_prompts(self, trainer: Trainer, pl_module: LightningModule) -> list:
+        """``pl_module.<prompts_attr>``, else ``trainer.datamodule.<prompts_attr>``."""
+        name = self.prompts_attr
+        owners = (("pl_module", pl_module), ("trainer.datamodule", trainer.datamodule))
+        for where, owner in owners:
+            prompts = getattr(owner, name, None) if owner is not None else None
+            if prompts is not None:
+                try:
+                    return check_prompts(prompts)
+                except ProbeConfigError as exc:
+                    raise ProbeConfigError(f"{where}.{name}: {exc}") from None
+        raise ProbeConfigError(
+            f"EntropyProbeCallback has no prompts: pass prompts=[...] to the callback, or set "
+            f"{type(pl_module).__name__}.{name} (pl_module.{name}), or trainer.datamodule.{name}; "
+            f"another attribute name can be given as prompts_attr= (now {name!r})."
+        )
 
     def _setup_sinks(self, trainer: Trainer) -> None:
         tb = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)

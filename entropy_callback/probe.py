@@ -14,16 +14,18 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from . import records
-from .config import ProbeConfig, ProbeConfigError
+from .config import ProbeConfig, ProbeConfigError, check_step
 from .distributed import any_rank_failed, make_gather, shard
 from .estimators import delta_h1, snis
 from .observer import EntropyProbeWarning, PhaseRunner, preserved_state
+from .prompts import check_prompts, prompt_texts, prompt_token_ids
 from .result import CORE_FIELDS, ProbeResult
 from .sampling import EBatch, draw_randomness, sample_batch
 from .scoring import Scorer, sequence_terms
@@ -75,8 +77,10 @@ class EntropyProbe:
     Args:
         model: a causal LM (transformers ``PreTrainedModel``, usually a peft LoRA model).
         tokenizer: its tokenizer (needs an EOS token; the pad token defaults to EOS).
-        prompts: the held-out prompt pool (strings, already formatted for the model).
-        config: a ``ProbeConfig``; keyword overrides of its fields are accepted too.
+        prompts: the held-out prompt pool: strings already formatted for the model, or
+            token-id lists (see ``prompts.py`` for the checks).
+        config: a ``ProbeConfig`` or a mapping of its fields; keyword overrides of its fields
+            are accepted too.
 
     Entropies are in nats per token (``normalize="per_token"``) or per response.
     """
@@ -85,21 +89,18 @@ class EntropyProbe:
         self,
         model: torch.nn.Module,
         tokenizer,
-        prompts: Sequence[str],
-        config: ProbeConfig | None = None,
+        prompts: Sequence[str | Sequence[int]],
+        config: ProbeConfig | Mapping[str, Any] | None = None,
         **overrides,
     ):
-        ProbeConfig.check_names(overrides, "EntropyProbe")
-        if config is None:
-            config = ProbeConfig(**overrides)
-        elif overrides:
-            config = ProbeConfig(**{**config.to_dict(), **overrides})
+        config = ProbeConfig.resolve(config, overrides, "EntropyProbe")
         self.config = config
         self.model = _check_model(model)
         self.tokenizer = tokenizer
         self.eos_ids, self.pad_id = _special_ids(model, tokenizer)
-        self.prompts = _check_prompts(prompts)
-        self.prompt_token_ids = _tokenize(tokenizer, self.prompts)
+        pool = check_prompts(prompts)
+        self.prompt_token_ids = prompt_token_ids(model, tokenizer, pool, config)
+        self.prompts = prompt_texts(tokenizer, pool)
         self.params = probed_parameters(model)
         if not self.params:
             raise ProbeConfigError(
@@ -134,7 +135,7 @@ class EntropyProbe:
         follow: the prediction uses the gradients the optimizer consumes, read in after_step).
         ``step`` is the record's step index (default: a count of before_step calls).
         """
-        step = self._calls if step is None else int(step)
+        step = self._calls if step is None else check_step(step)
         self._calls += 1
         cfg = self.config
         result = ProbeResult(step=step, normalize=cfg.normalize)
@@ -397,28 +398,3 @@ def _special_ids(model, tokenizer) -> tuple[tuple[int, ...], int]:
         )
         pad = eos
     return tuple(sorted(ids)), int(pad)
-
-
-def _check_prompts(prompts) -> list[str]:
-    if isinstance(prompts, str) or not isinstance(prompts, Sequence) or len(prompts) == 0:
-        got = "an empty list" if isinstance(prompts, Sequence) and not isinstance(
-            prompts, str) else f"a {type(prompts).__name__}"
-        raise ProbeConfigError(
-            f"prompts must be a non-empty list of strings (the held-out prompt pool), got {got}. "
-            "Pass e.g. prompts=[\"2+3=\", ...]; wrap a single prompt in a list."
-        )
-    bad = [i for i, p in enumerate(prompts) if not isinstance(p, str) or not p]
-    if bad:
-        raise ProbeConfigError(
-            f"prompts must all be non-empty strings; entries {bad[:5]} are not. Format them "
-            "(chat template included) before passing them."
-        )
-    return list(prompts)
-
-
-def _tokenize(tokenizer, prompts: list[str]) -> list[list[int]]:
-    ids = [list(tokenizer(p)["input_ids"]) for p in prompts]
-    empty = [i for i, t in enumerate(ids) if not t]
-    if empty:
-        raise ProbeConfigError(f"prompts {empty[:5]} tokenize to no tokens; drop or fix them.")
-    return ids

@@ -15,12 +15,16 @@ from __future__ import annotations
 import gzip
 import json
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from .jsonlog import JSONL_NAME, STEP_FILE_RE, step_filename, timing_total
+from .result import CORE_FIELDS
 
 PROBE_SUBDIR = "entropy_probe"
+MAX_RECORD_BYTES = 256 * 2**20  # bytes of one step record once read / inflated
+MAX_LINE_BYTES = 16 * 2**20  # bytes of one probes.jsonl line (a real line is ~1-2 KiB)
 EXPECTED = (
     f"a run's log_dir holding {PROBE_SUBDIR}/, the {PROBE_SUBDIR}/ directory itself, or a "
     f"Lightning lightning_logs/version_N directory, with {JSONL_NAME} or step_*.json[.gz] files"
@@ -72,20 +76,30 @@ def _step_files(directory: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def read_record(path: str | Path) -> dict[str, Any]:
+def read_record(path: str | Path, max_bytes: int | None = None) -> dict[str, Any]:
     """One step record (``step_<t>.json`` or ``.json.gz``) as a dict.
 
+    At most ``max_bytes`` (default :data:`MAX_RECORD_BYTES`) are read or inflated: a larger
+    record (a decompression bomb) is refused without being held in memory.
+
     Raises:
-        RunLogError: the file is not valid (gzipped) JSON or not a JSON object.
+        RunLogError: the file is larger than that, not valid (gzipped) JSON, or not an object.
     """
     path = Path(path)
-    raw = path.read_bytes()
+    limit = MAX_RECORD_BYTES if max_bytes is None else max_bytes
+    opener = gzip.open if path.name.endswith(".gz") else open
     try:
-        if path.name.endswith(".gz"):
-            raw = gzip.decompress(raw)
+        with opener(path, "rb") as handle:
+            raw = handle.read(limit + 1)
+        if len(raw) > limit:
+            raise RunLogError(
+                f"{path}: the record is larger than {limit} bytes once read (inflated); refused "
+                "as not a probe record (runlog.MAX_RECORD_BYTES sets the bound)."
+            )
         record = json.loads(raw)
-    except (OSError, EOFError, zlib.error, UnicodeDecodeError, ValueError) as exc:
-        raise RunLogError(f"{path}: corrupt probe record ({exc}).") from exc
+    except (EOFError, zlib.error, gzip.BadGzipFile, UnicodeDecodeError, RecursionError,
+            json.JSONDecodeError) as exc:
+        raise RunLogError(f"{path}: corrupt probe record ({type(exc).__name__}: {exc}).") from exc
     if not isinstance(record, dict):
         raise RunLogError(f"{path}: expected a JSON object, got {type(record).__name__}.")
     return record
@@ -102,50 +116,92 @@ def load_step(run_dir: str | Path, step: int) -> dict[str, Any]:
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a ``probes.jsonl``; a truncated final line (a crash mid-write) is skipped.
+    """The records of a ``probes.jsonl``, in file order; see :func:`iter_jsonl`."""
+    return list(iter_jsonl(path))
+
+
+def iter_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
+    """Stream the records of a ``probes.jsonl`` line by line (memory bounded by one line).
+
+    A truncated final line (a crash mid-write: no newline, not valid JSON) is skipped.
 
     Raises:
-        RunLogError: a line other than the last is not a JSON object with a ``step``.
+        RunLogError: a line longer than :data:`MAX_LINE_BYTES`, or a complete line that is not
+            a JSON object holding an integer ``step`` and fields of the documented types.
     """
     path = Path(path)
-    lines = path.read_bytes().split(b"\n")
-    records: list[dict[str, Any]] = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except (UnicodeDecodeError, ValueError) as exc:
-            if number == len(lines):
+    with open(path, "rb") as handle:
+        for number, line in enumerate(iter(lambda: handle.readline(MAX_LINE_BYTES + 1), b""),
+                                      start=1):
+            complete = line.endswith(b"\n")
+            if len(line) > MAX_LINE_BYTES:
+                raise RunLogError(
+                    f"{path}:{number}: line longer than {MAX_LINE_BYTES} bytes; not a probe "
+                    "record (runlog.MAX_LINE_BYTES sets the bound)."
+                )
+            if not line.strip():
                 continue
-            raise RunLogError(f"{path}:{number}: corrupt line ({exc}).") from exc
-        records.append(_checked(record, f"{path}:{number}"))
-    return records
+            try:
+                record = json.loads(line)
+            except (UnicodeDecodeError, RecursionError, json.JSONDecodeError) as exc:
+                if not complete:
+                    continue
+                raise RunLogError(f"{path}:{number}: corrupt line ({exc}).") from exc
+            yield _checked(record, f"{path}:{number}")
 
 
 def _checked(record: Any, where: str) -> dict[str, Any]:
-    if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+    """``record`` if it is a probe record whose fields have the documented JSON types."""
+    if not isinstance(record, dict):
         raise RunLogError(f"{where}: expected a JSON object with an integer 'step'.")
+    step = record.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise RunLogError(f"{where}: expected a JSON object with an integer 'step' >= 0, got "
+                          f"{_shown(step)}.")
+    for name, kinds, what in _FIELD_TYPES:
+        value = record.get(name)
+        if value is not None and (isinstance(value, bool) and bool not in kinds
+                                  or not isinstance(value, kinds)):
+            raise RunLogError(f"{where}: field {name!r} must be {what} or null, got "
+                              f"{_shown(value)}.")
     return record
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 40 else f"a {type(value).__name__}"
+
+
+_NUMBER = (int, float)
+_FIELD_TYPES: tuple[tuple[str, tuple[type, ...], str], ...] = (
+    *((name, _NUMBER, "a number") for name in (*CORE_FIELDS, "ESS", "B_E", "T_E",
+                                               "timing_total")),
+    ("normalize", (str,), "a string"),
+    ("update_source", (str,), "a string"),
+    ("reliable", (bool,), "true/false"),
+    ("error", (dict,), "an object"),
+    ("null_reasons", (dict,), "an object"),
+)
 
 
 def _from_step_files(root: Path) -> list[dict[str, Any]]:
     records = []
     for _, path in _step_files(root):
         record = read_record(path)
-        core = record.get("core_results")
+        core, timing = record.get("core_results"), record.get("timing")
         if not isinstance(core, dict):
             raise RunLogError(f"{path}: no 'core_results' section.")
-        records.append(
-            {**_checked(core, str(path)), "timing_total": timing_total(record.get("timing"))}
-        )
+        if timing is not None and not isinstance(timing, dict):
+            raise RunLogError(f"{path}: field 'timing' must be an object or null.")
+        records.append({**_checked(core, str(path)), "timing_total": timing_total(timing)})
     return records
 
 
 def load_run(run_dir: str | Path, as_dataframe: bool = False) -> Any:
     """All probe records of a run, sorted by step (one per step; a repeated step keeps the last).
 
-    Reads ``probes.jsonl`` or, when it is missing or holds no complete line, the step files.
+    Reads ``probes.jsonl`` (streamed line by line) or, when it is missing or holds no complete
+    line, the step files. Each record's fields are type-checked (see :func:`iter_jsonl`).
 
     Args:
         run_dir: see :func:`find_probe_dir`.
@@ -157,12 +213,12 @@ def load_run(run_dir: str | Path, as_dataframe: bool = False) -> Any:
     """
     root = find_probe_dir(run_dir)
     jsonl = root / JSONL_NAME
-    records = read_jsonl(jsonl) if jsonl.is_file() else []
-    if not records:
-        records = _from_step_files(root)
-    if not records:
+    # streamed: a repeated step replaces its earlier line, so memory holds one record per step
+    by_step = {r["step"]: r for r in iter_jsonl(jsonl)} if jsonl.is_file() else {}
+    if not by_step:
+        by_step = {r["step"]: r for r in _from_step_files(root)}
+    if not by_step:
         raise RunLogError(f"{root} holds no complete probe record; expected {EXPECTED}.")
-    by_step = {record["step"]: record for record in records}
     ordered = [by_step[step] for step in sorted(by_step)]
     if not as_dataframe:
         return ordered

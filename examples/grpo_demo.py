@@ -57,11 +57,10 @@ def main(argv=None) -> list[dict]:
     torch.set_num_threads(args.threads)
     L.seed_everything(seed, verbose=False)
     model, tokenizer = build_policy(args.checkpoint, seed=seed)
-    module = GRPOModule(model, tokenizer, make_prompts(4096, seed=seed), total_steps=steps,
-                        seed=seed, **train)
     heldout = make_prompts(100, seed=seed + 1)  # drawn independently of the training stream
-    probe = EntropyProbeCallback(prompts=heldout, every=every,
-                                 config=ProbeConfig.from_dict(cfg["probe"]))
+    module = GRPOModule(model, tokenizer, make_prompts(4096, seed=seed), total_steps=steps,
+                        seed=seed, probe_prompts=heldout, **train)
+    probe = EntropyProbeCallback(every=every, config=ProbeConfig.from_dict(cfg["probe"]))
     logger = TensorBoardLogger(args.out, name="grpo_demo")
     log_dir = logger.log_dir  # fixes the version before ddp_spawn's processes copy the logger
     trainer = L.Trainer(

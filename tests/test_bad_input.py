@@ -4,9 +4,11 @@ setup, or exactly one EntropyProbeWarning and a run that goes on. Real parts thr
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch.strategies import (
@@ -29,7 +31,7 @@ from probe_harness import (
 )
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from entropy_callback import EntropyProbe, EntropyProbeCallback, ProbeConfigError
+from entropy_callback import EntropyProbe, EntropyProbeCallback, ProbeConfig, ProbeConfigError
 from entropy_callback.demos import GRPOModule
 from entropy_callback.lightning import unsupported_strategy
 
@@ -40,8 +42,9 @@ def policy():
 
 
 def build(maker: str, policy, **kwargs):
-    """The callback or the engine, with the small probe settings and ``kwargs`` on top."""
-    options = {**SMALL_PROBE, **kwargs}
+    """The callback or the engine, with the small probe settings and ``kwargs`` on top (a
+    ``config=`` mapping replaces the small settings)."""
+    options = {**(SMALL_PROBE if "config" not in kwargs else {}), **kwargs}
     prompts = options.pop("prompts", probe_prompts())
     if maker == "callback":
         every = options.pop("every", 1)
@@ -74,6 +77,54 @@ CONFIG_CASES = {
     "prompts_a_string": (dict(prompts="2+3="), ["prompts", "wrap a single prompt in a list"]),
     "prompts_not_strings": (dict(prompts=["2+3=", 7]), ["prompts", "non-empty strings", "[1]"]),
     "prompts_blank": (dict(prompts=["2+3=", ""]), ["prompts", "[1]"]),
+    "prompts_negative_id": (dict(prompts=[[5, 6], [5, -1]]), ["prompts", "token", "[1]"]),
+    "prompts_bool_ids": (dict(prompts=[[True, False]]), ["prompts", "token", "[0]"]),
+    "prompts_empty_ids": (dict(prompts=["2+3=", []]), ["prompts", "[1]"]),
+    # booleans are bools: a string or number is never read as a flag
+    "strict_string": (dict(strict="false"), ["strict", "True or False", "'false'"]),
+    "compress_string": (dict(compress="no"), ["compress", "True or False", "'no'"]),
+    "log_sequences_string": (dict(log_sequences="no"), ["log_sequences", "None", "'no'"]),
+    "log_tokens_float": (dict(log_tokens=0.5), ["log_tokens", "True or False", "0.5"]),
+    "log_raw_tensors_int": (dict(log_raw_tensors=1), ["log_raw_tensors", "True or False"]),
+    "add_special_tokens_string": (dict(add_special_tokens="yes"), ["add_special_tokens"]),
+    # integers: numpy integers pass (see below), bools and floats do not
+    "max_files_bool": (dict(max_files=True), ["max_files", "integer >= 1", "True"]),
+    "max_files_0": (dict(max_files=0), ["max_files", "None (keep all)"]),
+    "batch_size_bool": (dict(batch_size=True), ["batch_size", "integer >= 1", "True"]),
+    "batch_size_float": (dict(batch_size=8.0), ["batch_size", "integer >= 1", "8.0"]),
+    "microbatch_size_string": (dict(microbatch_size="8"), ["microbatch_size", "'8'"]),
+    "chunk_size_0": (dict(chunk_size=0), ["chunk_size", "integer >= 1"]),
+    # floats: finite where infinity or NaN means nothing; a non-number names the field
+    "temperature_inf": (dict(temperature=math.inf), ["temperature", "finite", "1.0"]),
+    "temperature_nan": (dict(temperature=math.nan), ["temperature", "finite"]),
+    "temperature_string": (dict(temperature="1.0"), ["temperature", "finite number", "'1.0'"]),
+    "ess_threshold_none": (dict(ess_threshold=None), ["ess_threshold", "number", "None"]),
+    "ess_threshold_string": (dict(ess_threshold="0.5"), ["ess_threshold", "'0.5'"]),
+    "ess_threshold_nan": (dict(ess_threshold=math.nan), ["ess_threshold", "finite"]),
+    "ess_threshold_above_1": (dict(ess_threshold=1.5), ["ess_threshold", "[0, 1]"]),
+    "eta_string": (dict(eta_multipliers="12"), ["eta_multipliers", "sequence", "'12'", "(1.0,)"]),
+    "eta_none": (dict(eta_multipliers=None), ["eta_multipliers", "non-empty sequence"]),
+    "eta_number": (dict(eta_multipliers=1.0), ["eta_multipliers", "non-empty sequence"]),
+    "eta_empty": (dict(eta_multipliers=()), ["eta_multipliers", "non-empty sequence"]),
+    "eta_letters": (dict(eta_multipliers=("a",)), ["eta_multipliers", "finite non-zero", "'a'"]),
+    "eta_zero": (dict(eta_multipliers=(1.0, 0.0)), ["eta_multipliers", "non-zero", "0.0"]),
+    "eta_nan": (dict(eta_multipliers=(1.0, math.nan)), ["eta_multipliers", "finite", "nan"]),
+    "eta_inf": (dict(eta_multipliers=(math.inf,)), ["eta_multipliers", "finite", "inf"]),
+    "eta_bool": (dict(eta_multipliers=(True,)), ["eta_multipliers", "True"]),
+    # the seed must fit torch's 64-bit generator at every step: [0, 2**32)
+    "seed_huge": (dict(seed=2**70), ["seed", "[0, 2**32)", "64 bits"]),
+    "seed_2_32": (dict(seed=2**32), ["seed", "[0, 2**32)"]),
+    "seed_negative": (dict(seed=-1), ["seed", "[0, 2**32)", "-1"]),
+    "seed_float": (dict(seed=1.5), ["seed", "1.5"]),
+    "seed_bool": (dict(seed=True), ["seed", "True"]),
+    "normalize_list": (dict(normalize=["per_token"]), ["normalize", "per_sequence"]),
+    "log_dir_int": (dict(log_dir=5), ["log_dir", "path", "int"]),
+    "log_dir_bytes": (dict(log_dir=b"logs"), ["log_dir", "path", "bytes"]),
+    # config= takes a ProbeConfig or a mapping of its fields
+    "config_list": (dict(config=[("batch_size", 8)]), ["config=", "ProbeConfig or a mapping"]),
+    "config_string": (dict(config="probe.yaml"), ["config=", "got str"]),
+    "config_mapping_typo": (dict(config={"bach_size": 8}), ["did you mean 'batch_size'"]),
+    "config_mapping_bad_value": (dict(config={"strict": "false"}), ["strict", "'false'"]),
 }
 
 
@@ -87,10 +138,80 @@ def test_bad_option_is_a_clear_error_at_construction(maker, case, policy):
         assert word in str(info.value), (word, str(info.value))
 
 
-@pytest.mark.parametrize("every", [0, -3, 2.5, True])
+@pytest.mark.parametrize("every", [0, -3, 2.5, True, "20", None])
 def test_every_below_one_is_a_clear_error(every):
     with pytest.raises(ProbeConfigError, match=r"every must be an integer >= 1"):
         EntropyProbeCallback(probe_prompts(), every)
+
+
+# Callback arguments that are not probe options, typed in __init__ (not at setup).
+CALLBACK_CASES = {
+    "model_attr_none": (dict(model_attr=None), ["model_attr", "attribute name", "None"]),
+    "model_attr_empty": (dict(model_attr=""), ["model_attr", "attribute name"]),
+    "tokenizer_attr_int": (dict(tokenizer_attr=3), ["tokenizer_attr", "attribute name"]),
+    "prompts_attr_dotted": (dict(prompts_attr="data.prompts"), ["prompts_attr", "identifier"]),
+    "model_a_string": (dict(model="gpt2"), ["model must be", "got str", "model object"]),
+    "tokenizer_a_string": (dict(tokenizer=5), ["tokenizer must be", "got int"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CALLBACK_CASES))
+def test_bad_callback_argument_is_a_clear_error_at_construction(case):
+    kwargs, words = CALLBACK_CASES[case]
+    with pytest.raises(ProbeConfigError) as info:
+        EntropyProbeCallback(probe_prompts(), 2, **kwargs)
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))
+
+
+def test_numpy_numbers_paths_and_mappings_are_accepted_as_their_plain_types(tmp_path):
+    callback = EntropyProbeCallback(
+        probe_prompts(), np.int64(4), batch_size=np.int64(8), max_files=np.int32(3),
+        temperature=np.float32(0.5), eta_multipliers=np.array([1.0, 2.0]), seed=np.uint32(7),
+        strict=np.bool_(False), log_dir=tmp_path / "logs")
+    cfg = callback.config
+    assert callback.every == 4 and type(callback.every) is int
+    assert (cfg.batch_size, cfg.max_files, cfg.seed) == (8, 3, 7)
+    assert all(type(v) is int for v in (cfg.batch_size, cfg.max_files, cfg.seed))
+    assert cfg.temperature == 0.5 and type(cfg.temperature) is float
+    assert cfg.eta_multipliers == (1.0, 2.0) and cfg.strict is False
+    assert cfg.log_dir == str(tmp_path / "logs")
+    from_mapping = EntropyProbeCallback(probe_prompts(), 2, config={"batch_size": 8}, seed=3)
+    assert (from_mapping.config.batch_size, from_mapping.config.seed) == (8, 3)
+    assert from_mapping.config == ProbeConfig(batch_size=8, seed=3)
+
+
+def test_probe_config_is_frozen_and_replace_checks_the_new_values():
+    cfg = ProbeConfig(batch_size=8)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.strict = "false"
+    assert cfg.strict is False
+    assert dataclasses.replace(cfg, seed=5).seed == 5
+    with pytest.raises(ProbeConfigError, match="seed must be an integer in"):
+        dataclasses.replace(cfg, seed=-5)
+
+
+@pytest.mark.parametrize("step", [-3, True, 1.5, "4"])
+def test_engine_step_must_be_a_non_negative_integer(step, policy):
+    model, tokenizer = policy
+    probe = EntropyProbe(model, tokenizer, probe_prompts(), **SMALL_PROBE)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    with pytest.raises(ProbeConfigError, match=r"step must be a non-negative integer.*got"):
+        probe.before_step(optimizer, step=step)
+    assert not probe.pending and probe._calls == 0
+
+
+def test_largest_seed_probes_at_a_very_late_step():
+    # seed * 1_000_003 + step must stay inside torch's 64-bit seed range: the largest seed at
+    # step 10**12 (about 30 years of 1000 steps a second) still gives a complete probe.
+    model, tokenizer = tiny_policy()
+    probe = EntropyProbe(model, tokenizer, probe_prompts(), seed=2**32 - 1, **SMALL_PROBE)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    backward_on(model, tokenizer)
+    probe.before_step(optimizer, step=np.int64(10**12))
+    optimizer.step()
+    result = probe.after_step()
+    assert result.ok and result.step == 10**12 and math.isfinite(result.deltaH_true)
 
 
 def test_tokenizer_without_eos_is_an_error(policy):

@@ -283,6 +283,8 @@ class GRPOModule(lightning.LightningModule):
         reward_fn: ``reward_fn(prompt, response) -> float``; ``response`` ends with "<eos>"
             when it stopped at EOS.
         seed: seed of the prompt order in ``train_dataloader``.
+        probe_prompts: held-out prompts for ``EntropyProbeCallback(every=20)``, which reads
+            ``pl_module.probe_prompts`` when it is given no prompts; None = not set.
     """
 
     def __init__(
@@ -301,6 +303,7 @@ class GRPOModule(lightning.LightningModule):
         temperature: float = 1.0,
         reward_fn: RewardFn = reward,
         seed: int = 0,
+        probe_prompts: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
@@ -320,7 +323,9 @@ class GRPOModule(lightning.LightningModule):
         self.temperature = temperature
         self.reward_fn = reward_fn
         self.seed = seed
-        self.save_hyperparameters(ignore=["model", "tokenizer", "prompts", "reward_fn"])
+        self.probe_prompts = probe_prompts
+        self.save_hyperparameters(ignore=["model", "tokenizer", "prompts", "reward_fn",
+                                          "probe_prompts"])
 
     def train_dataloader(self) -> DataLoader:
         """Endless batches of ``prompts_per_step`` prompts from the pool, ordered by ``seed``."""
