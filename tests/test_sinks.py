@@ -22,7 +22,7 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
 
-from entropy_callback import jsonlog
+from entropy_callback import fileio
 from entropy_callback.cli import main, pearson
 from entropy_callback.config import ProbeConfig
 from entropy_callback.jsonlog import JsonLogWriter, step_filename, summary_filename
@@ -320,7 +320,7 @@ def test_crash_before_rename_leaves_no_partial_or_temp_file(tmp_path, monkeypatc
     def crash(src, dst):
         raise OSError("simulated crash between write and rename")
 
-    monkeypatch.setattr(jsonlog.os, "replace", crash)
+    monkeypatch.setattr(fileio.os, "replace", crash)
     with pytest.raises(OSError, match="simulated crash"):
         writer.write(make_result(40))
     with pytest.raises(OSError, match="simulated crash"):
@@ -373,7 +373,7 @@ def test_load_run_accepts_log_dir_probe_dir_and_lightning_version_dir(tmp_path):
     for where in (version, version / "entropy_probe", tmp_path / "lightning_logs"):
         assert [r["step"] for r in load_run(where)] == [20, 40]
     write_run(tmp_path / "lightning_logs" / "version_1", steps=(20,))
-    with pytest.raises(ValueError, match="several runs"):
+    with pytest.raises(ValueError, match="holds 2 probe runs"):
         load_run(tmp_path / "lightning_logs")
 
 
