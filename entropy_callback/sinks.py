@@ -236,7 +236,7 @@ class RunLogger:
             self.json.write(result, dict(extra or {}))
         except StepWriteError as exc:
             self._raise_if_strict("json", step, exc.cause)
-            self._warn(f"{_failed('json', step, exc.cause)}; training continues. On disk: "
+            self._warn(f"{_failed('json', step, exc.cause)}; training continues, and "
                        f"{exc.on_disk}.")
             return f"No JSON record of step {step} was written ({exc.on_disk})."
         except Exception as exc:  # pruning: the step itself is complete
