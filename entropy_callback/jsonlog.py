@@ -1,8 +1,9 @@
 """JSON sink: one record per probed step, a summary beside it, and ``probes.jsonl``.
 
-Layout of ``<log_dir>/entropy_probe/``::
+Layout of one run's directory (``<log_dir>/entropy_probe/`` or ``entropy_probe-<run_id>/``,
+see :mod:`entropy_callback.runs`)::
 
-    config.yaml                   the probe config and run metadata, once per run
+    config.yaml                   the probe config and run metadata (run id...), once per run
     step_<t:08d>.json[.gz]        the full record of probed step t (sections as in seed 001)
     step_<t:08d>_summary.json     run_metadata (lite) + core_results
     probes.jsonl                  one line of core results per probe (+ timing_total, seconds)
@@ -10,9 +11,11 @@ Layout of ``<log_dir>/entropy_probe/``::
 Entropies are in nats per token (``normalize="per_token"``) or nats per response
 (``"per_sequence"``); timings in seconds. Every file is written atomically (temporary file in
 the same directory, flush, fsync, ``os.replace``); ``probes.jsonl`` grows by one complete line
-per ``os.write``. Which sections a record holds depends on ``ProbeConfig.log_level``:
-minimal = core_results + timing + update; standard adds ground_truth and batch_statistics;
-detailed adds sequences; debug adds token_data and raw_tensors.
+per ``os.write``. A step is all or nothing: its record, its summary and its line are written in
+that order, the line last, and a failure removes what was written of the step. Which sections a
+record holds depends on ``ProbeConfig.log_level``: minimal = core_results + timing + update;
+standard adds ground_truth and batch_statistics; detailed adds sequences; debug adds
+token_data and raw_tensors.
 """
 
 from __future__ import annotations
@@ -20,26 +23,32 @@ from __future__ import annotations
 import contextlib
 import gzip
 import json
-import os
-import platform
 import re
-import subprocess
-import tempfile
-from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from .config import ProbeConfig
+from .fileio import append_line, atomic_write, fsync_dir, remove_stale_temps
 from .result import ProbeResult, finite_or_none
+from .runs import CONFIG_NAME, JSONL_NAME, environment, git_commit, probe_version, utc_now
 
-JSONL_NAME = "probes.jsonl"
-CONFIG_NAME = "config.yaml"
+__all__ = ["CONFIG_NAME", "JSONL_NAME", "JsonLogWriter", "StepWriteError", "atomic_write",
+           "jsonable", "step_filename", "summary_filename", "timing_total"]
+
 STEP_FILE_RE = re.compile(r"^step_(\d+)\.json(\.gz)?$")
 STEP_OR_SUMMARY_RE = re.compile(r"^step_(\d+)(_summary)?\.json(\.gz)?$")
-TMP_PREFIX = ".tmp-"
+
+
+class StepWriteError(OSError):
+    """Writing one step's files failed; ``on_disk`` says exactly what of the step is on disk."""
+
+    def __init__(self, step: int, cause: BaseException, on_disk: str) -> None:
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.step = step
+        self.cause = cause
+        self.on_disk = on_disk
 
 
 def step_filename(step: int, compress: bool = False) -> str:
@@ -91,161 +100,31 @@ def jsonable(obj: Any) -> Any:
     return str(obj)
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a reader sees the old file or the new one, never part.
-
-    Writes a temporary file in the same directory, flushes and fsyncs it, then ``os.replace``s
-    it onto ``path``. On any failure the temporary file is removed and the error re-raised.
-    """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{TMP_PREFIX}{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename durable (POSIX); a no-op where directories cannot be opened."""
-    with contextlib.suppress(OSError, AttributeError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def append_line(path: Path, line: str) -> None:
-    """Append one complete line to ``path`` with a single ``os.write``, then fsync.
-
-    A truncated last line left by an earlier crash is cut off first, so that it does not
-    swallow the new line.
-    """
-    data = (line.rstrip("\n") + "\n").encode()
-    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        _drop_partial_line(fd)
-        written = os.write(fd, data)
-        while written < len(data):
-            written += os.write(fd, data[written:])
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _drop_partial_line(fd: int) -> None:
-    size = os.fstat(fd).st_size
-    if size == 0 or _read_at(fd, size - 1, 1) == b"\n":
-        return
-    end = size
-    while end > 0:
-        start = max(0, end - (1 << 16))
-        cut = _read_at(fd, start, end - start).rfind(b"\n")
-        if cut >= 0:
-            os.ftruncate(fd, start + cut + 1)
-            return
-        end = start
-    os.ftruncate(fd, 0)
-
-
-def _read_at(fd: int, offset: int, length: int) -> bytes:
-    os.lseek(fd, offset, os.SEEK_SET)
-    return os.read(fd, length)
-
-
-def _dist_version(*names: str) -> str | None:
-    for name in names:
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            return metadata.version(name)
-    return None
-
-
-def probe_version() -> str:
-    """This package's version (installed metadata, else ``entropy_callback.__version__``)."""
-    found = _dist_version("entropy-callback")
-    if found:
-        return found
-    try:
-        from . import __version__  # type: ignore[attr-defined]
-    except ImportError:
-        return "unknown"
-    return str(__version__)
-
-
-def git_commit(cwd: str | Path | None = None) -> str | None:
-    """HEAD of the git repository holding ``cwd`` (default: the working directory), or None."""
-    try:
-        done = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=cwd,
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=False,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    commit = done.stdout.strip()
-    return commit if done.returncode == 0 and commit else None
-
-
-def environment() -> dict[str, Any]:
-    """Versions and hardware of this process (never raises)."""
-    env: dict[str, Any] = {
-        "python_version": platform.python_version(),
-        "torch_version": _dist_version("torch"),
-        "transformers_version": _dist_version("transformers"),
-        "peft_version": _dist_version("peft"),
-        "lightning_version": _dist_version("lightning", "pytorch-lightning"),
-        "cuda_version": None,
-        "device_name": "cpu",
-        "memory_gb": None,
-        "platform": platform.platform(),
-    }
-    with contextlib.suppress(Exception):
-        import torch
-
-        env["cuda_version"] = torch.version.cuda
-        if torch.cuda.is_available():
-            index = torch.cuda.current_device()
-            env["device_name"] = torch.cuda.get_device_name(index)
-            total = torch.cuda.get_device_properties(index).total_memory
-            env["memory_gb"] = round(total / 2**30, 1)
-    return env
-
-
-def _utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
 class JsonLogWriter:
-    """Writes probe records under ``root`` (= ``<log_dir>/entropy_probe/``).
+    """Writes the probe records of one run into ``root`` (the run's directory).
 
     Args:
-        root: the directory the records go into; created on the first write.
+        root: the run's directory; created (again) when missing.
         config: decides the level (sections), gzip and pruning (``max_files``).
+        run: the run's identity and metadata (``run_id``, ``start_time``, ``logger_version``,
+            adapter facts...), written into ``config.yaml`` and every record's
+            ``run_metadata``.
 
     Example::
 
-        writer = JsonLogWriter("lightning_logs/version_0/entropy_probe", ProbeConfig())
+        writer = JsonLogWriter("runs/exp1/entropy_probe", ProbeConfig())
         path = writer.write(result, {"epoch": 3})
 
-    Writing a result whose ``error`` is set never raises: the error record is written.
-    Failing to create or write the directory raises ``OSError``; the caller decides whether
-    to warn and go on.
+    Writing a result whose ``error`` is set writes the error record. Failing to write raises
+    ``OSError`` (:class:`StepWriteError` for a step, saying what is left on disk); the caller
+    decides whether to warn and go on.
     """
 
-    def __init__(self, root: str | Path, config: ProbeConfig) -> None:
+    def __init__(self, root: str | Path, config: ProbeConfig,
+                 run: dict[str, Any] | None = None) -> None:
         self.root = Path(root)
         self.config = config
-        self._config_written = False
-        self._prepared = False
+        self.run = jsonable(dict(run or {}))
         self._static: dict[str, Any] | None = None
 
     @property
@@ -253,7 +132,8 @@ class JsonLogWriter:
         return self.root / JSONL_NAME
 
     def run_metadata(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-        """timestamp (ISO 8601, UTC), probe_version, git_commit, config_hash, environment."""
+        """timestamp (ISO 8601, UTC), probe_version, git_commit, config_hash, log_level,
+        environment, the run's identity (``run``), then ``extra``."""
         if self._static is None:
             self._static = {
                 "probe_version": probe_version(),
@@ -261,25 +141,29 @@ class JsonLogWriter:
                 "config_hash": self.config.config_hash(),
                 "log_level": self.config.log_level,
                 "environment": environment(),
+                **self.run,
             }
-        out: dict[str, Any] = {"timestamp": _utc_now(), **self._static}
+        out: dict[str, Any] = {"timestamp": utc_now(), **self._static}
         if extra:
             out.update(jsonable(extra))
         return out
 
-    def write_config(self, run_metadata: dict[str, Any] | None = None) -> Path:
-        """Write ``config.yaml`` (config + run metadata) once per writer; returns its path."""
+    def write_config(self) -> Path:
+        """Create the directory if needed and (re)write ``config.yaml``: the config and the run
+        metadata. Removes temporary files a crashed writer left. Returns its path."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(self.root)
         path = self.root / CONFIG_NAME
-        if self._config_written:
-            return path
-        self._prepare()
-        body = {
-            "config": jsonable(self.config.to_dict()),
-            "run_metadata": self.run_metadata(run_metadata),
-        }
+        body = {"config": jsonable(self.config.to_dict()), "run_metadata": self.run_metadata()}
         atomic_write(path, yaml.safe_dump(body, sort_keys=False, allow_unicode=True).encode())
-        self._config_written = True
         return path
+
+    def ensure_root(self) -> bool:
+        """Recreate the directory with its ``config.yaml`` if it was removed; True if it was."""
+        if self.root.is_dir() and (self.root / CONFIG_NAME).is_file():
+            return False
+        self.write_config()
+        return True
 
     def record(
         self, result: ProbeResult, run_metadata: dict[str, Any] | None = None
@@ -297,35 +181,63 @@ class JsonLogWriter:
     def write(self, result: ProbeResult, run_metadata: dict[str, Any] | None = None) -> Path:
         """Write the step record, its summary and one ``probes.jsonl`` line; prune; return path.
 
-        ``run_metadata`` (e.g. epoch, global_step, checkpoint path) is merged into the
-        record's ``run_metadata`` section.
+        All or nothing: the line goes last, and if any of the three fails the step's files
+        written so far are removed again. ``run_metadata`` (e.g. epoch, global_step) is merged
+        into the record's ``run_metadata`` section.
+
+        Raises:
+            StepWriteError: the step could not be written completely (``on_disk`` says what
+                of it remains: nothing, unless removing a written file failed too).
+            OSError: pruning older records failed (the step itself is complete).
         """
-        self.write_config(run_metadata)
-        record = self.record(result, run_metadata)
-        core = record["core_results"]
-        total = timing_total(result.timing)
-
-        path = self.root / step_filename(result.step, self.config.compress)
-        data = json.dumps(record, allow_nan=False, ensure_ascii=False).encode()
-        if self.config.compress:
-            data = gzip.compress(data, compresslevel=6, mtime=0)
-        atomic_write(path, data)
-
-        meta = record["run_metadata"]
-        lite = {k: meta.get(k) for k in ("timestamp", "probe_version", "git_commit", "config_hash")}
-        summary = {
-            "run_metadata": {**lite, "record": path.name},
-            "core_results": core,
-            "timing_total": total,
-        }
-        atomic_write(
-            self.root / summary_filename(result.step),
-            json.dumps(summary, allow_nan=False, ensure_ascii=False, indent=2).encode(),
-        )
-        line = json.dumps({**core, "timing_total": total}, allow_nan=False, ensure_ascii=False)
-        append_line(self.jsonl_path, line)
-        self.prune(keep=int(result.step))
+        step = int(result.step)
+        path = self.root / step_filename(step, self.config.compress)
+        summary_path = self.root / summary_filename(step)
+        written: list[Path] = []
+        try:
+            self.ensure_root()
+            record = self.record(result, run_metadata)
+            core = record["core_results"]
+            total = timing_total(result.timing)
+            data = json.dumps(record, allow_nan=False, ensure_ascii=False).encode()
+            if self.config.compress:
+                data = gzip.compress(data, compresslevel=6, mtime=0)
+            meta = record["run_metadata"]
+            lite = {k: meta.get(k) for k in ("timestamp", "probe_version", "git_commit",
+                                             "config_hash")}
+            summary = {"run_metadata": {**lite, "record": path.name}, "core_results": core,
+                       "timing_total": total}
+            summary_data = json.dumps(summary, allow_nan=False, ensure_ascii=False,
+                                      indent=2).encode()
+            line = json.dumps({**core, "timing_total": total}, allow_nan=False,
+                              ensure_ascii=False)
+            atomic_write(path, data)
+            written.append(path)
+            atomic_write(summary_path, summary_data)
+            written.append(summary_path)
+            append_line(self.jsonl_path, line)
+        except Exception as exc:
+            raise StepWriteError(step, exc, self._roll_back(step, written)) from exc
+        self.prune(keep=step)
         return path
+
+    def _roll_back(self, step: int, written: list[Path]) -> str:
+        """Remove the files of a step whose write failed; say what of it is left on disk."""
+        left = []
+        for path in written:
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError:
+                left.append(path.name)
+        with contextlib.suppress(OSError):
+            fsync_dir(self.root)
+        if not left:
+            return (f"nothing of step {step} is on disk (no {step_filename(step)}, no "
+                    f"summary, no {JSONL_NAME} line)")
+        return (f"{' and '.join(left)} of step {step} could not be removed and "
+                f"stay on disk in {self.root} without a {JSONL_NAME} line")
 
     def prune(self, keep: int | None = None) -> list[Path]:
         """Delete the oldest step records (and their summaries) beyond ``config.max_files``.
@@ -389,13 +301,3 @@ class JsonLogWriter:
                     file.unlink()
                 dropped.add(int(match.group(1)))
         return sorted(dropped)
-
-    def _prepare(self) -> None:
-        """Create the directory and remove temporary files a crashed writer left behind."""
-        if self._prepared:
-            return
-        self.root.mkdir(parents=True, exist_ok=True)
-        for stale in self.root.glob(f"{TMP_PREFIX}*"):
-            with contextlib.suppress(OSError):
-                stale.unlink()
-        self._prepared = True

@@ -13,12 +13,11 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from .config import ProbeConfig, ProbeConfigError, integer, name_of_attribute
-from .jsonlog import JsonLogWriter
-from .observer import EntropyProbeWarning, PhaseRunner
+from .observer import EntropyProbeWarning
 from .probe import EntropyProbe
 from .prompts import check_prompts
 from .result import ProbeResult
-from .tensorboard import TensorBoardSink, scalars
+from .sinks import RunLogger
 
 UNSUPPORTED_STRATEGIES = ("FSDP", "DeepSpeed", "ModelParallel")
 
@@ -34,6 +33,9 @@ class EntropyProbeCallback(Callback):
     sampling. Both go to TensorBoard under ``entropy_probe/`` and to ``<log_dir>/entropy_probe/``
     as JSON, at step t. A step the optimizer skips (GradScaler) is recorded as skipped and the
     next step taken is probed instead; several optimizer steps in one batch each get a record.
+    The records go through a ``sinks.RunLogger`` (the run's JSON directory is
+    ``<log_dir>/entropy_probe/``, or ``entropy_probe-<run_id>/`` when another run has that one).
+    Each ``fit`` is a new run, unless it resumes from a checkpoint holding this callback's state.
 
     Args:
         prompts: held-out prompt pool (strings formatted for the model, or token-id lists);
@@ -85,9 +87,9 @@ class EntropyProbeCallback(Callback):
         self.tokenizer_attr = name_of_attribute("tokenizer_attr", tokenizer_attr)
         self.prompts_attr = name_of_attribute("prompts_attr", prompts_attr)
         self.probe: EntropyProbe | None = None
-        self.tensorboard: TensorBoardSink | None = None
-        self.json: JsonLogWriter | None = None
+        self.run_logger: RunLogger | None = None
         self.log_dir: Path | None = None
+        self._resume_state: dict[str, Any] | None = None
         self.probed_steps: list[int] = []
         self.last_result: ProbeResult | None = None
         self._hooks: list[Any] = []
@@ -117,8 +119,6 @@ class EntropyProbeCallback(Callback):
         prompts = self.prompts if self.prompts is not None else self._attached_prompts(
             trainer, pl_module)
         self.probe = EntropyProbe(model, tok, prompts, self.config)
-        if trainer.is_global_zero:
-            self._setup_sinks(trainer)
 
     def _attached_prompts(self, trainer: Trainer, pl_module: LightningModule) -> list:
         """``pl_module.<prompts_attr>``, else ``trainer.datamodule.<prompts_attr>``."""
@@ -138,40 +138,49 @@ class EntropyProbeCallback(Callback):
         )
 
     def _setup_sinks(self, trainer: Trainer) -> None:
+        """Rank 0: open this fit's RunLogger; a resume of this callback's run (its state came
+        from the checkpoint) keeps the run id and replaces only the steps it runs again."""
+        self._close_sinks()
+        resume, self._resume_state = self._resume_state, None
+        if not trainer.is_global_zero:
+            return
         tb = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+        first = trainer.loggers[0] if trainer.loggers else None
         if self.config.log_dir is not None:
             self.log_dir = Path(self.config.log_dir)
-        elif trainer.loggers and getattr(trainer.loggers[0], "log_dir", None):
-            self.log_dir = Path(trainer.loggers[0].log_dir)
+        elif first is not None and getattr(first, "log_dir", None):
+            self.log_dir = Path(first.log_dir)
         else:
             self.log_dir = Path(trainer.default_root_dir)
-        try:
-            self.tensorboard = TensorBoardSink(
-                experiment=tb.experiment if tb is not None else None,
-                log_dir=None if tb is not None else self.log_dir,
-            )
-        except Exception as exc:
-            self._sink_failed("tensorboard", exc)
-        try:  # an unwritable log_dir costs the layout and the JSON records, with one warning
-            if self.tensorboard is not None:
-                self.tensorboard.write_layout(self.log_dir)
-            self.json = JsonLogWriter(self.log_dir / "entropy_probe", self.config)
-            self.json.write_config()
-        except OSError as exc:
-            self.json = None
-            still = ("TensorBoard scalars are still logged" if self.tensorboard is not None
-                     else "nothing of the probe is logged")
-            warnings.warn(
-                f"EntropyProbeCallback cannot write under log_dir={str(self.log_dir)!r} ({exc}): "
-                f"no JSON records and no Custom Scalars layout; {still}. Pass log_dir= a "
-                "writable directory.",
-                EntropyProbeWarning,
-                stacklevel=2,
-            )
+        self.run_logger = RunLogger(
+            self.config,
+            self.log_dir,
+            tensorboard=tb.experiment if tb is not None else None,
+            metric_loggers=[lg.log_metrics for lg in trainer.loggers
+                            if not isinstance(lg, TensorBoardLogger)],
+            metadata={"framework": "lightning", "every": self.every,
+                      "logger_version": None if first is None else first.version},
+        )
+        self.run_logger.open(resume_state=resume, start_step=trainer.global_step)
+
+    def _close_sinks(self) -> None:
+        if self.run_logger is not None:
+            self.run_logger.close()
+
+    @property
+    def json(self):
+        """The run's JSON sink (``JsonLogWriter``; ``.root`` is the run directory), or None."""
+        return None if self.run_logger is None else self.run_logger.json
+
+    @property
+    def tensorboard(self):
+        """The run's ``TensorBoardSink``, or None."""
+        return None if self.run_logger is None else self.run_logger.tensorboard
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.probe is None:
             return
+        self._setup_sinks(trainer)
         self._forget_from(trainer.global_step)
         if trainer.world_size > 1:
             self.probe.set_distributed(trainer.global_rank, trainer.world_size)
@@ -231,63 +240,35 @@ class EntropyProbeCallback(Callback):
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
-        if self.tensorboard is not None:
-            self.tensorboard.flush()
+        self._close_sinks()
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._close_sinks()
 
     # ------------------------------------------------------------------ sinks
     def _emit(self, trainer: Trainer, result: ProbeResult) -> None:
         self.last_result = result
         self.probed_steps.append(result.step)
-        if not trainer.is_global_zero:
-            return
-        runner = PhaseRunner(result.step, self.config.strict, result.timing)
-        if self.tensorboard is not None:
-            with runner.phase("tensorboard"):
-                self.tensorboard.log(result)
-        for lg in trainer.loggers:
-            if not isinstance(lg, TensorBoardLogger):
-                with runner.phase("logger"):
-                    lg.log_metrics(scalars(result), step=result.step)
-        if runner.error is not None and result.error is None:
-            result.error = runner.error
-        if self.json is not None:
-            with runner.phase("json"):
-                self.json.write(result, {"global_step": result.step, "every": self.every,
-                                         "epoch": trainer.current_epoch})
+        if self.run_logger is not None:
+            self.run_logger.emit(result, {"global_step": result.step,
+                                          "epoch": trainer.current_epoch})
 
     def _forget_from(self, step: int) -> None:
-        """Steps >= ``step`` are about to run (again, when resuming from a checkpoint older than
-        the last probe): drop their records so that each probed step is logged once."""
+        """Steps >= ``step`` are about to run: forget them (the run logger drops their records
+        when this is a resume of the same run)."""
         self.probed_steps = [t for t in self.probed_steps if t < step]
-        if self.json is None:
-            return
-        try:
-            dropped = self.json.drop_from(step)
-        except OSError as exc:
-            self._sink_failed("json", exc)
-            return
-        if dropped:
-            warnings.warn(
-                f"the run starts at step {step}: dropped the probe records of steps {dropped} "
-                f"from {self.json.root}: an earlier run went past this point, and this run "
-                "logs its own probes of those steps.",
-                EntropyProbeWarning,
-                stacklevel=2,
-            )
-
-    def _sink_failed(self, phase: str, exc: Exception) -> None:
-        if self.config.strict:
-            raise exc
-        warnings.warn(f"entropy probe sink '{phase}' failed ({type(exc).__name__}: {exc}); "
-                      "training continues.", EntropyProbeWarning, stacklevel=3)
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
+        run = self.run_logger.state_dict() if self.run_logger is not None else None
         return {"every": self.every, "probed_steps": list(self.probed_steps),
-                "config_hash": self.config.config_hash()}
+                "config_hash": self.config.config_hash(), "run": run}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """A checkpoint of this callback's run: the next fit resumes that run (same run id)."""
         self.probed_steps = list(state_dict.get("probed_steps", []))
+        run = state_dict.get("run")
+        self._resume_state = dict(run) if isinstance(run, dict) else None
 
 
 def unsupported_strategy(strategy: Any) -> str | None:

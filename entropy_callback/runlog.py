@@ -4,6 +4,7 @@ Example::
 
     from entropy_callback.runlog import load_run
     records = load_run("lightning_logs/version_0")      # list of dicts, sorted by step
+    # a log_dir holding several runs: pick one (the error lists them), or list_runs(...)
     [(r["step"], r["deltaH1"], r["deltaH_true"]) for r in records]
 
 Each record holds the core results of one probe (``ProbeResult.core()``): entropies in nats
@@ -21,46 +22,68 @@ from typing import Any
 
 from .jsonlog import JSONL_NAME, STEP_FILE_RE, step_filename, timing_total
 from .result import CORE_FIELDS
+from .runs import CONFIG_NAME, RUN_DIR_NAME, RunInfo, read_run_info, run_dirs
 
-PROBE_SUBDIR = "entropy_probe"
+PROBE_SUBDIR = RUN_DIR_NAME
 MAX_RECORD_BYTES = 256 * 2**20  # bytes of one step record once read / inflated
 MAX_LINE_BYTES = 16 * 2**20  # bytes of one probes.jsonl line (a real line is ~1-2 KiB)
 EXPECTED = (
-    f"a run's log_dir holding {PROBE_SUBDIR}/, the {PROBE_SUBDIR}/ directory itself, or a "
-    f"Lightning lightning_logs/version_N directory, with {JSONL_NAME} or step_*.json[.gz] files"
+    f"a run's log_dir holding {PROBE_SUBDIR}/ (or {PROBE_SUBDIR}-<run_id>/), one such run "
+    f"directory itself, or a Lightning lightning_logs/version_N directory, with {JSONL_NAME} or "
+    "step_*.json[.gz] files"
 )
 
 
 class RunLogError(ValueError):
-    """A probe log exists but cannot be read (corrupt file, no complete record)."""
+    """A probe log exists but cannot be read (corrupt file, no complete record), or a
+    directory holds several runs and the caller must pick one."""
+
+
+def list_runs(directory: str | Path) -> list[RunInfo]:
+    """The runs found in ``directory``: itself if it is a run directory, else its
+    ``entropy_probe*/`` run directories, else those one level down (``lightning_logs/``).
+    Each with its id, start time, logger version and number of probes."""
+    path = Path(directory)
+    if not path.is_dir():
+        return []
+    if _has_records(path) or (path / CONFIG_NAME).is_file():
+        return [read_run_info(path)]
+    found = run_dirs(path)
+    if not found:
+        found = [run for child in sorted(path.iterdir()) if child.is_dir()
+                 for run in run_dirs(child)]
+    return [read_run_info(run) for run in found]
 
 
 def find_probe_dir(run_dir: str | Path) -> Path:
-    """The ``entropy_probe`` directory of ``run_dir``.
+    """The directory of the one run that ``run_dir`` names.
 
-    Accepts the run's log_dir, the ``entropy_probe`` directory itself, a Lightning
-    ``lightning_logs/version_N`` directory, or a parent holding exactly one run.
+    Accepts a run directory (``entropy_probe/`` or ``entropy_probe-<run_id>/``), the log_dir
+    holding it, a Lightning ``lightning_logs/version_N`` directory, or a parent holding exactly
+    one run.
 
     Raises:
         FileNotFoundError: ``run_dir`` does not exist or holds no probe log.
-        RunLogError: ``run_dir`` holds several runs (the message lists them).
+        RunLogError: ``run_dir`` holds several runs (the message lists them: directory, run
+            id, start time, number of probes).
     """
     path = Path(run_dir)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such directory; expected {EXPECTED}.")
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a directory; expected {EXPECTED}.")
-    if _has_records(path):
-        return path
-    if (path / PROBE_SUBDIR).is_dir():
-        return path / PROBE_SUBDIR
-    nested = sorted(p.parent for p in path.glob(f"*/{PROBE_SUBDIR}") if p.is_dir())
-    if len(nested) == 1:
-        return nested[0] / PROBE_SUBDIR
-    if len(nested) > 1:
-        names = ", ".join(str(p) for p in nested)
-        raise RunLogError(f"{path} holds several runs ({names}); pass one of them.")
+    runs = list_runs(path)
+    if len(runs) == 1:
+        return runs[0].path
+    if len(runs) > 1:
+        listing = "; ".join(run.describe() for run in runs)
+        raise RunLogError(f"{path} holds {len(runs)} probe runs; pass one of them: {listing}.")
     raise FileNotFoundError(f"{path} holds no probe log; expected {EXPECTED}.")
+
+
+def describe_run(run_dir: str | Path) -> str:
+    """Which run ``run_dir`` names: ``<dir> (run <id>, started <time>, <n> probes)``."""
+    return read_run_info(find_probe_dir(run_dir)).describe()
 
 
 def _has_records(path: Path) -> bool:

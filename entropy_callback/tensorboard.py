@@ -9,6 +9,8 @@ Example::
     sink = TensorBoardSink(experiment=trainer.logger.experiment)
     sink.write_layout(trainer.logger.log_dir)
     sink.log(result)
+
+Adapters do not use it directly: ``sinks.RunLogger`` opens it with the other sinks.
 """
 
 from __future__ import annotations
@@ -90,6 +92,8 @@ class TensorBoardSink:
         sink.log(result)
         sink.close()
     """
+
+    name = "tensorboard"  # the phase named in warnings and error records
 
     def __init__(self, experiment: Any | None = None, log_dir: str | Path | None = None) -> None:
         self._owns_writer = experiment is None

@@ -12,6 +12,7 @@ import io
 import json
 import math
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -19,17 +20,30 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from probe_harness import (
+    SMALL_PROBE,
+    backward_on,
+    fit,
+    grpo_module,
+    make_trainer,
+    probe_callback,
+    probe_prompts,
+    tiny_policy,
+)
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
 
-from entropy_callback import jsonlog
+from entropy_callback import fileio
 from entropy_callback.cli import main, pearson
 from entropy_callback.config import ProbeConfig
 from entropy_callback.jsonlog import JsonLogWriter, step_filename, summary_filename
+from entropy_callback.probe import EntropyProbe
 from entropy_callback.result import ProbeResult
 from entropy_callback.runlog import RunLogError, load_run, load_step
+from entropy_callback.sinks import RunLogger
 from entropy_callback.tensorboard import LAYOUT_SUBDIR, TensorBoardSink
 
+ROOT = Path(__file__).resolve().parents[1]
 TIMING = {"sampling": 2.10, "score_orig": 0.84, "delta_h1": 0.31, "score_upd": 0.79}
 
 
@@ -320,7 +334,7 @@ def test_crash_before_rename_leaves_no_partial_or_temp_file(tmp_path, monkeypatc
     def crash(src, dst):
         raise OSError("simulated crash between write and rename")
 
-    monkeypatch.setattr(jsonlog.os, "replace", crash)
+    monkeypatch.setattr(fileio.os, "replace", crash)
     with pytest.raises(OSError, match="simulated crash"):
         writer.write(make_result(40))
     with pytest.raises(OSError, match="simulated crash"):
@@ -373,7 +387,7 @@ def test_load_run_accepts_log_dir_probe_dir_and_lightning_version_dir(tmp_path):
     for where in (version, version / "entropy_probe", tmp_path / "lightning_logs"):
         assert [r["step"] for r in load_run(where)] == [20, 40]
     write_run(tmp_path / "lightning_logs" / "version_1", steps=(20,))
-    with pytest.raises(ValueError, match="several runs"):
+    with pytest.raises(ValueError, match="holds 2 probe runs"):
         load_run(tmp_path / "lightning_logs")
 
 
@@ -494,3 +508,68 @@ def test_pearson_handles_missing_values_and_degenerate_input():
     assert n == 3 and r == pytest.approx(np.corrcoef([1, 2, 3], [2.0, 4.1, 5.9])[0, 1])
     assert pearson([1.0], [1.0]) == (None, 1)
     assert pearson([1.0, 1.0], [2.0, 3.0]) == (None, 2)
+
+
+# The one sink layer -----------------------------------------------------------------------
+
+
+def test_import_entropy_callback_does_not_import_lightning_or_the_hf_trainer():
+    code = ("import sys, entropy_callback as e\n"
+            "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', "
+            "'pytorch_lightning') or m.startswith('transformers.trainer'))\n"
+            "assert not loaded, loaded\n"
+            "assert 'EntropyProbeCallback' in dir(e) and 'EntropyProbeCallback' in e.__all__\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    # on first use the adapter is imported, and it is the lightning module's class
+    import entropy_callback
+    from entropy_callback import lightning as adapter
+
+    assert entropy_callback.EntropyProbeCallback is adapter.EntropyProbeCallback
+
+
+def test_a_plain_loop_writes_what_the_lightning_callback_writes(tmp_path):
+    """The engine in a hand-written AdamW loop + one RunLogger: the same TensorBoard tags, the
+    same JSON files and record sections as a real Lightning run, and the metric loggers get the
+    TensorBoard scalars."""
+    model, tokenizer = tiny_policy()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    config = ProbeConfig(**SMALL_PROBE)
+    probe = EntropyProbe(model, tokenizer, probe_prompts(), config)
+    seen: list[tuple[int, dict]] = []
+    run = RunLogger(config, tmp_path / "plain", metric_loggers=[
+        lambda scalars, step: seen.append((step, scalars))]).open()
+    for step in range(2):
+        optimizer.zero_grad()
+        backward_on(model, tokenizer)
+        probe.before_step(optimizer, step=step)
+        optimizer.step()
+        run.emit(probe.after_step())
+    run.close()
+
+    callback = probe_callback(every=1)
+    fit(make_trainer(tmp_path / "lightning", [callback], 2), grpo_module())
+    lightning_dir = tmp_path / "lightning" / "run" / "version_0"
+
+    plain_dir = run.run_dir
+    assert plain_dir == tmp_path / "plain" / "entropy_probe"
+    assert sorted(p.name for p in plain_dir.iterdir()) == sorted(
+        p.name for p in callback.json.root.iterdir())
+    for step in (0, 1):
+        mine, theirs = load_step(plain_dir, step), load_step(lightning_dir, step)
+        assert set(mine) == set(theirs)
+        assert set(mine["core_results"]) == set(theirs["core_results"])
+        assert mine["run_metadata"]["run_id"] == run.run_id
+    assert [r["step"] for r in load_run(tmp_path / "plain")] == [0, 1]
+
+    def probe_tags(directory):
+        return {t for t in accumulator(directory).Tags()["scalars"]
+                if t.startswith("entropy_probe/") and "/time/" not in t}
+
+    plain_tags = probe_tags(tmp_path / "plain")
+    assert plain_tags == probe_tags(lightning_dir)
+    assert (tmp_path / "plain" / LAYOUT_SUBDIR).is_dir()
+    assert [step for step, _ in seen] == [0, 1]
+    assert {t for t in seen[0][1] if "/time/" not in t} == plain_tags

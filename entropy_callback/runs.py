@@ -1,0 +1,250 @@
+"""Run identity: every run has an id, its own directory of records, and metadata.
+
+Layout under a run's ``log_dir`` (see docs/logs.md)::
+
+    entropy_probe/               the records of the first run that wrote here
+    entropy_probe-<run_id>/      the records of each later run on the same log_dir
+    entropy_probe_layout/        TensorBoard's Custom Scalars layout (shared, not a run)
+
+A run directory is claimed with an atomic ``mkdir``: a run never writes into a directory it did
+not create, except its own when it resumes (the run id travels in the adapter's checkpointed
+state and is matched against ``config.yaml``). While a run writes, it holds an exclusive
+``flock`` on ``<run dir>/.lock`` (released by the kernel when the process ends), so a second
+live process resuming the same run id gets a new run instead of writing into the same files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import re
+import secrets
+import subprocess
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .fileio import FILE_MODE
+
+RUN_DIR_NAME = "entropy_probe"
+RUN_DIR_RE = re.compile(r"^entropy_probe(?:-([0-9A-Za-z][0-9A-Za-z._-]*))?$")
+CONFIG_NAME = "config.yaml"
+JSONL_NAME = "probes.jsonl"
+LOCK_NAME = ".lock"
+
+
+class RunBusyError(OSError):
+    """Another live process holds the lock of a run directory."""
+
+
+def utc_now() -> str:
+    """The current time, ISO 8601 UTC to the second (``2026-01-15T10:30:00Z``)."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def new_run_id() -> str:
+    """A new run id: UTC start time and 6 random hex digits, ``20260115T103000Z-3fa9c1``
+    (sorts by start time; unique across processes)."""
+    return f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+
+
+def run_dir_name(run_id: str) -> str:
+    """``entropy_probe-<run_id>``: the directory of a run that finds ``entropy_probe/`` taken."""
+    return f"{RUN_DIR_NAME}-{run_id}"
+
+
+# ------------------------------------------------------------------ finding runs
+def run_dirs(log_dir: Path) -> list[Path]:
+    """The run directories directly under ``log_dir`` (``entropy_probe``, ``entropy_probe-*``),
+    sorted by name; symlinks are not runs."""
+    if not log_dir.is_dir():
+        return []
+    return sorted(p for p in log_dir.iterdir()
+                  if RUN_DIR_RE.match(p.name) and p.is_dir() and not p.is_symlink())
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What ``config.yaml`` and ``probes.jsonl`` say about one run directory."""
+
+    path: Path
+    run_id: str | None
+    start_time: str | None
+    logger_version: Any
+    probes: int  # complete lines in probes.jsonl
+
+    def describe(self) -> str:
+        """``<path> (run <id>, started <time>, <n> probes)``."""
+        parts = [f"run {self.run_id or 'without id'}"]
+        if self.start_time:
+            parts.append(f"started {self.start_time}")
+        if self.logger_version is not None:
+            parts.append(f"logger version {self.logger_version}")
+        parts.append(f"{self.probes} probe{'s' if self.probes != 1 else ''}")
+        return f"{self.path} ({', '.join(parts)})"
+
+
+def read_run_meta(directory: Path) -> dict[str, Any]:
+    """``run_metadata`` of ``<directory>/config.yaml``; {} when it is missing or unreadable."""
+    try:
+        with open(directory / CONFIG_NAME, encoding="utf-8") as handle:
+            body = yaml.safe_load(handle.read(1 << 20))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return {}
+    meta = body.get("run_metadata") if isinstance(body, dict) else None
+    return meta if isinstance(meta, dict) else {}
+
+
+def read_run_info(directory: Path) -> RunInfo:
+    """The id, start time, logger version and number of probes of one run directory."""
+    meta = read_run_meta(directory)
+    run_id = meta.get("run_id")
+    return RunInfo(
+        path=directory,
+        run_id=run_id if isinstance(run_id, str) else None,
+        start_time=str(meta["start_time"]) if meta.get("start_time") else None,
+        logger_version=meta.get("logger_version"),
+        probes=_count_lines(directory / JSONL_NAME),
+    )
+
+
+def _count_lines(path: Path) -> int:
+    count = 0
+    with contextlib.suppress(OSError), open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            count += chunk.count(b"\n")
+    return count
+
+
+# ------------------------------------------------------------------ claiming a run directory
+class RunClaim:
+    """A run's directory, and the lock that says a live process writes it."""
+
+    def __init__(self, path: Path, created: bool) -> None:
+        self.path = path
+        self.created = created  # False: an existing directory of this run (a resume)
+        self._fd: int | None = None
+
+    def lock(self) -> None:
+        """Take ``<path>/.lock`` exclusively (again, after the directory was recreated).
+
+        Raises:
+            RunBusyError: another live process holds it.
+        """
+        self.release()
+        try:
+            import fcntl
+        except ImportError:  # no flock on this platform: directories are still separate
+            return
+        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+        fd = os.open(self.path / LOCK_NAME, flags, FILE_MODE)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            os.close(fd)
+            raise RunBusyError(
+                f"{self.path} is being written by another live process (its {LOCK_NAME} is "
+                "locked)") from exc
+        except OSError:  # a filesystem without flock: directories are still separate
+            os.close(fd)
+            return
+        self._fd = fd
+
+    def release(self) -> None:
+        """Drop the lock (closing the descriptor releases the flock)."""
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+
+
+def claim_run_dir(log_dir: Path, run_id: str, resume: bool) -> RunClaim:
+    """This run's directory under ``log_dir``, locked.
+
+    A resumed run (``resume=True``) gets back the directory whose ``config.yaml`` holds its
+    ``run_id``. Otherwise (or when that directory is gone) it creates ``entropy_probe/`` if no
+    run has it, else ``entropy_probe-<run_id>/``; the atomic ``mkdir`` decides between two runs
+    starting at once. An existing directory is never taken over by another run.
+
+    Raises:
+        RunBusyError: the run's directory is locked by another live process.
+        OSError: ``log_dir`` cannot be created or written.
+    """
+    log_dir.mkdir(parents=True, exist_ok=True)
+    if resume:
+        for directory in run_dirs(log_dir):
+            if read_run_meta(directory).get("run_id") == run_id:
+                claim = RunClaim(directory, created=False)
+                claim.lock()
+                return claim
+    for name in (RUN_DIR_NAME, run_dir_name(run_id)):
+        directory = log_dir / name
+        try:
+            directory.mkdir()
+        except FileExistsError:
+            continue
+        claim = RunClaim(directory, created=True)
+        claim.lock()
+        return claim
+    raise FileExistsError(f"{log_dir / run_dir_name(run_id)} exists already; run ids collide.")
+
+
+# ------------------------------------------------------------------ run metadata
+def _dist_version(*names: str) -> str | None:
+    for name in names:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            return metadata.version(name)
+    return None
+
+
+def probe_version() -> str:
+    """This package's version (installed metadata, else ``entropy_callback.__version__``)."""
+    found = _dist_version("entropy-callback")
+    if found:
+        return found
+    try:
+        from . import __version__  # type: ignore[attr-defined]
+    except ImportError:
+        return "unknown"
+    return str(__version__)
+
+
+def git_commit(cwd: str | Path | None = None) -> str | None:
+    """HEAD of the git repository holding ``cwd`` (default: the working directory), or None."""
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True,
+                              text=True, timeout=5, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = done.stdout.strip()
+    return commit if done.returncode == 0 and commit else None
+
+
+def environment() -> dict[str, Any]:
+    """Versions and hardware of this process (never raises)."""
+    env: dict[str, Any] = {
+        "python_version": platform.python_version(),
+        "torch_version": _dist_version("torch"),
+        "transformers_version": _dist_version("transformers"),
+        "peft_version": _dist_version("peft"),
+        "lightning_version": _dist_version("lightning", "pytorch-lightning"),
+        "cuda_version": None,
+        "device_name": "cpu",
+        "memory_gb": None,
+        "platform": platform.platform(),
+    }
+    with contextlib.suppress(Exception):
+        import torch
+
+        env["cuda_version"] = torch.version.cuda
+        if torch.cuda.is_available():
+            index = torch.cuda.current_device()
+            env["device_name"] = torch.cuda.get_device_name(index)
+            total = torch.cuda.get_device_properties(index).total_memory
+            env["memory_gb"] = round(total / 2**30, 1)
+    return env
