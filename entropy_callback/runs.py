@@ -116,7 +116,7 @@ def read_run_info(directory: Path) -> RunInfo:
 def _count_lines(path: Path) -> int:
     count = 0
     with contextlib.suppress(OSError), open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
+        for chunk in iter(lambda: handle.read(1 << 16), b""):
             count += chunk.count(b"\n")
     return count
 
