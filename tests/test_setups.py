@@ -4,11 +4,11 @@ The prediction is built from what the optimizer consumes: before the step the pr
 and the Adam state, after it the step is rebuilt from that snapshot and the gradients Adam read
 (``p.grad`` in its step post-hook). So anything between the probe's hook and the Adam math (a
 module's own clipping, gradient repair, GradScaler's unscale, parameters left without gradients)
-is in the prediction. Each setup runs a real Trainer on the tiny LoRA policy, in float64 where the
-test judges numbers: there the rebuilt step equals torch's to round-off, hence the bar
-cosine ≥ 1 − 1e-9 (measured 1 − cosine ≤ 1e-15). Steps the optimizer does not take are recorded
-as skipped and the probe re-arms. And in each setup the probed run is bitwise the run without
-the probe (the observer contract, checked as in test_observer.py).
+is in the prediction. Each setup runs a real Trainer on the tiny LoRA policy, in float64 where
+the test judges numbers: there the rebuilt step equals torch's to round-off, hence the bar
+cosine ≥ 1 − 1e-9 (measured: 1 − cosine ≤ 7.8e-16, relative error 0). Steps the optimizer does
+not take are recorded as skipped and the probe re-arms. And in each setup the probed run is
+bitwise the run without the probe (the observer contract, checked as in test_observer.py).
 """
 
 from __future__ import annotations
