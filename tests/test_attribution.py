@@ -1,0 +1,195 @@
+"""Attribution of delta H_1 (entropy_callback.attribution, docs/attribution.md) on the float64 tiny
+policy, after a real Lightning step of the demo's Dr-GRPO module with real AdamW/Adam.
+
+The reference delta H_1 is the engine's forward-mode estimator (``Scorer.score_with_tangent`` +
+``delta_h1``) along the step the optimizer *really* took (theta' - theta, float64). The
+attribution reaches it by another road (reverse mode over E, forward mode over the rollouts'
+per-token losses), so agreement to 1e-10 is a check of both; float64 round-off is ~1e-14 here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning
+import pytest
+import torch
+from conftest import TINY_GRPO, TINY_POLICY
+from lightning.pytorch.callbacks import Callback
+
+from entropy_callback.attribution import (
+    _Bound,
+    attribute_step,
+    linear_step,
+    snapshot_adam,
+    surrogate_gradient,
+)
+from entropy_callback.demos.grpo import GRPOModule, make_prompts
+from entropy_callback.demos.tiny import build_policy
+from entropy_callback.estimators import delta_h1
+from entropy_callback.sampling import draw_randomness, sample_batch
+from entropy_callback.scoring import Scorer, sequence_terms
+from entropy_callback.testing import exact_float64, randomize_lora_b
+from entropy_callback.update import probed_parameters
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+PROBED_STEP = 2  # two earlier steps give Adam a non-zero momentum and second moment
+
+
+class Capture(Callback):
+    """Records what the attribution needs at the optimizer step ``PROBED_STEP``."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, Any] = {"rollouts": []}
+        self._step = -1
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._step = trainer.global_step
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if trainer.global_step != PROBED_STEP:
+            return
+        params = probed_parameters(pl_module.model)
+        self.data["theta"] = {n: p.detach().clone() for n, p in params.items()}
+        self.data["states"] = snapshot_adam(optimizer, params)
+        self.data["raw"] = {n: p.grad.detach().clone() for n, p in params.items()}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._step != PROBED_STEP:
+            return
+        self.data["rollouts"].append(outputs["rollouts"])
+        if trainer.global_step == PROBED_STEP + 1:  # the step's last micro-batch
+            params = probed_parameters(pl_module.model)
+            self.data["consumed"] = {n: p.grad.detach().clone() for n, p in params.items()}
+
+
+class AdamModule(GRPOModule):
+    """The demo module with Adam (weight decay added to the gradient) and amsgrad."""
+
+    def configure_optimizers(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        return torch.optim.Adam(params, lr=self.lr, weight_decay=0.1, amsgrad=True)
+
+
+SETUPS = {
+    # AdamW, decoupled weight decay, norm clipping active, two micro-batches per step
+    "adamw_clip_accumulate": dict(cls=GRPOModule, trainer=dict(
+        gradient_clip_val=1e-3, gradient_clip_algorithm="norm", accumulate_grad_batches=2)),
+    # Adam with L2 weight decay folded into g, amsgrad, no clipping
+    "adam_l2_amsgrad": dict(cls=AdamModule, trainer={}),
+    # value clipping: not linear in g, the split leaves a residual
+    "adamw_value_clip": dict(cls=GRPOModule, trainer=dict(
+        gradient_clip_val=1e-4, gradient_clip_algorithm="value")),
+}
+
+
+def _run(setup: str) -> dict[str, Any]:
+    spec = SETUPS[setup]
+    lightning.seed_everything(0, verbose=False)
+    model, tokenizer = build_policy(seed=0, dtype=torch.float64, **TINY_POLICY)
+    model = exact_float64(model)
+    randomize_lora_b(model, std=0.05, seed=1234)
+    module = spec["cls"](model, tokenizer, make_prompts(64, seed=0), seed=0,
+                         **{**TINY_GRPO, "weight_decay": 0.1})
+    capture = Capture()
+    accumulate = spec["trainer"].get("accumulate_grad_batches", 1)
+    trainer = lightning.Trainer(
+        accelerator="cpu", devices=1, max_steps=PROBED_STEP + 1, logger=False,
+        callbacks=[capture], enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False, **spec["trainer"],
+    )
+    trainer.fit(module)
+    data = capture.data
+    params = probed_parameters(model)
+    data["observed"] = {n: p.detach() - data["theta"][n] for n, p in params.items()}
+    data.update(module=module, model=model, tokenizer=tokenizer, loss_scale=1 / accumulate)
+    # the evaluation batch E: 16 sequences from the tiny model
+    prompts = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in make_prompts(8, 7)]
+    index, uniforms = draw_randomness(len(prompts), 16, 4, torch.Generator().manual_seed(5))
+    model.eval()
+    data["E"] = sample_batch(model, prompts, index, uniforms, temperature=1.0,
+                             eos_token_ids=(tokenizer.eos_token_id,),
+                             pad_token_id=tokenizer.pad_token_id, microbatch_size=16,
+                             device=torch.device("cpu"))
+    data["scorer"] = Scorer(model, 1.0, 256)
+    return data
+
+
+@pytest.fixture(scope="module", params=list(SETUPS))
+def stepped(request) -> dict[str, Any]:
+    data = _run(request.param)
+    data["setup"] = request.param
+    return data
+
+
+def _delta_h1(data: dict[str, Any], direction: dict[str, torch.Tensor]) -> float:
+    """The engine's delta H_1 along ``direction``: forward mode on E at theta."""
+    E, theta = data["E"], data["theta"]
+    logp, ent, dl, dH = data["scorer"].score_with_tangent(
+        E, theta, {n: direction[n].to(theta[n].dtype) for n in theta})
+    t = sequence_terms(logp, ent, E.response_mask, dl, dH)
+    return delta_h1(t["A"], t["Bsum"], t["C"], t["h"], t["T"]).deltaH1
+
+
+def _attribute(data: dict[str, Any]):
+    E = data["E"]
+    t = sequence_terms(*data["scorer"].score(E, data["theta"]), E.response_mask)
+    g_E = surrogate_gradient(data["scorer"], [E], data["theta"],
+                             float(t["h"].sum() / t["T"].sum()), float(t["T"].sum()))
+    return g_E, attribute_step(
+        model=data["model"], per_token_loss=data["module"].per_token_loss,
+        rollouts=data["rollouts"], theta=data["theta"], states=data["states"],
+        raw_grads=data["raw"], consumed_grads=data["consumed"], g_E=g_E,
+        loss_scale=data["loss_scale"])
+
+
+def _rollout_gradient(data, part: int, row: int, col: int | None = None):
+    """Reverse mode: the gradient of one rollout's (or one token's) loss at theta."""
+    leaves = {n: t.clone().requires_grad_(True) for n, t in data["theta"].items()}
+    bound = _Bound(data["model"], data["module"].per_token_loss)
+    losses = torch.func.functional_call(
+        bound, {f"model.{n}": t for n, t in leaves.items()}, (data["rollouts"][part],),
+        strict=False)
+    loss = losses[row].sum() if col is None else losses[row, col]
+    grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+    return {n: (g if g is not None else torch.zeros_like(leaves[n]))
+            for n, g in zip(leaves, grads, strict=True)}
+
+
+def test_the_parts_sum_to_delta_h1_of_the_step_taken(stepped):
+    g_E, att = _attribute(stepped)
+    reference = _delta_h1(stepped, stepped["observed"])
+    assert abs(att.total - reference) <= 1e-10 * abs(reference), (att.total, reference)
+    assert att.momentum != 0 and att.decay != 0
+    if stepped["setup"] == "adamw_value_clip":
+        # clipping by value is not c * g: the rollouts do not add up, the residual says so
+        assert att.clip_offset > 1e-3
+        assert abs(reference - att.parts_sum) > 1e-6 * abs(reference)
+        return
+    assert att.clip_offset < 1e-12 and att.protocol_error < 1e-10
+    assert abs(att.parts_sum - reference) <= 1e-10 * abs(reference), (att.parts_sum, reference)
+
+
+def test_each_rollout_is_the_change_when_its_gradient_is_removed(stepped):
+    """Brute force: delta H_1 along the step minus delta H_1 along the step whose gradient lacks
+    rollout i (c and s' held fixed), by reverse mode on the rollout and forward mode on E."""
+    if stepped["setup"] == "adamw_value_clip":
+        pytest.skip("value clipping has no per-rollout split")
+    _, att = _attribute(stepped)
+    step = linear_step(stepped["theta"], stepped["states"], stepped["consumed"])
+    c = att.c
+    for part, rollouts in enumerate(stepped["rollouts"]):
+        for row in range(rollouts["response_mask"].shape[0]):
+            g_i = _rollout_gradient(stepped, part, row)
+            without = {n: stepped["consumed"][n] - c * g_i[n] for n in g_i}
+            brute = _delta_h1(stepped, step.step(stepped["consumed"])) - _delta_h1(
+                stepped, step.step(without))
+            ours = float(att.tokens[part][row].sum())
+            assert abs(ours - brute) <= 1e-8 * abs(att.total), (part, row, ours, brute)
+    # and one token, the largest, the same way
+    part, flat = max(((k, int(t.abs().argmax())) for k, t in enumerate(att.tokens)),
+                     key=lambda kv: float(att.tokens[kv[0]].abs().flatten()[kv[1]]))
+    row, col = divmod(flat, att.tokens[part].shape[1])
+    g_t = _rollout_gradient(stepped, part, row, col)
+    brute = _delta_h1(stepped, {n: step.scale[n] * c * g_t[n] for n in g_t})
+    assert abs(float(att.tokens[part][row, col]) - brute) <= 1e-8 * abs(att.total)
