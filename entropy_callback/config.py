@@ -49,6 +49,9 @@ class ProbeConfig:
         log_sequences: include per-sequence records (on by default at level "detailed").
         log_tokens: include token-level data (on by default at level "debug").
         log_raw_tensors: include raw per-sequence tensors (on by default at level "debug").
+        attribution: split delta H_1 into momentum, weight decay and the step's update rollouts
+            and tokens, with Cui et al.'s covariance proxy beside it (docs/attribution.md;
+            needs Adam/AdamW and a LightningModule following the protocol there).
     """
 
     batch_size: int = 64
@@ -68,6 +71,7 @@ class ProbeConfig:
     log_sequences: bool | None = None
     log_tokens: bool | None = None
     log_raw_tensors: bool | None = None
+    attribution: bool = False
 
     def __post_init__(self) -> None:
         self.eta_multipliers = tuple(float(m) for m in self.eta_multipliers)
@@ -109,6 +113,10 @@ class ProbeConfig:
         need(
             self.max_files is None or (isinstance(self.max_files, int) and self.max_files >= 1),
             f"max_files must be None (keep all) or an integer >= 1, got {self.max_files!r}.",
+        )
+        need(
+            isinstance(self.attribution, bool),
+            f"attribution must be True or False, got {self.attribution!r}.",
         )
         need(
             isinstance(self.seed, int) and not isinstance(self.seed, bool),

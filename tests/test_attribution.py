@@ -9,6 +9,8 @@ per-token losses), so agreement to 1e-10 is a check of both; float64 round-off i
 
 from __future__ import annotations
 
+import io
+import json
 from typing import Any
 
 import lightning
@@ -17,6 +19,7 @@ import torch
 from conftest import TINY_GRPO, TINY_POLICY
 from lightning.pytorch.callbacks import Callback
 
+from entropy_callback import cli
 from entropy_callback.attribution import (
     _Bound,
     attribute_step,
@@ -24,8 +27,10 @@ from entropy_callback.attribution import (
     snapshot_adam,
     surrogate_gradient,
 )
+from entropy_callback.attribution_report import build_section
+from entropy_callback.attribution_view import render_terminal
 from entropy_callback.demos.grpo import GRPOModule, make_prompts
-from entropy_callback.demos.tiny import build_policy
+from entropy_callback.demos.tiny import DEFAULT_ALPHABET, EOS_TOKEN, build_policy
 from entropy_callback.estimators import delta_h1
 from entropy_callback.sampling import draw_randomness, sample_batch
 from entropy_callback.scoring import Scorer, sequence_terms
@@ -193,3 +198,95 @@ def test_each_rollout_is_the_change_when_its_gradient_is_removed(stepped):
     g_t = _rollout_gradient(stepped, part, row, col)
     brute = _delta_h1(stepped, {n: step.scale[n] * c * g_t[n] for n in g_t})
     assert abs(float(att.tokens[part][row, col]) - brute) <= 1e-8 * abs(att.total)
+
+
+# ------------------------------------------------------------------ what users see
+@pytest.fixture(scope="module")
+def section() -> dict[str, Any]:
+    """The attribution section of the clipped, accumulated AdamW step, at level detailed."""
+    data = _run("adamw_clip_accumulate")
+    E = data["E"]
+    t = sequence_terms(*data["scorer"].score(E, data["theta"]), E.response_mask)
+    out = build_section(
+        model=data["model"], scorer=data["scorer"], microbatches=[E],
+        tokenizer=data["tokenizer"], per_token_loss=data["module"].per_token_loss,
+        rollouts=data["rollouts"], theta=data["theta"], states=data["states"],
+        raw_grads=data["raw"], consumed_grads=data["consumed"],
+        H_hat=float(t["h"].sum() / t["T"].sum()), denominator=float(t["T"].sum()),
+        normalize="per_token", deltaH1=_delta_h1(data, data["observed"]),
+        learning_rate=data["states"][next(iter(data["states"]))].lr,
+        loss_scale=data["loss_scale"], detailed=True)
+    return {"section": out, "data": data}
+
+
+def test_advantage_signs_and_cui_quadrants_partition_the_rollouts_part(section):
+    p = section["section"]["parts"]
+    total = abs(p["momentum"]) + abs(p["rollouts"])
+    by_sign = p["rollouts_pos_adv"] + p["rollouts_neg_adv"] + p["rollouts_zero_adv"]
+    assert by_sign == pytest.approx(p["rollouts"], abs=1e-14 * total)
+    quadrants = sum(p[k] for k in ("tokens_pos_adv_high_p", "tokens_pos_adv_low_p",
+                                   "tokens_neg_adv_high_p", "tokens_neg_adv_low_p"))
+    # Dr-GRPO's loss is A_i * log pi: a zero-advantage token contributes exactly nothing
+    assert quadrants == pytest.approx(p["rollouts"], abs=1e-14 * total)
+    assert abs(p["residual"]) <= 1e-10 * total
+    assert p["num_rollouts"] == 16 and p["rollouts_pos_adv"] != 0
+
+
+def test_cui_proxy_is_minus_the_token_covariance_of_log_prob_and_advantage(section):
+    rows = [(float(lp), float(a)) for r in section["data"]["rollouts"]
+            for lps, a, m in zip(r["token_logp"], r["advantages"], r["response_mask"],
+                                 strict=True)
+            for lp, keep in zip(lps, m, strict=True) if keep]
+    x = torch.tensor([r[0] for r in rows], dtype=torch.float64)
+    a = torch.tensor([r[1] for r in rows], dtype=torch.float64)
+    cov = float(((x - x.mean()) * (a - a.mean())).mean())
+    p = section["section"]["parts"]
+    assert p["num_tokens"] == len(rows)
+    assert p["cui_proxy"] == pytest.approx(-cov, rel=1e-12)
+    lr = section["data"]["states"][next(iter(section["data"]["states"]))].lr
+    assert p["cui_proxy_lr"] == pytest.approx(-lr * cov, rel=1e-12)
+
+
+def test_top_lists_hold_the_largest_contributions_with_their_text(section):
+    s = section["section"]
+    tokens = [t["deltaH"] for t in s["top_tokens"]]
+    assert tokens == sorted(tokens, key=abs, reverse=True) and len(tokens) == 8
+    alphabet = set(DEFAULT_ALPHABET) | {EOS_TOKEN}
+    assert all(t["text"] in alphabet and 0 < t["prob"] <= 1 for t in s["top_tokens"])
+    rollouts = s["top_rollouts"]
+    assert [abs(r["deltaH"]) for r in rollouts] == sorted(
+        (abs(r["deltaH"]) for r in rollouts), reverse=True)
+    for r in rollouts:
+        assert sum(t["deltaH"] for t in r["tokens"]) == pytest.approx(r["deltaH"], rel=1e-12)
+        assert r["prompt"].endswith("=")
+    # the largest token sits in one of the listed rollouts, with the same value
+    best = s["top_tokens"][0]
+    listed = {r["index"]: r for r in rollouts}
+    assert listed[best["rollout"]]["tokens"][best["position"]]["deltaH"] == best["deltaH"]
+
+
+def test_cli_renders_the_step_in_the_terminal_and_as_html(section, tmp_path, capsys):
+    record = {"core_results": {"step": 2, "deltaH1": section["section"]["parts"]["reverse_total"]},
+              "attribution": section["section"]}
+    probe_dir = tmp_path / "entropy_probe"
+    probe_dir.mkdir()
+    (probe_dir / "step_00000002.json").write_text(json.dumps(record))
+    assert cli.main(["attribution", str(tmp_path), "--step", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "momentum" in text and "Cui proxy" in text and "top rollouts" in text
+    first = section["section"]["top_rollouts"][0]
+    assert first["prompt"] in text and f"{first['tokens'][0]['deltaH']:+.1e}" in text
+    html_path = tmp_path / "step2.html"
+    assert cli.main(["attribution", str(tmp_path), "--step", "2", "--html", str(html_path)]) == 0
+    page = html_path.read_text()
+    assert page.count("<span style=\"background:rgb(") == sum(
+        len(r["tokens"]) for r in section["section"]["top_rollouts"])
+    shaded = io.StringIO()
+    render_terminal(record, 2, shaded, color=True)
+    # the largest raise of entropy is full red, the largest fall full blue
+    assert "\x1b[48;2;255;64;64m" in shaded.getvalue() or "\x1b[48;2;64;64;255m" in (
+        shaded.getvalue())
+    assert cli.main(["attribution", str(tmp_path), "--step", "4"]) == 2
+    (probe_dir / "step_00000006.json").write_text(json.dumps({"core_results": {"step": 6}}))
+    assert cli.main(["attribution", str(tmp_path), "--step", "6"]) == 2
+    assert "attribution=True" in capsys.readouterr().err
