@@ -19,9 +19,12 @@ from .attribution import (
     Rollouts,
     StepAttribution,
     attribute_step,
+    check_rollouts,
     concat_rollouts,
+    snapshot_adam,
     surrogate_gradient,
 )
+from .observer import PhaseRunner, preserved_state
 from .scoring import Scorer
 
 PREFIX = "entropy_probe/attribution"
@@ -188,3 +191,52 @@ def build_section(
     if detailed:
         out.update(top(att, rollouts, tokenizer))
     return out
+
+
+def keep_inputs(optimizer: torch.optim.Optimizer, params: Mapping[str, torch.nn.Parameter]):
+    """Before the step (engine's before_step): the Adam state and the raw gradients (copies)."""
+    return {
+        "states": snapshot_adam(optimizer, params),
+        "raw": {n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
+                for n, p in params.items()},
+    }
+
+
+def keep_consumed(inputs: dict[str, Any], params: Mapping[str, torch.nn.Parameter]) -> None:
+    """After the step (engine's after_step, p.grad as the optimizer read it): copies."""
+    inputs["consumed"] = {
+        n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
+        for n, p in params.items()
+    }
+
+
+def attach(probe, pending, rollouts: list[Rollouts], per_token_loss, loss_scale: float) -> None:
+    """Run the attribution of a finished probe and store it as ``result.attribution``.
+
+    A failure (or rollouts outside the protocol) becomes ``{"error": ...}`` in the section and a
+    warning; it never marks the rest of the record failed (unless ``strict``)."""
+    result, cfg = pending.result, probe.config
+    runner = PhaseRunner(result.step, cfg.strict, result.timing)
+    with preserved_state(probe.model), runner.phase("attribution"):
+        reasons = [r for r in map(check_rollouts, rollouts) if r] or (
+            [] if rollouts else ["training_step returned no 'rollouts' this step"])
+        if not callable(per_token_loss):
+            reasons.append("the LightningModule has no per_token_loss(rollouts) method")
+        if probe.world_size > 1:
+            reasons.append("attribution runs on a single process only (DDP not supported yet)")
+        if reasons:
+            raise ValueError("; ".join(reasons) + " (see docs/attribution.md)")
+        inputs = pending.attribution
+        denominator = result.T_E if cfg.normalize == "per_token" else result.B_E
+        result.attribution = build_section(
+            model=probe.model, scorer=probe.scorer,
+            microbatches=probe._microbatches(pending.batch), tokenizer=probe.tokenizer,
+            per_token_loss=per_token_loss, rollouts=rollouts, theta=pending.theta,
+            states=inputs["states"], raw_grads=inputs["raw"],
+            consumed_grads=inputs["consumed"], H_hat=result.H_orig,
+            denominator=float(denominator), normalize=cfg.normalize, deltaH1=result.deltaH1,
+            learning_rate=result.learning_rate, loss_scale=loss_scale,
+            detailed=cfg.log_level in ("detailed", "debug"))
+    if runner.error is not None:
+        result.attribution = {"error": {k: v for k, v in runner.error.items()
+                                        if k != "traceback"}}

@@ -18,8 +18,9 @@ import pytest
 import torch
 from conftest import TINY_GRPO, TINY_POLICY
 from lightning.pytorch.callbacks import Callback
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from entropy_callback import cli
+from entropy_callback import ProbeConfigError, cli
 from entropy_callback.attribution import (
     _Bound,
     attribute_step,
@@ -32,6 +33,7 @@ from entropy_callback.attribution_view import render_terminal
 from entropy_callback.demos.grpo import GRPOModule, make_prompts
 from entropy_callback.demos.tiny import DEFAULT_ALPHABET, EOS_TOKEN, build_policy
 from entropy_callback.estimators import delta_h1
+from entropy_callback.runlog import load_step
 from entropy_callback.sampling import draw_randomness, sample_batch
 from entropy_callback.scoring import Scorer, sequence_terms
 from entropy_callback.testing import exact_float64, randomize_lora_b
@@ -290,3 +292,51 @@ def test_cli_renders_the_step_in_the_terminal_and_as_html(section, tmp_path, cap
     (probe_dir / "step_00000006.json").write_text(json.dumps({"core_results": {"step": 6}}))
     assert cli.main(["attribution", str(tmp_path), "--step", "6"]) == 2
     assert "attribution=True" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ inside a live run
+def test_a_live_run_logs_the_parts_to_json_and_tensorboard_and_the_cli_reads_them(
+    make_grpo, make_probe, fit, observer, tmp_path, capsys
+):
+    """attribution=True in a real Lightning run (float32 tiny policy, two micro-batches per step,
+    norm clipping): every probed record has the parts, TensorBoard has them as scalars, the
+    training is bitwise the one without the probe, and the CLI renders the step."""
+    final = {}
+    for probed in (False, True):
+        module = make_grpo(seed=0)
+        probe = make_probe(3, attribution=True, log_level="detailed", strict=True)
+        fit(module, tmp_path / str(probed), max_steps=7, callbacks=(probe,) if probed else (),
+            accumulate_grad_batches=2, gradient_clip_val=0.05)
+        final[probed] = observer.capture(module.model, None)
+    assert observer.differences(final[False], final[True]) == []
+    run = tmp_path / "True" / "run" / "version_0"
+    for step in (0, 3, 6):
+        record = load_step(run, step)
+        parts = record["attribution"]["parts"]
+        deltaH1 = record["core_results"]["deltaH1"]
+        assert parts["num_rollouts"] == 16  # 2 micro-batches x 4 prompts x 2 responses
+        # float32 model: the engine's delta H_1 (forward mode, float32-rounded step) and the
+        # parts (reverse mode, float64 step) agree to float32 round-off, not to 1e-10
+        assert abs(parts["residual"]) <= 1e-3 * abs(deltaH1) + 1e-9, (step, parts, deltaH1)
+        assert parts["protocol_error"] < 1e-4 and parts["clip_offset"] < 1e-6
+        assert len(record["attribution"]["top_tokens"]) == 8
+    acc = EventAccumulator(str(run), size_guidance={"scalars": 0})
+    acc.Reload()
+    for tag in ("momentum", "rollouts_pos_adv", "tokens_neg_adv_low_p", "cui_proxy"):
+        events = acc.Scalars(f"entropy_probe/attribution/{tag}")
+        assert [e.step for e in events] == [0, 3, 6]
+        assert events[-1].value == pytest.approx(
+            load_step(run, 6)["attribution"]["parts"][tag], rel=1e-6)
+    assert cli.main(["attribution", str(run), "--step", "3", "--no-color"]) == 0
+    assert "this step's rollouts" in capsys.readouterr().out
+
+
+def test_attribution_without_the_protocol_fails_at_setup_naming_it(make_probe, fit, tmp_path):
+    class NoProtocol(GRPOModule):
+        per_token_loss = None
+
+    lightning.seed_everything(0, verbose=False)
+    model, tokenizer = build_policy(seed=0, **TINY_POLICY)
+    module = NoProtocol(model, tokenizer, make_prompts(64, seed=0), **TINY_GRPO)
+    with pytest.raises(ProbeConfigError, match="per_token_loss"):
+        fit(module, tmp_path, max_steps=1, callbacks=(make_probe(1, attribution=True),))
