@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 from typing import Any
 
 import lightning
 import pytest
 import torch
 from conftest import TINY_GRPO, TINY_POLICY
+from jsonschema import Draft202012Validator
 from lightning.pytorch.callbacks import Callback
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -40,6 +42,8 @@ from entropy_callback.testing import exact_float64, randomize_lora_b
 from entropy_callback.update import probed_parameters
 
 pytestmark = pytest.mark.usefixtures("single_thread")
+SCHEMA = Draft202012Validator(json.loads(
+    (Path(__file__).resolve().parents[1] / "docs" / "log-schema.json").read_text("utf-8")))
 PROBED_STEP = 2  # two earlier steps give Adam a non-zero momentum and second moment
 
 
@@ -320,6 +324,7 @@ def test_a_live_run_logs_the_parts_to_json_and_tensorboard_and_the_cli_reads_the
         assert abs(parts["residual"]) <= 1e-3 * abs(deltaH1) + 1e-9, (step, parts, deltaH1)
         assert parts["protocol_error"] < 1e-4 and parts["clip_offset"] < 1e-6
         assert len(record["attribution"]["top_tokens"]) == 8
+        assert list(SCHEMA.iter_errors(record)) == []
     acc = EventAccumulator(str(run), size_guidance={"scalars": 0})
     acc.Reload()
     for tag in ("momentum", "rollouts_pos_adv", "tokens_neg_adv_low_p", "cui_proxy"):
