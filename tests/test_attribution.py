@@ -35,6 +35,7 @@ from entropy_callback.attribution_view import render_terminal
 from entropy_callback.demos.grpo import GRPOModule, make_prompts
 from entropy_callback.demos.tiny import DEFAULT_ALPHABET, EOS_TOKEN, build_policy
 from entropy_callback.estimators import delta_h1
+from entropy_callback.observer import EntropyProbeWarning
 from entropy_callback.runlog import load_step
 from entropy_callback.sampling import draw_randomness, sample_batch
 from entropy_callback.scoring import Scorer, sequence_terms
@@ -345,3 +346,35 @@ def test_attribution_without_the_protocol_fails_at_setup_naming_it(make_probe, f
     module = NoProtocol(model, tokenizer, make_prompts(64, seed=0), **TINY_GRPO)
     with pytest.raises(ProbeConfigError, match="per_token_loss"):
         fit(module, tmp_path, max_steps=1, callbacks=(make_probe(1, attribution=True),))
+
+
+def test_a_step_without_rollouts_gets_an_error_section_and_keeps_its_record(
+    make_probe, fit, tmp_path
+):
+    class NoRollouts(GRPOModule):
+        def training_step(self, batch, batch_idx):
+            out = super().training_step(batch, batch_idx)
+            del out["rollouts"]
+            return out
+
+    lightning.seed_everything(0, verbose=False)
+    model, tokenizer = build_policy(seed=0, **TINY_POLICY)
+    module = NoRollouts(model, tokenizer, make_prompts(64, seed=0), **TINY_GRPO)
+    with pytest.warns(EntropyProbeWarning, match="phase 'attribution'"):
+        fit(module, tmp_path, max_steps=2, callbacks=(make_probe(1, attribution=True),))
+    record = load_step(tmp_path / "run" / "version_0", 1)
+    assert "no 'rollouts'" in record["attribution"]["error"]["message"]
+    assert record["core_results"]["deltaH1"] is not None and "error" not in record["core_results"]
+    assert list(SCHEMA.iter_errors(record)) == []
+
+
+def test_the_surrogate_gradient_gives_delta_h1_per_sequence_too(section):
+    data = section["data"]
+    E, theta, obs = data["E"], data["theta"], data["observed"]
+    logp, ent, dl, dH = data["scorer"].score_with_tangent(E, theta, obs)
+    t = sequence_terms(logp, ent, E.response_mask, dl, dH)
+    reference = delta_h1(t["A"], t["Bsum"], t["C"], t["h"], t["T"], "per_sequence").deltaH1
+    g_E = surrogate_gradient(data["scorer"], [E], theta, float(t["h"].mean()),
+                             float(E.size), "per_sequence")
+    ours = sum(float((g_E[n] * obs[n]).sum()) for n in obs)
+    assert abs(ours - reference) <= 1e-10 * abs(reference)
