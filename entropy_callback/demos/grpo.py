@@ -267,7 +267,9 @@ class GRPOModule(lightning.LightningModule):
     (fraction of responses scoring 1.0).
 
     The policy and tokenizer are the attributes ``model`` and ``tokenizer`` (what the entropy
-    probe callback reads by default).
+    probe callback reads by default). ``training_step`` also returns the step's ``rollouts``
+    and the module has ``per_token_loss(rollouts)``: the protocol of the probe's attribution
+    (docs/attribution.md).
 
     Args:
         model: the policy (e.g. a LoRA ``PeftModel``); only its trainable parameters are
@@ -336,7 +338,12 @@ class GRPOModule(lightning.LightningModule):
         return text + EOS_TOKEN if terminated else text
 
     def training_step(self, batch: list[str], batch_idx: int) -> dict[str, torch.Tensor]:
-        """One Dr-GRPO step on ``batch`` (a list of prompt strings)."""
+        """One Dr-GRPO step on ``batch`` (a list of prompt strings).
+
+        Returns ``loss``, ``rewards`` [N], ``advantages`` [N] and ``rollouts``: ``prompt_ids``,
+        ``prompt_mask`` [N, P], ``response_ids``, ``response_mask``, ``token_logp`` (detached)
+        [N, T], ``lengths`` and ``advantages`` [N], ``prompts`` (N strings).
+        """
         prompts = [p for p in batch for _ in range(self.group_size)]
         enc = self.tokenizer(
             prompts, return_tensors="pt", padding=True, add_special_tokens=False
