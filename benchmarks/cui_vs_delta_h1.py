@@ -2,9 +2,10 @@
 
 Reads runs logged with ``attribution=True`` (e.g. ``python examples/grpo_demo.py --seed 0
 --every 10 --out runs/val_s0``) and reports, for each predictor x (δH₁, ``cui_proxy_lr``,
-``cui_proxy``) against y = ΔH_true over the probes of all the runs given: the Pearson
+``cui_proxy``, and ``rollouts``: the part of δH₁ due to this step's own rollouts, the only part
+Cui's proxy looks at) against y = ΔH_true over the probes of all the runs given: the Pearson
 correlation, the least-squares slope of y on x (1 for a calibrated predictor in the units of
-ΔH), and the Spearman rank correlation (sign and ordering only).
+ΔH), the Spearman rank correlation and the fraction of probes where the signs agree.
 
     python benchmarks/cui_vs_delta_h1.py runs/val_s0/grpo_demo/version_0 runs/val_s1/...
 """
@@ -17,7 +18,7 @@ import math
 
 from entropy_callback.runlog import load_run, load_step
 
-PREDICTORS = ("deltaH1", "cui_proxy_lr", "cui_proxy")
+PREDICTORS = ("deltaH1", "rollouts", "cui_proxy_lr", "cui_proxy")
 
 
 def _pearson(x: list[float], y: list[float]) -> float:
@@ -50,7 +51,8 @@ def rows(run_dirs: list[str]) -> list[dict]:
             if parts and r.get("deltaH1") is not None and r.get("deltaH_true") is not None:
                 out.append({"run": run, "step": r["step"], "deltaH_true": r["deltaH_true"],
                             "deltaH1": r["deltaH1"], "cui_proxy": parts["cui_proxy"],
-                            "cui_proxy_lr": parts["cui_proxy_lr"]})
+                            "cui_proxy_lr": parts["cui_proxy_lr"],
+                            "rollouts": parts["rollouts"]})
     return out
 
 
@@ -75,6 +77,8 @@ def main(argv: list[str] | None = None) -> dict:
                 / len(subset)}
             for x in PREDICTORS
         }
+        report[name]["pearson_cui_proxy_vs_rollouts_part"] = _pearson(
+            [d["cui_proxy"] for d in subset], [d["rollouts"] for d in subset])
     print(json.dumps(report, indent=2))
     return report
 
