@@ -30,7 +30,7 @@ from entropy_callback.attribution import (
     snapshot_adam,
     surrogate_gradient,
 )
-from entropy_callback.attribution_report import build_section
+from entropy_callback.attribution_report import build_section, parts
 from entropy_callback.attribution_view import render_terminal
 from entropy_callback.demos.grpo import GRPOModule, make_prompts
 from entropy_callback.demos.tiny import DEFAULT_ALPHABET, EOS_TOKEN, build_policy
@@ -378,3 +378,20 @@ def test_the_surrogate_gradient_gives_delta_h1_per_sequence_too(section):
                              float(E.size), "per_sequence")
     ours = sum(float((g_E[n] * obs[n]).sum()) for n in obs)
     assert abs(ours - reference) <= 1e-10 * abs(reference)
+
+
+def test_per_token_advantages_give_the_same_parts_as_per_rollout_ones(section):
+    """A module may return advantages [N, L] (PPO-style, per token): broadcasting the demo's
+    [N] advantages to [N, L] must not change the grouping or Cui's proxy."""
+    data = section["data"]
+    g_E = {n: torch.ones_like(t, dtype=torch.float64) for n, t in data["theta"].items()}
+    att = attribute_step(
+        model=data["model"], per_token_loss=data["module"].per_token_loss,
+        rollouts=data["rollouts"], theta=data["theta"], states=data["states"],
+        raw_grads=data["raw"], consumed_grads=data["consumed"], g_E=g_E,
+        loss_scale=data["loss_scale"])
+    wide = [{**r, "advantages": r["advantages"][:, None].expand_as(r["token_logp"])}
+            for r in data["rollouts"]]
+    narrow_parts = parts(att, data["rollouts"], None, 1e-3)
+    assert parts(att, wide, None, 1e-3) == narrow_parts
+    assert narrow_parts["tokens_pos_adv_high_p"] != 0
