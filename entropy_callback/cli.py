@@ -6,6 +6,7 @@ Example::
     entropy-probe plot lightning_logs/version_0 -o dh.png
     entropy-probe compare lightning_logs/version_0 lightning_logs/version_1
     entropy-probe export lightning_logs/version_0 --csv -o probes.csv
+    entropy-probe attribution lightning_logs/version_0 --step 20 --html step20.html
 
 Entropy changes are in nats per token (``normalize="per_token"``) or nats per response.
 A missing, empty or corrupt log (wrong field types, a record or line over the size bounds of
@@ -261,6 +262,21 @@ def cmd_plot(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+def cmd_attribution(args: argparse.Namespace, out: TextIO) -> int:
+    """One step's attribution: the parts, and the top rollouts shaded token by token."""
+    from .attribution_view import render_html, render_terminal
+    from .runlog import load_step
+
+    record = load_step(args.run_dir, args.step)
+    if args.html is not None:
+        args.html.write_text(render_html(record, args.step), encoding="utf-8")
+        out.write(f"wrote {args.html}\n")
+        return 0
+    color = not args.no_color and getattr(out, "isatty", lambda: False)()
+    render_terminal(record, args.step, out, color=color)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``entropy-probe`` argument parser."""
     parser = argparse.ArgumentParser(
@@ -289,6 +305,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("-o", "--output", type=Path, default=None, help="file (default: stdout)")
     export.set_defaults(func=cmd_export)
+
+    attribution = sub.add_parser(
+        "attribution", help="one step's δH₁ by part, rollout and token (shaded)"
+    )
+    attribution.add_argument("run_dir", help=run_help)
+    attribution.add_argument("--step", type=int, required=True, help="the probed step")
+    attribution.add_argument("--html", type=Path, default=None, help="write an HTML page here")
+    attribution.add_argument("--no-color", action="store_true", help="plain text, no shading")
+    attribution.set_defaults(func=cmd_attribution)
     return parser
 
 

@@ -61,6 +61,9 @@ class ProbeConfig:
         log_sequences: include per-sequence records (on by default at level "detailed").
         log_tokens: include token-level data (on by default at level "debug").
         log_raw_tensors: include raw per-sequence tensors (on by default at level "debug").
+        attribution: split delta H_1 into momentum, weight decay and the step's update rollouts
+            and tokens, with Cui et al.'s covariance proxy beside it (docs/attribution.md;
+            needs Adam/AdamW and a LightningModule following the protocol there).
 
     Every field is checked at construction (a ProbeConfigError names the field and the fix).
     A ProbeConfig is frozen: derive a changed copy with ``dataclasses.replace(cfg, seed=1)``,
@@ -85,6 +88,7 @@ class ProbeConfig:
     log_sequences: bool | None = None
     log_tokens: bool | None = None
     log_raw_tensors: bool | None = None
+    attribution: bool = False
 
     def __post_init__(self) -> None:
         for name, check in _CHECKS.items():
@@ -325,4 +329,5 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "log_sequences": _optional_boolean,
     "log_tokens": _optional_boolean,
     "log_raw_tensors": _optional_boolean,
+    "attribution": boolean,
 }

@@ -112,6 +112,12 @@ class EntropyProbeCallback(Callback):
                 stacklevel=2,
             )
             return
+        if self.config.attribution and not callable(getattr(pl_module, "per_token_loss", None)):
+            raise ProbeConfigError(
+                f"attribution=True needs {type(pl_module).__name__}.per_token_loss(rollouts) and "
+                "training_step outputs carrying 'rollouts' (docs/attribution.md); add them, or "
+                "pass attribution=False."
+            )
         model = self._model if self._model is not None else _attr(pl_module, self.model_attr,
                                                                   "model")
         tok = self._tokenizer if self._tokenizer is not None else _attr(
@@ -229,6 +235,14 @@ class EntropyProbeCallback(Callback):
         results, self._results = self._results, []
         for result in results:
             result.batch_statistics["U_batch"] = _u_statistics(self._u_outputs)
+            if self.config.attribution:
+                self.probe.attribute(
+                    result,
+                    [o["rollouts"] for o in self._u_outputs
+                     if isinstance(o, dict) and "rollouts" in o],
+                    getattr(pl_module, "per_token_loss", None),
+                    loss_scale=1.0 / trainer.accumulate_grad_batches,
+                )
             self._emit(trainer, result)
 
     def on_train_end(self, trainer, pl_module) -> None:

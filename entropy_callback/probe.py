@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from . import records
+from .attribution_report import attach, keep_consumed, keep_inputs
 from .config import ProbeConfig, ProbeConfigError, check_step
 from .distributed import any_rank_failed, make_gather, shard
 from .estimators import delta_h1, snis
@@ -69,6 +70,7 @@ class _Pending:
     batch: EBatch | None = None
     terms: dict[str, torch.Tensor] | None = None
     tokens: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    attribution: dict | None = None  # attribution_report.keep_inputs, with attribution=True
 
 
 class EntropyProbe:
@@ -111,6 +113,7 @@ class EntropyProbe:
         self.rank, self.world_size = 0, 1
         self.gather: Gather = lambda x: x
         self._pending: _Pending | None = None
+        self._attributable: _Pending | None = None
         self._calls = 0
         self._warned: set[str] = set()
         dtypes = {p.dtype for p in model.parameters()}
@@ -154,6 +157,8 @@ class EntropyProbe:
                 pending.optimizer_state = optimizer_state(optimizer, self.params)
                 if is_adam(optimizer):
                     result.update_source = "adam_reconstruction"
+                    if cfg.attribution:
+                        pending.attribution = keep_inputs(optimizer, self.params)
                 else:
                     result.update_source = "observed"
                     self.warn_once("optim", f"{type(optimizer).__name__} is not Adam/AdamW: "
@@ -177,6 +182,8 @@ class EntropyProbe:
         pending, self._pending = self._pending, None
         if pending is None:
             return None
+        if pending.attribution is not None and not pending.runner.failed:
+            keep_consumed(pending.attribution, self.params)
         result, runner, cfg = pending.result, pending.runner, self.config
         skipped = None
         with preserved_state(self.model):
@@ -212,7 +219,22 @@ class EntropyProbe:
         result.error = runner.error
         result.timing["total"] = time.perf_counter() - pending.started
         records.sanitize(result)
+        ok = pending.attribution is not None and not runner.failed and result.deltaH1 is not None
+        self._attributable = pending if ok else None
         return result
+
+    def attribute(self, result: ProbeResult, rollouts: list, per_token_loss,
+                  loss_scale: float = 1.0) -> None:
+        """With ``attribution=True``, after ``after_step`` returned ``result``: split its delta H_1
+        into parts (docs/attribution.md) and store them as ``result.attribution``.
+
+        ``rollouts``: the step's micro-batches' ``training_step(...)["rollouts"]``;
+        ``per_token_loss``: the module's method; ``loss_scale``: what each micro-batch's loss was
+        multiplied by before backward (1 / accumulate_grad_batches in Lightning).
+        """
+        pending, self._attributable = self._attributable, None
+        if pending is not None and pending.result is result:
+            attach(self, pending, rollouts, per_token_loss, loss_scale)
 
     def _rebuild_step(self, pending: _Pending) -> str | None:
         """Read what the optimizer consumed, rebuild Delta theta, compare with the observed one.

@@ -79,6 +79,7 @@ class ProbeResult:
     error: dict[str, str] | None = None
     null_reasons: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    attribution: dict[str, Any] | None = None
 
     @property
     def ok(self) -> bool:
@@ -155,6 +156,8 @@ class ProbeResult:
             record["token_data"] = {"E_batch": self.token_data}
         if raw_tensors and self.raw_tensors:
             record["raw_tensors"] = self.raw_tensors
+        if self.attribution is not None:
+            record["attribution"] = self.attribution
         return record
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .attribution_report import scalars as attribution_scalars
 from .result import ProbeResult, finite_float
 
 PREFIX = "entropy_probe"
@@ -69,6 +70,7 @@ def scalars(result: ProbeResult) -> dict[str, float]:
     if true is not None and se is not None:
         out[f"{PREFIX}/deltaH_true_lo2se"] = true - 2.0 * se
         out[f"{PREFIX}/deltaH_true_hi2se"] = true + 2.0 * se
+    out.update(attribution_scalars(result.attribution))
     for phase, seconds in (result.timing or {}).items():
         value = finite_float(seconds)
         if value is not None:

@@ -3,8 +3,9 @@
 A tiny character-level Llama with LoRA learns "a+b=" -> (a+b) mod 10 by Dr-GRPO on CPU.
 Every ``every`` optimizer steps, EntropyProbeCallback predicts the step's entropy change
 (delta H_1, from the live AdamW state) and measures it (Delta H_true, importance sampling on a
-held-out batch). At the end: a table of the probes, the correlation of predicted vs true, and
-the TensorBoard command.
+held-out batch). At the end: a table of the probes, the correlation of predicted vs true, where
+each predicted change comes from (momentum, weight decay, rollouts with positive and negative
+advantage; off with ``--no-attribution``), and the TensorBoard and CLI commands.
 
     python examples/grpo_demo.py                       # configs/demo.yaml, about 3 minutes
     python examples/grpo_demo.py --steps 400 --every 40 --out runs/longer
@@ -13,6 +14,7 @@ the TensorBoard command.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import time
@@ -26,6 +28,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from entropy_callback import EntropyProbeCallback, ProbeConfig, load_run
 from entropy_callback.cli import pearson
 from entropy_callback.demos import GRPOModule, build_policy, make_prompts
+from entropy_callback.runlog import load_step
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,6 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "tiny model runs fastest on one (more threads only add overhead)")
     parser.add_argument("--checkpoint", help="a local transformers checkpoint instead of the "
                         "tiny model (its tokenizer must handle the 'a+b=' prompts)")
+    parser.add_argument("--no-attribution", action="store_true", help="skip the attribution of "
+                        "delta H_1 (on by default, at log_level 'detailed')")
     return parser.parse_args(argv)
 
 
@@ -60,7 +65,8 @@ def main(argv=None) -> list[dict]:
     heldout = make_prompts(100, seed=seed + 1)  # drawn independently of the training stream
     module = GRPOModule(model, tokenizer, make_prompts(4096, seed=seed), total_steps=steps,
                         seed=seed, probe_prompts=heldout, **train)
-    probe = EntropyProbeCallback(every=every, config=ProbeConfig.from_dict(cfg["probe"]))
+    probe = EntropyProbeCallback(every=every,
+                                 config=probe_config(cfg["probe"], not args.no_attribution))
     logger = TensorBoardLogger(args.out, name="grpo_demo")
     log_dir = logger.log_dir  # fixes the version before ddp_spawn's processes copy the logger
     trainer = L.Trainer(
@@ -85,6 +91,16 @@ def main(argv=None) -> list[dict]:
     return records
 
 
+def probe_config(options: dict, attribution: bool) -> ProbeConfig:
+    """The config's probe section; with attribution, at least log_level "detailed" (the top
+    rollouts and tokens that ``entropy-probe attribution`` shades)."""
+    cfg = ProbeConfig.from_dict(options)
+    if not attribution:
+        return cfg
+    level = cfg.log_level if cfg.log_level in ("detailed", "debug") else "detailed"
+    return dataclasses.replace(cfg, attribution=True, log_level=level)
+
+
 def report(records: list[dict], log_dir: str, save_dir: str, seconds: float) -> None:
     def fmt(x, se):
         return "      n/a" if x is None else f"{x:+.5f} ± {se or 0:.5f}"
@@ -107,6 +123,34 @@ def report(records: list[dict], log_dir: str, save_dir: str, seconds: float) -> 
           and records[-1].get("H_upd") is not None else "")
     print(f"JSON records: {Path(log_dir) / 'entropy_probe'}")
     print(f"TensorBoard:  tensorboard --logdir {save_dir}")
+    attribution_table(records, log_dir)
+
+
+def attribution_table(records: list[dict], log_dir: str) -> None:
+    """Where each δH₁ comes from (docs/attribution.md), when the probe ran with attribution."""
+    rows = []
+    for r in records:
+        try:
+            parts = load_step(log_dir, r["step"]).get("attribution", {}).get("parts")
+        except (OSError, ValueError):
+            parts = None
+        if parts:
+            rows.append((r, parts))
+    if not rows:
+        return
+
+    def num(x):
+        return f"{x:+.2e}" if isinstance(x, (int, float)) else "n/a"
+
+    heads = ("δH₁", "momentum", "decay", "A > 0", "A < 0", "residual", "Cui·lr")
+    keys = ("momentum", "weight_decay", "rollouts_pos_adv", "rollouts_neg_adv", "residual",
+            "cui_proxy_lr")
+    print("\nWhere δH₁ comes from (nats per token; parts + residual = δH₁):")
+    print(f"{'step':>6}  " + "  ".join(f"{h:>9}" for h in heads))
+    for r, parts in rows:
+        cells = [num(r.get("deltaH1"))] + [num(parts.get(k)) for k in keys]
+        print(f"{r['step']:>6}  " + "  ".join(f"{c:>9}" for c in cells))
+    print(f"Tokens of one step:  entropy-probe attribution {log_dir} --step {rows[-1][0]['step']}")
 
 
 if __name__ == "__main__":

@@ -230,7 +230,7 @@ def score_responses(
     Returns:
         ``(token_logp, token_entropy, response_mask)``, each [N, T]: log pi(y_k | x, y_<k)
         (with grad), the full next-token entropy H_k in nats (detached), and the float mask.
-        Both are zero outside the mask.
+        Both are zero outside the mask. float32, or float64 for a float64 model.
     """
     t = response_ids.shape[1]
     response_mask = torch.arange(t, device=lengths.device)[None, :] < lengths[:, None]
@@ -243,7 +243,8 @@ def score_responses(
         position_ids=position_ids,
         use_cache=False,
     ).logits
-    logits = logits[:, prompt_ids.shape[1] - 1 : -1].float() / temperature
+    logits = logits[:, prompt_ids.shape[1] - 1 : -1]
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
     logp = F.log_softmax(logits, dim=-1)
     maskf = response_mask.to(logp.dtype)
     token_logp = logp.gather(-1, response_ids[..., None]).squeeze(-1) * maskf
@@ -266,7 +267,9 @@ class GRPOModule(lightning.LightningModule):
     (fraction of responses scoring 1.0).
 
     The policy and tokenizer are the attributes ``model`` and ``tokenizer`` (what the entropy
-    probe callback reads by default).
+    probe callback reads by default). ``training_step`` also returns the step's ``rollouts``
+    and the module has ``per_token_loss(rollouts)``: the protocol of the probe's attribution
+    (docs/attribution.md).
 
     Args:
         model: the policy (e.g. a LoRA ``PeftModel``); only its trainable parameters are
@@ -340,7 +343,12 @@ class GRPOModule(lightning.LightningModule):
         return text + EOS_TOKEN if terminated else text
 
     def training_step(self, batch: list[str], batch_idx: int) -> dict[str, torch.Tensor]:
-        """One Dr-GRPO step on ``batch`` (a list of prompt strings)."""
+        """One Dr-GRPO step on ``batch`` (a list of prompt strings).
+
+        Returns ``loss``, ``rewards`` [N], ``advantages`` [N] and ``rollouts``: ``prompt_ids``,
+        ``prompt_mask`` [N, P], ``response_ids``, ``response_mask``, ``token_logp`` (detached)
+        [N, T], ``lengths`` and ``advantages`` [N], ``prompts`` (N strings).
+        """
         prompts = [p for p in batch for _ in range(self.group_size)]
         enc = self.tokenizer(
             prompts, return_tensors="pt", padding=True, add_special_tokens=False
@@ -381,7 +389,34 @@ class GRPOModule(lightning.LightningModule):
         log("train/entropy", token_entropy.sum() / mask.sum(), prog_bar=True)
         log("train/response_length", lengths.float().mean())
         log("train/full_reward", (rewards >= 1.0).float().mean())
-        return {"loss": loss, "rewards": rewards, "advantages": advantages}
+        rollouts = {
+            "prompt_ids": enc["input_ids"],
+            "prompt_mask": enc["attention_mask"],
+            "response_ids": response_ids,
+            "lengths": lengths,
+            "response_mask": mask.detach(),
+            "advantages": advantages,
+            "token_logp": token_logp.detach(),
+            "prompts": prompts,
+        }
+        return {"loss": loss, "rewards": rewards, "advantages": advantages, "rollouts": rollouts}
+
+    def per_token_loss(self, rollouts: dict) -> torch.Tensor:
+        """The attribution protocol (docs/attribution.md): the per-token Dr-GRPO losses of a
+        ``training_step``'s ``rollouts``, [N, T], recomputed at the current parameters, zero
+        outside the response mask; their sum is the loss ``training_step`` returned
+        (``-A_i log pi(y_ik) / (N * max_new_tokens)`` per token)."""
+        token_logp, _, _ = score_responses(
+            self.model,
+            rollouts["prompt_ids"],
+            rollouts["prompt_mask"],
+            rollouts["response_ids"],
+            rollouts["lengths"],
+            temperature=self.temperature,
+        )
+        n = token_logp.shape[0]
+        advantages = rollouts["advantages"].to(token_logp.dtype)
+        return -advantages[:, None] * token_logp / (n * self.max_new_tokens)
 
     def configure_optimizers(self) -> dict:
         """AdamW over the trainable parameters, with a per-step warmup-cosine schedule."""
