@@ -122,26 +122,9 @@ class EntropyProbeCallback(Callback):
                                                                   "model")
         tok = self._tokenizer if self._tokenizer is not None else _attr(
             pl_module, self.tokenizer_attr, "tokenizer")
-        prompts = self.prompts if self.prompts is not None else self._attached_prompts(
-            trainer, pl_module)
+        prompts = self.prompts if self.prompts is not None else _attached_prompts(
+            trainer, pl_module, self.prompts_attr)
         self.probe = EntropyProbe(model, tok, prompts, self.config)
-
-    def _attached_prompts(self, trainer: Trainer, pl_module: LightningModule) -> list:
-        """``pl_module.<prompts_attr>``, else ``trainer.datamodule.<prompts_attr>``."""
-        name = self.prompts_attr
-        owners = (("pl_module", pl_module), ("trainer.datamodule", trainer.datamodule))
-        for where, owner in owners:
-            prompts = getattr(owner, name, None) if owner is not None else None
-            if prompts is not None:
-                try:
-                    return check_prompts(prompts)
-                except ProbeConfigError as exc:
-                    raise ProbeConfigError(f"{where}.{name}: {exc}") from None
-        raise ProbeConfigError(
-            f"EntropyProbeCallback has no prompts: pass prompts=[...] to the callback, or set "
-            f"{type(pl_module).__name__}.{name} (pl_module.{name}), or trainer.datamodule.{name}; "
-            f"another attribute name can be given as prompts_attr= (now {name!r})."
-        )
 
     def _setup_sinks(self, trainer: Trainer) -> None:
         """Rank 0: open this fit's RunLogger; a resume of this callback's run (its state came
@@ -303,6 +286,22 @@ def _attr(pl_module: LightningModule, name: str, what: str):
             f"pass {what}= to the callback."
         )
     return value
+
+
+def _attached_prompts(trainer: Trainer, pl_module: LightningModule, name: str) -> list:
+    """``pl_module.<name>``, else ``trainer.datamodule.<name>``: the callback's prompt pool."""
+    for where, owner in (("pl_module", pl_module), ("trainer.datamodule", trainer.datamodule)):
+        prompts = getattr(owner, name, None) if owner is not None else None
+        if prompts is not None:
+            try:
+                return check_prompts(prompts)
+            except ProbeConfigError as exc:
+                raise ProbeConfigError(f"{where}.{name}: {exc}") from None
+    raise ProbeConfigError(
+        f"EntropyProbeCallback has no prompts: pass prompts=[...] to the callback, or set "
+        f"{type(pl_module).__name__}.{name} (pl_module.{name}), or trainer.datamodule.{name}; "
+        f"another attribute name can be given as prompts_attr= (now {name!r})."
+    )
 
 
 def _holds_any(optimizer: torch.optim.Optimizer, params: dict[str, torch.nn.Parameter]) -> bool:

@@ -126,6 +126,8 @@ CONFIG_CASES = {
     "config_string": (dict(config="probe.yaml"), ["config=", "got str"]),
     "config_mapping_typo": (dict(config={"bach_size": 8}), ["did you mean 'batch_size'"]),
     "config_mapping_bad_value": (dict(config={"strict": "false"}), ["strict", "'false'"]),
+    "config_detailed_logging_list": (dict(config={"detailed_logging": ["debug"]}),
+                                     ["detailed_logging", "mapping", "list"]),
 }
 
 

@@ -84,9 +84,14 @@ def test_wrong_field_type_in_a_step_file_exits_2_with_one_line(case, tmp_path, c
     assert_one_line_error(status, err, "summary", "step_00000020.json", words)
 
 
-def test_deeply_nested_json_exits_2_with_one_line(tmp_path, capsys):
-    nested = '{"step": 0, "x": ' + "[" * 100_000 + "]" * 100_000 + "}"
-    run = write_jsonl(tmp_path / "run", [record(0), nested])
+@pytest.mark.parametrize("line", [
+    '{"step": 0, "x": ' + "[" * 100_000 + "]" * 100_000 + "}",  # RecursionError in json
+    '{"step": 1' + "0" * 5000 + "}",  # past Python's 4300-digit int limit: a plain ValueError
+], ids=["nested_100000_deep", "integer_of_5000_digits"])
+def test_pathological_json_line_is_a_run_log_error(line, tmp_path, capsys):
+    run = write_jsonl(tmp_path / "run", [record(0), line])
+    with pytest.raises(RunLogError, match="probes.jsonl:2: corrupt line"):
+        load_run(run)
     status, _, err = cli(["summary", str(run)], capsys, tmp_path)
     assert_one_line_error(status, err, "summary", "probes.jsonl:2: corrupt line")
 
