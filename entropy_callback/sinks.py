@@ -21,6 +21,7 @@ Example (a plain PyTorch loop; the Lightning and HF adapters do the same)::
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import traceback
 import warnings
@@ -200,10 +201,13 @@ class RunLogger:
 
         ``extra`` (e.g. ``{"epoch": 3}``) is merged into the record's ``run_metadata``. A sink
         failure is a warning saying what is on disk, and the first one is the record's
-        ``error`` (if it had none); with ``strict`` it raises ``ProbeFailure``.
+        ``error`` (if it had none); with ``strict`` it raises ``ProbeFailure``. The record
+        also holds each sink's time (``timing.<sink>``, seconds). ``result`` itself is not
+        changed: data flows from the engine to the sinks only.
         """
         if not self._opened:
             raise RuntimeError("RunLogger.emit() before open().")
+        result = dataclasses.replace(result, timing=dict(result.timing))  # the caller's stays
         step = int(result.step)
         failures: list[tuple[str, Exception]] = []
         for sink in self.sinks:
@@ -229,10 +233,14 @@ class RunLogger:
             return "No JSON record is written in this run."
         name = step_filename(step, self.config.compress)
         try:
-            if self.json.ensure_root():
+            recreated = self.json.ensure_root()
+            if recreated == "directory":
                 self._relock()
                 self._warn(f"{self.json.root} was removed during run {self.run_id}: recreated it "
                            "with its config.yaml; the records written there before are gone.")
+            elif recreated:
+                self._warn(f"{self.json.root / recreated} was removed during run {self.run_id}: "
+                           "rewrote it; the records beside it are untouched.")
             self.json.write(result, dict(extra or {}))
         except StepWriteError as exc:
             self._raise_if_strict("json", step, exc.cause)
