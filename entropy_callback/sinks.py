@@ -116,7 +116,7 @@ class RunLogger:
         self.json: JsonLogWriter | None = None
         self.sinks: list[Sink] = []
         self._claim: RunClaim | None = None
-        self._opened = False
+        self._opened = self._closed = False
 
     @property
     def run_dir(self) -> Path | None:
@@ -170,7 +170,8 @@ class RunLogger:
             try:
                 claim = claim_run_dir(self.log_dir, self.run_id, resume)
             except RunBusyError as exc:  # the same run resumed twice at once: split them
-                old, self.run_id = self.run_id, new_run_id()
+                old, self.run_id, self.start_time = self.run_id, new_run_id(), utc_now()
+                resume = False
                 claim = claim_run_dir(self.log_dir, self.run_id, resume=False)
                 self._warn(f"{exc}: this process logs run {old} as a new run {self.run_id} in "
                            f"{claim.path}; the records in the locked directory stay as they are.")
@@ -190,7 +191,7 @@ class RunLogger:
                                  "log_dir= a writable directory")
 
     def _run_facts(self, resume: bool, start_step: int) -> dict[str, Any]:
-        facts = {"run_id": self.run_id, "start_time": self.start_time, **self.metadata}
+        facts = {**self.metadata, "run_id": self.run_id, "start_time": self.start_time}
         if resume:
             facts["resumed_at_step"] = start_step
         return facts
@@ -205,8 +206,9 @@ class RunLogger:
         also holds each sink's time (``timing.<sink>``, seconds). ``result`` itself is not
         changed: data flows from the engine to the sinks only.
         """
-        if not self._opened:
-            raise RuntimeError("RunLogger.emit() before open().")
+        if not self._opened or self._closed:
+            raise RuntimeError("RunLogger.emit() needs an open RunLogger (open() first, and "
+                               "not after close()).")
         result = dataclasses.replace(result, timing=dict(result.timing))  # the caller's stays
         step = int(result.step)
         failures: list[tuple[str, Exception]] = []
@@ -233,14 +235,7 @@ class RunLogger:
             return "No JSON record is written in this run."
         name = step_filename(step, self.config.compress)
         try:
-            recreated = self.json.ensure_root()
-            if recreated == "directory":
-                self._relock()
-                self._warn(f"{self.json.root} was removed during run {self.run_id}: recreated it "
-                           "with its config.yaml; the records written there before are gone.")
-            elif recreated:
-                self._warn(f"{self.json.root / recreated} was removed during run {self.run_id}: "
-                           "rewrote it; the records beside it are untouched.")
+            self._recreate_if_removed(step)
             self.json.write(result, dict(extra or {}))
         except StepWriteError as exc:
             self._raise_if_strict("json", step, exc.cause)
@@ -256,13 +251,26 @@ class RunLogger:
         return (f"The JSON record of step {step} in {self.json.root} ({name}, its summary and its "
                 f"{JSONL_NAME} line) {what}.")
 
-    def _relock(self) -> None:
-        if self._claim is None:
-            return
+    def _recreate_if_removed(self, step: int) -> None:
+        """Recreate the run directory (or its config.yaml) if it was removed, and say so."""
+        assert self.json is not None
+        root = self.json.root
         try:
-            self._claim.lock()
-        except RunBusyError as exc:
-            self._warn(f"{exc}; run {self.run_id} keeps writing into it.")
+            recreated = self.json.ensure_root()
+        except OSError as exc:
+            raise StepWriteError(step, exc, f"nothing of step {step} is on disk ({root} was "
+                                 "removed and cannot be recreated)") from exc
+        if recreated == "directory":
+            if self._claim is not None:
+                try:
+                    self._claim.lock()
+                except RunBusyError as exc:
+                    self._warn(f"{exc}; run {self.run_id} keeps writing into it.")
+            self._warn(f"{root} was removed during run {self.run_id}: recreated it with its "
+                       "config.yaml; the records written there before are gone.")
+        elif recreated:
+            self._warn(f"{root / recreated} was removed during run {self.run_id}: rewrote it; "
+                       "the records beside it are untouched.")
 
     # ------------------------------------------------------------------ resume, state, close
     def rewind(self, step: int) -> list[int]:
@@ -300,6 +308,7 @@ class RunLogger:
     def close(self) -> None:
         """Flush and close the sinks (a writer that was given is only flushed) and release the
         run directory's lock. Safe to call twice."""
+        self._closed = True
         sinks, self.sinks = self.sinks, []
         for sink in sinks:
             try:

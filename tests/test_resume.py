@@ -224,6 +224,8 @@ def test_two_live_runs_on_one_log_dir_never_share_files(tmp_path):
     assert resumed.run_id == state["run_id"] and resumed.run_dir == a.run_dir
     assert twin.run_id != state["run_id"] and twin.run_dir not in (a.run_dir, b.run_dir)
     assert "locked" in message and twin.run_id in message and str(twin.run_dir) in message
+    assert read_run_meta(resumed.run_dir)["resumed_at_step"] == 0
+    assert "resumed_at_step" not in read_run_meta(twin.run_dir)  # a new run, not a resume
     for step in range(3):
         for logger in (resumed, twin, b):
             logger.emit(probe_result(step))

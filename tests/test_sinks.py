@@ -12,6 +12,7 @@ import io
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -620,3 +621,23 @@ def test_a_run_logger_without_log_dir_feeds_only_its_metric_loggers():
     assert run.state_dict()["run_id"] == run.run_id and run.state_dict()["run_dir"] is None
     ((step, scalars_),) = seen
     assert step == 7 and scalars_["entropy_probe/deltaH1"] == pytest.approx(-2.5e-4)
+
+
+def test_a_removed_config_is_rewritten_and_an_unrecreatable_directory_costs_the_step(tmp_path):
+    run = RunLogger(ProbeConfig(), tmp_path, tensorboard=False).open()
+    run.emit(make_result(20))
+    (run.run_dir / "config.yaml").unlink()
+    with pytest.warns(EntropyProbeWarning, match="config.yaml was removed .* rewrote it; the "
+                      "records beside it are untouched"):
+        run.emit(make_result(40))
+    assert yaml.safe_load((run.run_dir / "config.yaml").read_text())["run_metadata"][
+        "run_id"] == run.run_id
+    assert [r["step"] for r in load_run(run.run_dir)] == [20, 40]
+
+    shutil.rmtree(run.run_dir)
+    run.run_dir.write_text("a regular file where the run directory was\n")
+    with pytest.warns(EntropyProbeWarning, match="phase 'json' at step 60 .* nothing of step 60 "
+                      "is on disk .* cannot be recreated"):
+        run.emit(make_result(60))
+    run.close()
+    assert run.run_dir.read_text().startswith("a regular file")
