@@ -83,8 +83,9 @@ class RunLogger:
             Custom Scalars layout to ``<log_dir>/entropy_probe_layout/``. None:
             ``config.log_dir``; if that is None too, no JSON and no own TensorBoard writer.
         tensorboard: an existing ``SummaryWriter``-like object (``add_scalar``) to write the
-            scalars into (never closed here); None: a ``SummaryWriter`` of its own under
-            ``log_dir``; False: no TensorBoard.
+            scalars into (never closed here); a directory: a ``SummaryWriter`` of its own there
+            (the layout beside it; e.g. HF's ``args.logging_dir``); None: a ``SummaryWriter``
+            of its own under ``log_dir``; False: no TensorBoard.
         metric_loggers: callables ``(scalars: dict[str, float], step: int)`` that get the same
             scalars as TensorBoard (e.g. a Lightning logger's ``log_metrics``).
         metadata: facts about the run for ``config.yaml`` and every record's ``run_metadata``,
@@ -152,11 +153,16 @@ class RunLogger:
         return self
 
     def _open_tensorboard(self) -> None:
-        if self._tb_arg is False or (self._tb_arg is None and self.log_dir is None):
+        arg = self._tb_arg
+        if arg is False or (arg is None and self.log_dir is None):
             return
         try:
-            self.tensorboard = TensorBoardSink(
-                experiment=self._tb_arg, log_dir=self.log_dir if self._tb_arg is None else None)
+            if isinstance(arg, (str, Path)):  # an own writer there, with the layout beside it
+                self.tensorboard = TensorBoardSink(log_dir=Path(arg))
+                self.tensorboard.write_layout(Path(arg))
+            else:
+                self.tensorboard = TensorBoardSink(
+                    experiment=arg, log_dir=self.log_dir if arg is None else None)
         except Exception as exc:
             self._failed_to_open("tensorboard", exc, "no TensorBoard scalars for this run")
             return
@@ -165,7 +171,7 @@ class RunLogger:
     def _open_json(self, resume: bool, start_step: int) -> None:
         assert self.log_dir is not None
         try:
-            if self.tensorboard is not None:
+            if self.tensorboard is not None and not isinstance(self._tb_arg, (str, Path)):
                 self.tensorboard.write_layout(self.log_dir)
             try:
                 claim = claim_run_dir(self.log_dir, self.run_id, resume)

@@ -641,3 +641,15 @@ def test_a_removed_config_is_rewritten_and_an_unrecreatable_directory_costs_the_
         run.emit(make_result(60))
     run.close()
     assert run.run_dir.read_text().startswith("a regular file")
+
+
+def test_tensorboard_may_go_to_its_own_directory(tmp_path):
+    """HF's layout: scalars under args.logging_dir, JSON under args.output_dir."""
+    run = RunLogger(ProbeConfig(), tmp_path / "out", tensorboard=tmp_path / "tb").open()
+    run.emit(make_result(20))
+    run.close()
+    assert run.run_dir == tmp_path / "out" / "entropy_probe"
+    assert "entropy_probe/deltaH1" in accumulator(tmp_path / "tb").Tags()["scalars"]
+    assert (tmp_path / "tb" / LAYOUT_SUBDIR).is_dir()
+    assert not (tmp_path / "out" / LAYOUT_SUBDIR).exists()
+    assert not list((tmp_path / "out").glob("events.out.tfevents.*"))
