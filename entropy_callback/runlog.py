@@ -103,8 +103,8 @@ def _step_files(directory: Path) -> list[tuple[int, Path]]:
 def read_record(path: str | Path, max_bytes: int | None = None) -> dict[str, Any]:
     """One step record (``step_<t>.json`` or ``.json.gz``) as a dict.
 
-    At most ``max_bytes`` (default :data:`MAX_RECORD_BYTES`) are read or inflated: a larger
-    record (a decompression bomb) is refused without being held in memory.
+    At most ``max_bytes`` + 1 bytes (default :data:`MAX_RECORD_BYTES`) are read or inflated: a
+    larger record (a decompression bomb) is refused there, never inflated whole.
 
     Raises:
         RunLogError: the file is larger than that, not valid (gzipped) JSON, or not an object.
@@ -115,14 +115,16 @@ def read_record(path: str | Path, max_bytes: int | None = None) -> dict[str, Any
     try:
         with opener(path, "rb") as handle:
             raw = handle.read(limit + 1)
-        if len(raw) > limit:
-            raise RunLogError(
-                f"{path}: the record is larger than {limit} bytes once read (inflated); refused "
-                "as not a probe record (runlog.MAX_RECORD_BYTES sets the bound)."
-            )
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        raise RunLogError(f"{path}: corrupt probe record ({type(exc).__name__}: {exc}).") from exc
+    if len(raw) > limit:
+        raise RunLogError(
+            f"{path}: the record is larger than {limit} bytes once read (inflated); refused "
+            "as not a probe record (runlog.MAX_RECORD_BYTES sets the bound)."
+        )
+    try:
         record = json.loads(raw)
-    except (EOFError, zlib.error, gzip.BadGzipFile, RecursionError, ValueError) as exc:
-        # ValueError: JSON syntax, UTF-8, and integers past Python's 4300-digit limit
+    except (RecursionError, ValueError) as exc:  # JSON syntax, UTF-8, 4300+-digit integers
         raise RunLogError(f"{path}: corrupt probe record ({type(exc).__name__}: {exc}).") from exc
     if not isinstance(record, dict):
         raise RunLogError(f"{path}: expected a JSON object, got {type(record).__name__}.")
