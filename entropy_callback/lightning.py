@@ -24,13 +24,16 @@ class EntropyProbeCallback(Callback):
     r"""Every ``every`` optimizer steps, predict and measure the step's policy-entropy change.
 
     At step t (``trainer.global_step`` read in ``on_before_optimizer_step``, t % every == 0,
-    t = 0 included) the probe samples a held-out batch E from the current policy, predicts
-    delta H_1 = g_hat . Delta theta from the live AdamW state (with the trainer's gradient
-    clipping), and after the optimizer step measures Delta H_true on the same E tokens by
-    self-normalised importance sampling. Both go to TensorBoard under ``entropy_probe/`` and to
-    the run's JSON directory (``<log_dir>/entropy_probe/``, or ``entropy_probe-<run_id>/`` when
-    another run has that one), at step t, through a ``sinks.RunLogger``. Each ``fit`` is a new
-    run, unless it resumes from a checkpoint holding this callback's state.
+    t = 0 included) the probe samples a held-out batch E from the current policy and snapshots
+    theta and the AdamW state; in the optimizer's step post-hook it rebuilds the step from the
+    gradients AdamW consumed (after any clipping or repair), predicts delta H_1 = g_hat . Delta
+    theta, and measures Delta H_true on the same E tokens by self-normalised importance
+    sampling. Both go to TensorBoard under ``entropy_probe/`` and to the run's JSON directory
+    (``<log_dir>/entropy_probe/``, or ``entropy_probe-<run_id>/`` when another run has that
+    one), at step t, through a ``sinks.RunLogger``. Each ``fit`` is a new run, unless it resumes
+    from a checkpoint holding this callback's state. A step the optimizer skips (GradScaler) is
+    recorded as skipped and the next step taken is probed instead; several optimizer steps in
+    one batch each get a record.
 
     Args:
         prompts: held-out prompt pool (strings formatted for the model).
@@ -79,7 +82,8 @@ class EntropyProbeCallback(Callback):
         self.last_result: ProbeResult | None = None
         self._hooks: list[Any] = []
         self._optimizer: torch.optim.Optimizer | None = None
-        self._ready: ProbeResult | None = None
+        self._results: list[ProbeResult] = []
+        self._rearm = False
         self._u_outputs: list[Any] = []
         self._u_step: int | None = None
 
@@ -158,41 +162,49 @@ class EntropyProbeCallback(Callback):
             self._u_outputs, self._u_step = [], trainer.global_step
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        t = trainer.global_step
-        if self.probe is None or t % self.every != 0:
+        if self.probe is None:
             return
-        if self.probe.pending:  # the last probed step never reached the optimizer: drop it
-            self.probe.cancel()
+        if self.probe.pending:  # the probed step never reached the optimizer's post-hook
+            self._finish()
+        t = trainer.global_step
+        if t % self.every != 0 and not self._rearm:
+            return
         optimizer = getattr(optimizer, "_optimizer", optimizer)
         if not _holds_any(optimizer, self.probe.params):
             return
-        self._optimizer = optimizer
-        clip_val = trainer.gradient_clip_val
-        # Lightning stores an explicit algorithm as GradClipAlgorithmType, whose str() is
-        # "GradClipAlgorithmType.NORM": take the enum's value ("norm" / "value").
-        algorithm = trainer.gradient_clip_algorithm
-        self.probe.before_step(
-            optimizer,
-            clip_val=float(clip_val) if clip_val else None,
-            clip_algorithm=str(getattr(algorithm, "value", algorithm) or "norm"),
-            step=t,
-        )
+        self._optimizer, self._rearm = optimizer, False
+        self.probe.before_step(optimizer, step=t)
 
     def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
         if self.probe is None or not self.probe.pending or optimizer is not self._optimizer:
             return
-        self._ready = self.probe.after_step()
+        self._finish()
+
+    def _finish(self) -> None:
+        """Read the pending probe's step from the optimizer and queue its result. A step the
+        optimizer did not take (GradScaler skipped it: no post-hook) is recorded as skipped, and
+        the probe re-arms for the next optimizer step that happens."""
+        result = self.probe.after_step()
+        if result is None:
+            return
+        if result.update_source == "skipped":
+            self._rearm = True
+        self._results.append(result)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._u_outputs.append(outputs)
-        if self._ready is not None:
-            result, self._ready = self._ready, None
+        if self.probe is not None and self.probe.pending:
+            self._finish()
+        results, self._results = self._results, []
+        for result in results:
             result.batch_statistics["U_batch"] = _u_statistics(self._u_outputs)
             self._emit(trainer, result)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if self._ready is not None:
-            result, self._ready = self._ready, None
+        if self.probe is not None and self.probe.pending:
+            self._finish()
+        results, self._results = self._results, []
+        for result in results:
             self._emit(trainer, result)
         for handle in self._hooks:
             handle.remove()

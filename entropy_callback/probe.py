@@ -2,9 +2,10 @@
 
     probe = EntropyProbe(model, tokenizer, prompts, ProbeConfig(batch_size=64))
     loss.backward()
-    probe.before_step(optimizer)        # theta, gradients final: sample E, predict delta H_1
+    probe.before_step(optimizer)        # at theta: sample E, snapshot theta and the Adam state
     optimizer.step()
-    result = probe.after_step()         # theta': rescore E, Delta H_true by SNIS
+    result = probe.after_step()         # p.grad as Adam read it: rebuild Delta theta, delta H_1
+                                        # at theta; rescore E at theta', Delta H_true by SNIS
 
 A plain PyTorch loop can use it directly; the Lightning adapter decides when to call it.
 """
@@ -23,17 +24,20 @@ from .config import ProbeConfig, ProbeConfigError
 from .distributed import any_rank_failed, make_gather, shard
 from .estimators import delta_h1, snis
 from .observer import EntropyProbeWarning, PhaseRunner, preserved_state
-from .result import ProbeResult
+from .result import CORE_FIELDS, ProbeResult
 from .sampling import EBatch, draw_randomness, sample_batch
 from .scoring import Scorer, sequence_terms
 from .update import (
-    adam_update,
-    clipped_gradients,
+    adam_step,
+    consumed_gradients,
     flat_cosine_and_rel_error,
     is_adam,
     learning_rate,
+    observed_step,
+    optimizer_state,
     probed_parameters,
     snapshot,
+    step_not_taken,
 )
 
 Gather = Callable[[torch.Tensor], torch.Tensor]
@@ -41,13 +45,25 @@ Gather = Callable[[torch.Tensor], torch.Tensor]
 
 @dataclass
 class _Pending:
-    """What before_step leaves for after_step."""
+    """What before_step leaves for after_step, and what after_step derives from it.
+
+    Pre-step quantities (delta H_1 is a function of these alone): ``theta`` (copies of the
+    probed parameters at theta), ``optimizer_state`` (copies of their optimizer state before the
+    step: exp_avg, exp_avg_sq, max_exp_avg_sq, step for Adam), ``grads`` (copies of the gradients
+    the optimizer consumed, None where a parameter had none; filled by after_step), and
+    ``predicted`` (Delta theta rebuilt from them, float64). ``observed`` is theta' - theta
+    (float64). All dicts are keyed by parameter name.
+    """
 
     result: ProbeResult
     runner: PhaseRunner
     started: float
+    optimizer: torch.optim.Optimizer | None = None
     theta: dict[str, torch.Tensor] = field(default_factory=dict)
+    optimizer_state: dict[str, dict[str, object]] = field(default_factory=dict)
+    grads: dict[str, torch.Tensor | None] = field(default_factory=dict)
     predicted: dict[str, torch.Tensor] | None = None
+    observed: dict[str, torch.Tensor] | None = None
     batch: EBatch | None = None
     terms: dict[str, torch.Tensor] | None = None
     tokens: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
@@ -111,26 +127,21 @@ class EntropyProbe:
         """True between before_step and after_step."""
         return self._pending is not None
 
-    def before_step(
-        self,
-        optimizer: torch.optim.Optimizer,
-        *,
-        clip_val: float | None = None,
-        clip_algorithm: str | None = "norm",
-        step: int | None = None,
-    ) -> None:
-        """At theta with the step's gradients final (before clipping): sample E, predict delta H_1.
+    def before_step(self, optimizer: torch.optim.Optimizer, *, step: int | None = None) -> None:
+        """At theta, before the optimizer runs: sample E, snapshot theta and the optimizer state.
 
-        ``clip_val``/``clip_algorithm`` describe the clipping the trainer applies after this
-        call and before the optimizer runs ("norm" or "value"; None for none).
+        Call it once the step's gradients exist (clipping or other changes to them may still
+        follow: the prediction uses the gradients the optimizer consumes, read in after_step).
+        ``step`` is the record's step index (default: a count of before_step calls).
         """
         step = self._calls if step is None else int(step)
         self._calls += 1
         cfg = self.config
         result = ProbeResult(step=step, normalize=cfg.normalize)
         runner = PhaseRunner(step, cfg.strict, result.timing)
-        pending = _Pending(result, runner, time.perf_counter())
+        pending = _Pending(result, runner, time.perf_counter(), optimizer=optimizer)
         self._pending = pending
+        self._warn_if_half()
         with preserved_state(self.model):
             with runner.phase("update"):
                 result.learning_rate, mixed = learning_rate(optimizer, self.params)
@@ -139,9 +150,8 @@ class EntropyProbe:
                                    "learning rates; bars_dot divides by the first group's lr.")
                 result.num_params = sum(p.numel() for p in self.params.values())
                 pending.theta = snapshot(self.params)
+                pending.optimizer_state = optimizer_state(optimizer, self.params)
                 if is_adam(optimizer):
-                    grads = clipped_gradients(optimizer, self.params, clip_val, clip_algorithm)
-                    pending.predicted = adam_update(optimizer, self.params, grads)
                     result.update_source = "adam_reconstruction"
                 else:
                     result.update_source = "observed"
@@ -152,65 +162,115 @@ class EntropyProbe:
                 return
             with runner.phase("sampling"):
                 pending.batch = self._sample(step)
-            if runner.failed or pending.predicted is None:
-                return
-            with runner.phase("derivative"):
-                pending.terms = self._derivative_pass(pending, pending.theta, pending.predicted)
 
     def after_step(self) -> ProbeResult | None:
-        """At theta' (the optimizer has run): Delta H_true, the sweep, the update check.
+        """After the optimizer's step (its step post-hook, or right after ``optimizer.step()``,
+        while ``p.grad`` still holds what it read): rebuild Delta theta from the snapshot and the
+        consumed gradients, check it against theta' - theta, predict delta H_1 at theta along
+        it, rescore E at theta' for Delta H_true.
 
-        Returns the ProbeResult, or None when no before_step is pending.
+        A step the optimizer did not take (see ``update.step_not_taken``) gives a record with
+        ``update_source == "skipped"``, null estimates and the reason. Returns the ProbeResult,
+        or None when no before_step is pending.
         """
         pending, self._pending = self._pending, None
         if pending is None:
             return None
         result, runner, cfg = pending.result, pending.runner, self.config
+        skipped = None
         with preserved_state(self.model):
             if not runner.failed:
                 with runner.phase("update_check"):
-                    observed = {n: p.detach() - pending.theta[n] for n, p in self.params.items()}
-                    if pending.predicted is not None:
-                        cos, rel, norm = flat_cosine_and_rel_error(pending.predicted, observed)
-                        result.update_cosine, result.update_rel_error = cos, rel
-                        if norm == 0:
-                            for name in ("update_cosine", "update_rel_error"):
-                                result.null_reasons[name] = (
-                                    "the observed step is zero (no gradient signal, e.g. all "
-                                    "advantages zero): the comparison is undefined"
-                                )
-                    else:
-                        for name in ("update_cosine", "update_rel_error"):
-                            result.null_reasons[name] = (
-                                "no predicted step to compare: the optimizer is not Adam/AdamW "
-                                "(update_source 'observed')"
-                            )
-                    result.update_norm = float(
-                        torch.sqrt(sum((d.double() ** 2).sum() for d in observed.values()))
-                    )
-            if not runner.failed and pending.terms is None:
+                    skipped = self._rebuild_step(pending)
+            go = not runner.failed and skipped is None
+            if go:
                 with runner.phase("derivative"):
-                    pending.terms = self._derivative_pass(pending, pending.theta, observed)
-            if not runner.failed:
+                    direction = pending.predicted if pending.predicted is not None else (
+                        pending.observed)
+                    pending.terms = self._derivative_pass(pending, pending.theta, direction)
+            if go and not runner.failed:
                 with runner.phase("rescoring"):
                     upd = self._score_all(pending.batch, None)
-            if not runner.failed:
+            if go and not runner.failed:
                 with runner.phase("sweep"):
                     sweep = {1.0: upd}
                     for m in cfg.multipliers[1:]:
-                        moved = {n: pending.theta[n] + m * observed[n] for n in observed}
+                        moved = {n: (pending.theta[n].to(torch.float64) + m * d).to(
+                            pending.theta[n].dtype) for n, d in pending.observed.items()}
                         sweep[m] = self._score_all(pending.batch, moved)
-            if self.world_size > 1 and any_rank_failed(runner.failed, self.device):
-                if not runner.failed:
+            stopped = runner.failed or skipped is not None
+            if self.world_size > 1 and any_rank_failed(stopped, self.device):
+                if not stopped:
                     with runner.phase("distributed"):
                         raise RuntimeError("the probe failed on another rank; all ranks skip it")
-            if not runner.failed:
+            if not runner.failed and skipped is None:
                 with runner.phase("estimators"):
                     self._estimate(pending, sweep)
+        if skipped is not None:
+            self._mark_skipped(result, skipped)
         result.error = runner.error
         result.timing["total"] = time.perf_counter() - pending.started
         records.sanitize(result)
         return result
+
+    def _rebuild_step(self, pending: _Pending) -> str | None:
+        """Read what the optimizer consumed, rebuild Delta theta, compare with the observed one.
+        Returns why the step was not taken, or None."""
+        result, optimizer = pending.result, pending.optimizer
+        pending.grads = consumed_gradients(self.params)
+        pending.observed = observed_step(self.params, pending.theta)
+        skipped = step_not_taken(optimizer, self.params, pending.optimizer_state, pending.grads,
+                                 pending.observed)
+        if skipped is not None:
+            return skipped
+        if is_adam(optimizer):
+            pending.predicted = adam_step(optimizer, self.params, pending.theta,
+                                          pending.optimizer_state, pending.grads)
+            cos, rel, norm = flat_cosine_and_rel_error(pending.predicted, pending.observed)
+            result.update_cosine, result.update_rel_error = cos, rel
+            if norm == 0:
+                for name in ("update_cosine", "update_rel_error"):
+                    result.null_reasons[name] = (
+                        "the observed step is zero (no gradient signal, e.g. all advantages "
+                        "zero): the comparison is undefined"
+                    )
+        else:
+            for name in ("update_cosine", "update_rel_error"):
+                result.null_reasons[name] = (
+                    "no predicted step to compare: the optimizer is not Adam/AdamW "
+                    "(update_source 'observed')"
+                )
+        result.update_norm = float(
+            torch.sqrt(sum((d ** 2).sum() for d in pending.observed.values()))
+        )
+        return None
+
+    def _mark_skipped(self, result: ProbeResult, reason: str) -> None:
+        """A step not taken: null estimates, the reason, one warning per run."""
+        result.update_source = "skipped"
+        result.update_norm = None
+        for name in (*CORE_FIELDS, "ESS"):
+            if name != "learning_rate":
+                result.null_reasons[name] = f"step not taken: {reason}"
+        result.warnings.append(f"step {result.step} was not taken: {reason}")
+        self.warn_once(
+            "skipped",
+            f"the optimizer did not take step {result.step} ({reason}); its record is marked "
+            "skipped (update_source 'skipped', null estimates). The Lightning callback probes "
+            "the next step the optimizer takes instead. Said once per run.",
+        )
+
+    def _warn_if_half(self) -> None:
+        """Weights may become half precision after construction (precision='bf16-true')."""
+        dtypes = {p.dtype for p in self.model.parameters()}
+        if torch.bfloat16 in dtypes or torch.float16 in dtypes:
+            self.warn_once(
+                "half",
+                f"the model's weights are {' and '.join(sorted(str(d) for d in dtypes))} at step "
+                "time (e.g. the trainer's precision='bf16-true' converted them): its log-probs "
+                "are quantised, so Delta H_true flattens at small learning rates (a precision "
+                "floor). Read small Delta H_true values with care, or probe a float32 copy.",
+            )
 
     def set_distributed(self, rank: int, world_size: int) -> None:
         """Shard E over ``world_size`` processes; statistics are all-gathered (torch.distributed
@@ -220,7 +280,9 @@ class EntropyProbe:
             self.gather = make_gather(self.config.batch_size, self.world_size, self.device)
 
     def cancel(self) -> None:
-        """Drop a pending probe whose optimizer step never happened (e.g. skipped by AMP)."""
+        """Drop a pending probe without a record (its optimizer step will never be read).
+        Adapters that can still reach the optimizer call after_step instead, which records a
+        step not taken as skipped."""
         self._pending = None
 
     @property

@@ -1,13 +1,17 @@
-"""The step Delta theta: which parameters are probed, and AdamW reconstructed from live state.
+"""The step Delta theta: which parameters are probed, what the optimizer held before the step,
+and the step rebuilt from what the optimizer consumed.
 
-``adam_update`` reproduces torch's Adam/AdamW arithmetic (estimators.md section 2) from the
-optimizer's state and the step's gradients *before* the optimizer runs, so delta H_1 is a true
-prediction. Nothing here writes to parameters, gradients or optimizer state.
+Before the step the probe copies theta and the optimizer state of the probed parameters
+(``snapshot``, ``optimizer_state``). After it, ``adam_step`` replays torch's Adam/AdamW on those
+copies with the gradients the optimizer really read (``consumed_gradients``: torch's Adam leaves
+``p.grad`` as it read it), so whatever ran between the probe's hook and the Adam math (a trainer's
+or module's clipping, gradient repair, GradScaler's unscale, parameters left without gradients)
+is in the prediction, and delta H_1 stays a function of pre-step quantities only.
+``step_not_taken`` tells a step the optimizer skipped. Nothing here writes to parameters,
+gradients or optimizer state.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -41,84 +45,125 @@ def group_of(optimizer: torch.optim.Optimizer) -> dict[int, dict]:
     return {id(p): g for g in optimizer.param_groups for p in g["params"]}
 
 
-def clipped_gradients(
-    optimizer: torch.optim.Optimizer,
-    params: dict[str, torch.nn.Parameter],
-    clip_val: float | None,
-    clip_algorithm: str | None,
-) -> dict[str, torch.Tensor]:
-    """The gradients the optimizer will see, after the trainer's clipping (copies).
+def snapshot(params: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
+    """theta: copies of the probed parameters (their dtype and device)."""
+    return {n: p.detach().clone() for n, p in params.items()}
 
-    Norm clipping follows ``torch.nn.utils.clip_grad_norm_`` over every parameter of the
-    optimizer (as Lightning clips): coef = min(1, c / (||g|| + 1e-6)).
-    """
-    grads = {
-        n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
+
+def optimizer_state(
+    optimizer: torch.optim.Optimizer, params: dict[str, torch.nn.Parameter]
+) -> dict[str, dict[str, object]]:
+    """Copies of the optimizer's state of each probed parameter (for Adam: exp_avg,
+    exp_avg_sq, max_exp_avg_sq with amsgrad, step); an empty dict before its first step."""
+    return {
+        n: {k: (v.detach().clone() if torch.is_tensor(v) else v)
+            for k, v in optimizer.state.get(p, {}).items()}
         for n, p in params.items()
     }
-    if not clip_val or clip_val <= 0:
-        return grads
-    if clip_algorithm in (None, "norm"):
-        every = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        if not every:
-            return grads
-        norms = [torch.linalg.vector_norm(g.detach(), 2.0) for g in every]
-        total = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]), 2.0)
-        coef = torch.clamp(float(clip_val) / (total + 1e-6), max=1.0)
-        return {n: g.mul_(coef.to(g.device, g.dtype)) for n, g in grads.items()}
-    if clip_algorithm == "value":
-        return {n: g.clamp_(-float(clip_val), float(clip_val)) for n, g in grads.items()}
-    raise ValueError(f"clip_algorithm must be 'norm' or 'value', got {clip_algorithm!r}.")
 
 
-def adam_update(
+def consumed_gradients(params: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor | None]:
+    """Copies of ``p.grad`` as the optimizer read it (read in its step post-hook); None where a
+    parameter had no gradient, which the optimizer then left alone."""
+    return {n: (None if p.grad is None else p.grad.detach().clone()) for n, p in params.items()}
+
+
+def observed_step(
+    params: dict[str, torch.nn.Parameter], theta: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """theta' - theta per tensor, in float64 (exact for float32 and bf16 parameters)."""
+    return {n: p.detach().to(torch.float64) - theta[n].to(torch.float64)
+            for n, p in params.items()}
+
+
+def step_not_taken(
     optimizer: torch.optim.Optimizer,
     params: dict[str, torch.nn.Parameter],
-    grads: dict[str, torch.Tensor],
+    state: dict[str, dict[str, object]],
+    grads: dict[str, torch.Tensor | None],
+    observed: dict[str, torch.Tensor],
+) -> str | None:
+    """Why the optimizer did not take this step for the probed parameters, or None if it did.
+
+    Read from the optimizer itself: Adam/AdamW advance ``state['step']`` of every parameter they
+    update, so a step is taken when some probed parameter's count moved past the snapshot's;
+    other optimizers have taken it when some probed parameter moved.
+    """
+    if all(g is None for g in grads.values()):
+        return ("no probed parameter had a gradient (e.g. training_step returned None, or the "
+                "loss did not depend on them): the optimizer left them unchanged")
+    if is_adam(optimizer):
+        def count(s: dict) -> float:
+            return _value(s["step"]) if "step" in s else 0.0
+        taken = any(count(optimizer.state.get(p, {})) > count(state[n]) for n, p in params.items())
+    else:
+        taken = any(bool(d.ne(0).any()) for d in observed.values())
+    if taken:
+        return None
+    return ("the optimizer did not take this step (its step count did not advance and no probed "
+            "parameter moved; e.g. GradScaler skipped it for inf/NaN gradients)")
+
+
+def adam_step(
+    optimizer: torch.optim.Optimizer,
+    params: dict[str, torch.nn.Parameter],
+    theta: dict[str, torch.Tensor],
+    state: dict[str, dict[str, object]],
+    grads: dict[str, torch.Tensor | None],
 ) -> dict[str, torch.Tensor]:
-    """Delta theta of the coming Adam/AdamW step, per tensor, in float64.
+    """Delta theta of the Adam/AdamW step from theta, the state before it and the gradients it
+    consumed, per tensor, in float64.
 
-        t  = step + 1;  m' = b1 m + (1 - b1) g;  s' = b2 s + (1 - b2) g^2  (amsgrad: max)
-        D  = sqrt(s' / (1 - b2^t)) + eps
-        dtheta = -lr (wd theta + m' / ((1 - b1^t) D))     (AdamW; Adam adds wd theta to g)
+    torch's single-tensor arithmetic, op for op, on copies in the parameter's own dtype (so a
+    bf16 step is rounded where torch rounds it):
 
-    Computed in float64; the result is the difference between theta' rounded to the parameter's
-    dtype and theta, i.e. the change the stored float32 (or bf16) parameter will really show.
+        t = step + 1
+        AdamW: theta <- theta (1 - lr wd)        Adam: g <- g + wd theta
+        m' = lerp(m, g, 1 - b1);  s' = b2 s + (1 - b2) g^2   (amsgrad: s' = max(s_max, s'))
+        theta' = theta - lr / (1 - b1^t) * m' / (sqrt(s') / sqrt(1 - b2^t) + eps)
+
+    The result is theta' - theta in float64. A parameter whose gradient is None gets no update,
+    exactly as torch skips it.
     """
     groups = group_of(optimizer)
     out = {}
-    for name, p in params.items():
-        group = groups.get(id(p))
-        if group is None:
-            out[name] = torch.zeros_like(p, dtype=torch.float64)
+    for name, theta0 in theta.items():
+        g, group = grads.get(name), groups.get(id(params[name]))
+        if g is None or group is None:
+            out[name] = torch.zeros_like(theta0, dtype=torch.float64)
             continue
         lr = _value(group["lr"])
         beta1, beta2 = (_value(b) for b in group["betas"])
         eps, wd = float(group["eps"]), float(group["weight_decay"])
-        theta = p.detach().to(torch.float64)
-        g = grads[name].to(torch.float64)
+        st = state.get(name, {})
         if group.get("maximize", False):
             g = -g
-        state = optimizer.state.get(p, {})
-        t = (_value(state["step"]) if "step" in state else 0.0) + 1.0
-        m = state["exp_avg"].to(torch.float64) if "exp_avg" in state else torch.zeros_like(g)
-        s = state["exp_avg_sq"].to(torch.float64) if "exp_avg_sq" in state else torch.zeros_like(g)
-        decoupled = _decoupled(optimizer, group)
-        if wd != 0 and not decoupled:
-            g = g + wd * theta
-        m_new = beta1 * m + (1 - beta1) * g
-        s_new = beta2 * s + (1 - beta2) * g * g
+        t = (_value(st["step"]) if "step" in st else 0.0) + 1.0
+        new = theta0.clone()
+        if wd != 0:
+            if _decoupled(optimizer, group):
+                new.mul_(1 - lr * wd)
+            else:
+                g = g.add(theta0, alpha=wd)
+        m = _moment(st, "exp_avg", theta0)
+        s = _moment(st, "exp_avg_sq", theta0)
+        m.lerp_(g, 1 - beta1)
+        s.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         if group.get("amsgrad", False):
-            s_max = state.get("max_exp_avg_sq")
-            s_max = s_max.to(torch.float64) if s_max is not None else torch.zeros_like(g)
-            s_new = torch.maximum(s_max, s_new)
-        D = (s_new.sqrt() / math.sqrt(1 - beta2**t)) + eps
-        step = -(lr / (1 - beta1**t)) * m_new / D
-        if wd != 0 and decoupled:
-            step = step - lr * wd * theta
-        # the step the stored parameter actually takes: theta' rounded to the parameter's dtype
-        out[name] = (theta + step).to(p.dtype).to(torch.float64) - theta
+            s = torch.maximum(_moment(st, "max_exp_avg_sq", theta0), s)
+        bias_correction2_sqrt = (1 - beta2**t) ** 0.5
+        denom = (s.sqrt() / bias_correction2_sqrt).add_(eps)
+        new.addcdiv_(m, denom, value=-(lr / (1 - beta1**t)))
+        out[name] = new.to(torch.float64) - theta0.to(torch.float64)
     return out
+
+
+def _moment(state: dict, key: str, like: torch.Tensor) -> torch.Tensor:
+    """A copy of an Adam moment, or zeros as torch initialises it before the first step."""
+    value = state.get(key)
+    if torch.is_tensor(value):
+        return value.clone()
+    return torch.zeros_like(like, memory_format=torch.preserve_format)
 
 
 def learning_rate(optimizer: torch.optim.Optimizer, params: dict[str, torch.nn.Parameter]):
@@ -130,10 +175,6 @@ def learning_rate(optimizer: torch.optim.Optimizer, params: dict[str, torch.nn.P
     if not lrs:
         return None, False
     return lrs[0], len(set(lrs)) > 1
-
-
-def snapshot(params: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in params.items()}
 
 
 def flat_cosine_and_rel_error(

@@ -121,7 +121,7 @@ def capture_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | Non
         "torch_rng": torch.get_rng_state().clone(),
         "numpy_rng": np.random.get_state(),
         "python_rng": random.getstate(),
-        "matmul_precision": torch.get_float32_matmul_precision(),
+        "matmul_precision": precision_settings(),
     }
     if optimizer is not None:
         names = {id(p): n for n, p in model.named_parameters()}
@@ -134,6 +134,19 @@ def capture_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | Non
     if scheduler is not None:
         state["scheduler"] = scheduler.state_dict()
     return state
+
+
+# every (backend, op) pair of torch's fp32_precision API (torch/backends/*/__init__.py)
+FP32_PRECISION = [(b, op) for b in ("cuda", "mkldnn") for op in ("all", "matmul", "conv", "rnn")]
+
+
+def precision_settings() -> dict[str, str]:
+    """torch's float32 precision settings, every (backend, op) of its ``fp32_precision`` API
+    (torch >= 2.9; the legacy getter raises once that API is used), else the legacy value."""
+    getter = getattr(torch._C, "_get_fp32_precision_getter", None)
+    if getter is None:
+        return {"legacy": torch.get_float32_matmul_precision()}
+    return {f"{b}.{op}": getter(b, op) for b, op in [("generic", "all"), *FP32_PRECISION]}
 
 
 def _same_tensor(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
@@ -162,7 +175,7 @@ def differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     if a["python_rng"] != b["python_rng"]:
         out.append("python RNG state")
     if a["matmul_precision"] != b["matmul_precision"]:
-        out.append("float32 matmul precision")
+        out.append("float32 matmul precision settings")
     if "optimizer" in a:
         if a["optimizer"].keys() != b["optimizer"].keys():
             out.append("optimizer state: different parameters")
@@ -181,5 +194,7 @@ def differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
 
 @pytest.fixture(scope="session")
 def observer() -> types.SimpleNamespace:
-    """``observer.capture(model, optimizer, scheduler)`` and ``observer.differences(a, b)``."""
-    return types.SimpleNamespace(capture=capture_state, differences=differences)
+    """``observer.capture(model, optimizer, scheduler)``, ``observer.differences(a, b)`` and
+    ``observer.precision()`` (torch's float32 precision settings)."""
+    return types.SimpleNamespace(capture=capture_state, differences=differences,
+                                 precision=precision_settings)

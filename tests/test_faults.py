@@ -177,8 +177,10 @@ class NonFinite(lightning.Callback):
     """NaN logits in the probe's own (eval-mode) passes, and one huge optimizer step.
 
     Listed after the probe callback, so that at NAN_AT_UPDATED the NaNs start once the probe's
-    before_step is done: only the passes at theta' (rescoring) see them. At NAN_EVERYWHERE every
-    probe pass sees them, sampling included. The training passes (train mode) never do.
+    before_step is done, and only in forwards at the live parameters: the passes at theta'
+    (rescoring) see them, the derivative pass (at the theta snapshot, substituted into the
+    model) does not. At NAN_EVERYWHERE every probe pass sees them, sampling included. The
+    training passes (train mode) never do.
     At HUGE_STEP the learning rate is 1e4 times the schedule's (the scheduler resets it after).
     Keeps each step's ProbeResult as the engine returned it.
     """
@@ -191,9 +193,13 @@ class NonFinite(lightning.Callback):
     def on_fit_start(self, trainer, pl_module) -> None:
         lm_head = pl_module.model.get_base_model().lm_head
         lm_head.register_forward_hook(self._hook)
+        self.lora = next(m for n, m in pl_module.model.named_modules() if n.endswith("lora_B"))
 
     def _hook(self, module, args, output):
-        if self.nan and not module.training:
+        # functional_call swaps plain tensors in for the parameters: then the pass is at the
+        # theta snapshot, not at the live parameters
+        live = all(isinstance(p, torch.nn.Parameter) for p in self.lora.default.parameters())
+        if self.nan and not module.training and live:
             return output * float("nan")
         return None
 

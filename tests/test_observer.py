@@ -144,7 +144,7 @@ def plain_loop(observer, heldout_prompts, *, probed: bool, steps: int = 9, every
         loss.backward()
         due = probe is not None and step % every == 0
         if due:
-            probe.before_step(optimizer, clip_val=CLIP, clip_algorithm="norm", step=step)
+            probe.before_step(optimizer, step=step)
         torch.nn.utils.clip_grad_norm_(params, CLIP)
         optimizer.step()
         if due:

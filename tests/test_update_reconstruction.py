@@ -1,8 +1,9 @@
 """The reconstructed step Δθ matches the optimizer's inside a real Lightning Trainer (float64).
 
-Before each probed optimizer step the probe rebuilds Adam/AdamW's update from the live state and
-the gradients after the trainer's clipping (``update.adam_update``); after the step it compares
-with the observed θ' − θ (``update_cosine``, ``update_rel_error`` in every record). In float64
+Before each probed optimizer step the probe snapshots θ and the Adam/AdamW state; after the step
+it rebuilds the update from that snapshot and the gradients the optimizer consumed, after the
+trainer's clipping (``update.adam_step``), and compares with the observed θ' − θ
+(``update_cosine``, ``update_rel_error`` in every record). In float64
 the two agree to round-off, so the bars are tight: cosine ≥ 1 − 1e-9 and relative error ≤ 1e-7
 (measured: relative error ≤ 8.2e-15, 1 − cosine ≤ 9e-16). A reconstruction that forgot the
 clipping, the amsgrad maximum or the weight decay, or read the lr after the scheduler moved it,
