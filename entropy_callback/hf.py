@@ -13,6 +13,7 @@ index is ``state.global_step`` read in ``on_pre_optimizer_step`` (0-based, like 
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -97,7 +98,6 @@ class EntropyProbeTrainerCallback(TrainerCallback):
         self.logger: RunLogger | None = None
         self.probed_steps: list[int] = []
         self.last_result: ProbeResult | None = None
-        self._optimizer: torch.optim.Optimizer | None = None
         self.run_dir: Path | None = None  # this run's JSON records, once training starts
         self._writer: Any = None
         self._disabled = False
@@ -243,7 +243,6 @@ class EntropyProbeTrainerCallback(TrainerCallback):
                 "foreign_optimizer", "the Trainer's optimizer holds none of the model's "
                 "trainable parameters; the probe skips its steps.")
             return
-        self._optimizer = torch_optimizer
         # theta and the AdamW state are snapshot here; after_step rebuilds the step from the
         # gradients AdamW read (the Trainer clipped them before this hook).
         self._rearm = False
@@ -309,8 +308,6 @@ def logging_dir(args: Any) -> Path:
     """Where the TensorBoard events go: ``args.logging_dir`` (transformers < 5), else
     ``$TENSORBOARD_LOGGING_DIR`` (what transformers 5's TensorBoardCallback reads), else
     ``<args.output_dir>/runs``."""
-    import os
-
     for value in (getattr(args, "logging_dir", None), os.getenv("TENSORBOARD_LOGGING_DIR")):
         if value:
             return Path(os.path.expanduser(value))

@@ -18,6 +18,7 @@ import pytest
 import torch
 import transformers
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tokenizers import processors
 
 pytest.importorskip("trl")
 from datasets import Dataset  # noqa: E402
@@ -208,15 +209,17 @@ def test_failure_inside_the_probe_is_a_warning_and_an_error_record(grpo_run, tmp
 
 
 def test_plain_trainer_with_a_peft_model_is_probed(tmp_path):
-    """transformers.Trainer on a causal-LM loss, the policy already a PeftModel, prompts given
-    as strings; every step probed, AdamW recognised through accelerate's wrapper."""
+    """transformers.Trainer on a causal-LM loss with gradient accumulation, the policy already a
+    PeftModel, prompts given as strings; every step probed, AdamW recognised through
+    accelerate's wrapper."""
     model, tokenizer = build_policy(seed=0, lora_r=4, dtype=torch.float64, **TINY)
     texts = [p + str(sum(int(c) for c in p[::2]) % 10) for p in make_prompts(16, seed=0)]
     ids = [tokenizer(t)["input_ids"] for t in texts]
     data = Dataset.from_dict({"input_ids": ids, "labels": ids})
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path), use_cpu=True, report_to=[], max_steps=3, seed=0,
-        per_device_train_batch_size=4, learning_rate=1e-2, max_grad_norm=MAX_GRAD_NORM,
+        per_device_train_batch_size=2, gradient_accumulation_steps=2, learning_rate=1e-2,
+        max_grad_norm=MAX_GRAD_NORM,
         save_strategy="no", disable_tqdm=True, logging_steps=1,
     )
     probe = EntropyProbeTrainerCallback(make_prompts(8, seed=123), every=1, max_new_tokens=3,
@@ -245,6 +248,22 @@ def test_conversational_prompts_are_rendered_like_trl():
     assert format_prompts(["2+3="], tokenizer, {}) == ["2+3="]
     with pytest.raises(ProbeConfigError, match="chat template"):
         format_prompts(conversations, build_char_tokenizer(), {})
+
+
+def test_a_bos_written_by_the_chat_template_is_not_doubled():
+    """The probe tokenizes the rendered text with special tokens; GRPOTrainer tokenizes the
+    conversation inside apply_chat_template. Both must give the same ids."""
+    tokenizer = build_char_tokenizer()
+    tokenizer.add_special_tokens({"bos_token": "<bos>"})
+    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", tokenizer.bos_token_id)])
+    tokenizer.chat_template = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    conversation = [{"role": "user", "content": "1+2="}]
+    (text,) = format_prompts([conversation], tokenizer, {})
+    trl_ids = tokenizer.apply_chat_template(conversation, tokenize=True,
+                                            add_generation_prompt=True)["input_ids"]
+    assert tokenizer(text)["input_ids"] == list(trl_ids)
+    assert list(trl_ids).count(tokenizer.bos_token_id) == 1
 
 
 def test_dataset_without_a_prompt_column_is_refused():
