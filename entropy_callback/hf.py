@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import TrainerCallback
+from transformers import PreTrainedModel, TrainerCallback
 
 from .config import ProbeConfig, ProbeConfigError
 from .observer import EntropyProbeWarning
@@ -151,6 +151,15 @@ class EntropyProbeTrainerCallback(TrainerCallback):
             raise ProbeConfigError(
                 "EntropyProbeTrainerCallback got no model from the Trainer; pass model= (the "
                 "policy, e.g. the PeftModel) to the callback."
+            )
+        if any(isinstance(m, PreTrainedModel) and getattr(m, "use_kernels", False) is True
+               for m in policy.modules()):
+            raise ProbeConfigError(
+                "EntropyProbeTrainerCallback cannot run on a model with Hub kernels "
+                "(use_kernels=True, e.g. GRPOConfig(model_init_kwargs={'use_kernels': True})): "
+                "they replace the model's layers with kernels that have no forward-mode "
+                "derivative, so delta H_1 cannot be computed. Load the model without "
+                "use_kernels, or remove the callback."
             )
         tok = self._resolve_tokenizer(processing_class, kwargs.get("tokenizer"))
         if self.prompts is None:

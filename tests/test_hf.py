@@ -294,3 +294,13 @@ def test_liger_kernels_are_refused_at_setup_naming_the_argument():
     probe = EntropyProbeTrainerCallback(make_prompts(4), every=1, **PROBE)
     with pytest.raises(ProbeConfigError, match="use_liger_kernel"):
         _begin(probe, use_liger_kernel=True)
+
+
+def test_hub_kernels_are_refused_at_setup_naming_the_option():
+    """``use_kernels=True`` at load time kernelizes the model from the Hub, which cannot run
+    offline; the flag transformers keeps for it is set directly instead."""
+    model, tokenizer = build_policy(seed=0, lora_r=4, **TINY)
+    model.get_base_model()._use_kernels = True
+    probe = EntropyProbeTrainerCallback(make_prompts(4), every=1, model=model, **PROBE)
+    with pytest.raises(ProbeConfigError, match="use_kernels"):
+        _begin(probe)
