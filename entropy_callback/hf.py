@@ -9,6 +9,12 @@ clipped, theta unchanged, the lr of this step) -> ``optimizer.step()`` -> ``on_o
 ``state.global_step += 1`` -> ``on_step_end``. So ``before_step`` runs in
 ``on_pre_optimizer_step`` and ``after_step`` in ``on_optimizer_step``, and the probed step's
 index is ``state.global_step`` read in ``on_pre_optimizer_step`` (0-based, like Lightning's).
+
+TRL patches the policy's forward with a fused log-prob/entropy LM head that has no forward-mode
+rule; it only runs on calls that pass ``fused_lm_head=True``, which the probe's passes never do,
+so they take the model's original, differentiable forward. The input-require-grads hooks TRL
+adds for gradient checkpointing are set aside by the engine during its passes. Liger and Hub
+kernels replace layers outright and are refused at ``on_train_begin``.
 """
 
 from __future__ import annotations
@@ -38,10 +44,11 @@ class EntropyProbeTrainerCallback(TrainerCallback):
     included), predict and measure the step's policy-entropy change.
 
     At step t (``state.global_step`` read in ``on_pre_optimizer_step``, t % every == 0, t = 0
-    included) the probe samples a held-out batch E from the current policy, predicts
-    delta H_1 = g_hat . Delta theta from the live AdamW state and the gradients the optimizer
-    consumes (after the Trainer's clipping), and after the step measures Delta H_true on the
-    same E tokens by self-normalised importance sampling; entropies in nats per token
+    included) the probe samples a held-out batch E from the current policy and snapshots theta
+    and the AdamW state; after the step it rebuilds Delta theta from the gradients AdamW
+    consumed (after the Trainer's clipping), predicts delta H_1 = g_hat . Delta theta, and
+    measures Delta H_true on the same E tokens by self-normalised importance sampling;
+    entropies in nats per token
     (``normalize="per_token"``). Records and scalars are those of ``EntropyProbeCallback``:
     TensorBoard tags ``entropy_probe/*`` (and the Custom Scalars layout) under the logging
     directory, JSON under ``<args.output_dir>/entropy_probe/``. Only the main process writes.
@@ -95,7 +102,7 @@ class EntropyProbeTrainerCallback(TrainerCallback):
         self.every = every
         self._model, self._tokenizer = model, tokenizer
         self.probe: EntropyProbe | None = None
-        self.logger: RunLogger | None = None
+        self.run_logger: RunLogger | None = None
         self.probed_steps: list[int] = []
         self.last_result: ProbeResult | None = None
         self.run_dir: Path | None = None  # this run's JSON records, once training starts
@@ -217,6 +224,7 @@ class EntropyProbeTrainerCallback(TrainerCallback):
         """The run logger of this ``train()`` call (main process only): TensorBoard under the
         logging directory, JSON under ``args.output_dir`` (both under ``config.log_dir`` when
         set). A resumed ``train()`` is logged as a new run with a directory of its own."""
+        self._close()  # a train() that raised never reached on_train_end
         if self.config.log_dir is not None:
             json_dir = tb_dir = Path(self.config.log_dir)
         else:
@@ -231,13 +239,13 @@ class EntropyProbeTrainerCallback(TrainerCallback):
             warnings.warn(f"EntropyProbeTrainerCallback cannot write TensorBoard events under "
                           f"{str(tb_dir)!r} ({exc}); the JSON records are still written.",
                           EntropyProbeWarning, stacklevel=3)
-        self.logger = RunLogger(
+        self.run_logger = RunLogger(
             self.config,
             json_dir,
             tensorboard=self._writer if self._writer is not None else False,
             metadata={"framework": "transformers", "every": self.every},
         ).open()
-        self.run_dir = self.logger.run_dir
+        self.run_dir = self.run_logger.run_dir
 
     # ------------------------------------------------------------------ the step
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs) -> None:
@@ -270,9 +278,12 @@ class EntropyProbeTrainerCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs) -> None:
         if self.probe is not None and self.probe.pending:
             self.probe.cancel()
-        if self.logger is not None:
-            self.logger.close()
-            self.logger = None
+        self._close()
+
+    def _close(self) -> None:
+        if self.run_logger is not None:
+            self.run_logger.close()
+            self.run_logger = None
         if self._writer is not None:
             self._writer.close()
             self._writer = None
@@ -280,9 +291,9 @@ class EntropyProbeTrainerCallback(TrainerCallback):
     def _emit(self, result: ProbeResult, state: Any) -> None:
         self.last_result = result
         self.probed_steps.append(result.step)
-        if self.logger is not None:
-            self.logger.emit(result, {"global_step": result.step, "every": self.every,
-                                      "epoch": state.epoch})
+        if self.run_logger is not None:
+            self.run_logger.emit(result, {"global_step": result.step, "every": self.every,
+                                          "epoch": state.epoch})
 
 
 def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:

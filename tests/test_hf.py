@@ -108,6 +108,11 @@ def grpo_records(grpo_run) -> dict[int, dict]:
 
 def test_grpo_trainer_probes_exactly_the_due_steps(grpo_run, grpo_records):
     trainer, probe, _, warned = grpo_run
+    # TRL patched the policy's forward with its fused LM head (no forward-mode rule) and turned
+    # on gradient checkpointing; the probes below are clean all the same.
+    forward = trainer.model.get_base_model().forward
+    assert getattr(forward, "__func__", forward).__code__.co_name == "_fused_forward"
+    assert trainer.args.gradient_checkpointing
     assert trainer.state.global_step == STEPS
     assert probe.probed_steps == DUE
     assert step_files(probe.run_dir) == DUE
@@ -208,24 +213,29 @@ def test_failure_inside_the_probe_is_a_warning_and_an_error_record(grpo_run, tmp
     assert all(torch.equal(w, clean[n]) for n, w in lora_weights(trainer).items())
 
 
-def test_plain_trainer_with_a_peft_model_is_probed(tmp_path):
-    """transformers.Trainer on a causal-LM loss with gradient accumulation, the policy already a
-    PeftModel, prompts given as strings; every step probed, AdamW recognised through
-    accelerate's wrapper."""
+def plain_trainer(out: Path, probe: EntropyProbeTrainerCallback, steps: int):
+    """transformers.Trainer on a causal-LM loss with gradient accumulation; the policy is
+    already a PeftModel."""
     model, tokenizer = build_policy(seed=0, lora_r=4, dtype=torch.float64, **TINY)
     texts = [p + str(sum(int(c) for c in p[::2]) % 10) for p in make_prompts(16, seed=0)]
     ids = [tokenizer(t)["input_ids"] for t in texts]
-    data = Dataset.from_dict({"input_ids": ids, "labels": ids})
     args = transformers.TrainingArguments(
-        output_dir=str(tmp_path), use_cpu=True, report_to=[], max_steps=3, seed=0,
+        output_dir=str(out), use_cpu=True, report_to=[], max_steps=steps, seed=0,
         per_device_train_batch_size=2, gradient_accumulation_steps=2, learning_rate=1e-2,
-        max_grad_norm=MAX_GRAD_NORM,
-        save_strategy="no", disable_tqdm=True, logging_steps=1,
+        max_grad_norm=MAX_GRAD_NORM, save_strategy="no", disable_tqdm=True, logging_steps=1,
     )
+    return transformers.Trainer(model=model, args=args, processing_class=tokenizer,
+                                train_dataset=Dataset.from_dict({"input_ids": ids,
+                                                                 "labels": ids}),
+                                callbacks=[probe])
+
+
+def test_plain_trainer_with_a_peft_model_is_probed(tmp_path):
+    """Every optimizer step probed (once per accumulation window), prompts given as strings,
+    AdamW recognised through accelerate's wrapper."""
     probe = EntropyProbeTrainerCallback(make_prompts(8, seed=123), every=1, max_new_tokens=3,
                                         **PROBE)
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=data,
-                                   processing_class=tokenizer, callbacks=[probe])
+    trainer = plain_trainer(tmp_path, probe, steps=3)
     assert not train(trainer)
     assert probe.probed_steps == [0, 1, 2]
     assert probe.config.temperature == 1.0  # TrainingArguments have no temperature
@@ -233,6 +243,17 @@ def test_plain_trainer_with_a_peft_model_is_probed(tmp_path):
                for t in range(3)]
     assert all(r["update_source"] == "adam_reconstruction" for r in records)
     assert all(r["update_cosine"] >= 1 - 1e-9 for r in records)
+
+
+def test_each_train_call_is_a_run_of_its_own(tmp_path):
+    probe = EntropyProbeTrainerCallback(make_prompts(8, seed=123), every=1, max_new_tokens=3,
+                                        **PROBE)
+    trainer = plain_trainer(tmp_path, probe, steps=2)
+    train(trainer)
+    first = probe.run_dir
+    train(trainer)
+    assert probe.run_dir != first and probe.run_dir.parent == first.parent
+    assert step_files(first) == step_files(probe.run_dir) == [0, 1]
 
 
 def test_conversational_prompts_are_rendered_like_trl():
