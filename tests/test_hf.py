@@ -153,9 +153,11 @@ def test_probe_follows_the_grpo_config_and_takes_the_eval_dataset(grpo_run):
 
 def test_explicit_probe_options_win_over_the_grpo_config(tmp_path):
     trainer, probe = grpo_trainer(tmp_path, temperature=1.0, max_new_tokens=2)
-    trainer.args.max_steps = 1
-    train(trainer)
+    trainer.args.max_steps, trainer.args.top_p = 1, 0.9
+    warned = train(trainer)
     assert (probe.config.temperature, probe.config.max_new_tokens) == (1.0, 2)
+    # a truncated rollout distribution is named once: H_orig describes the untruncated policy
+    assert len(warned) == 1 and "top_p=0.9" in str(warned[0].message)
 
 
 def test_training_is_bitwise_identical_with_and_without_the_callback(grpo_run, tmp_path):
