@@ -55,15 +55,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+TOKENIZER = build_char_tokenizer()
+EOS_ID = TOKENIZER.eos_token_id
+
+
 def rollout_reward(prompts, completions, completion_ids, **kwargs) -> list[float]:
     """The demo task's reward; TRL decodes without special tokens, so an EOS stop is marked
     the way ``demos.grpo.reward`` expects it."""
     return [reward(p, c + (EOS_TOKEN if ids and ids[-1] == EOS_ID else ""))
             for p, c, ids in zip(prompts, completions, completion_ids, strict=True)]
-
-
-TOKENIZER = build_char_tokenizer()
-EOS_ID = TOKENIZER.eos_token_id
 
 
 def build(args: argparse.Namespace) -> tuple[GRPOTrainer, EntropyProbeTrainerCallback]:
