@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .result import CORE_FIELDS, finite_float
-from .runlog import load_run
+from .runlog import describe_run, load_run
 
 PROG = "entropy-probe"
 UNITS = {"per_token": "nats per token", "per_sequence": "nats per response"}
@@ -127,6 +127,7 @@ def cmd_summary(args: argparse.Namespace, out: TextIO) -> int:
                 _note(r),
             ]
         )
+    out.write(f"{describe_run(args.run_dir)}\n")
     out.write(f"{args.run_dir}: {len(records)} probes ({_units(records)})\n")
     _table(rows, out)
     out.write(_correlation_line(records) + "\n")

@@ -158,12 +158,16 @@ class JsonLogWriter:
         atomic_write(path, yaml.safe_dump(body, sort_keys=False, allow_unicode=True).encode())
         return path
 
-    def ensure_root(self) -> bool:
-        """Recreate the directory with its ``config.yaml`` if it was removed; True if it was."""
-        if self.root.is_dir() and (self.root / CONFIG_NAME).is_file():
-            return False
-        self.write_config()
-        return True
+    def ensure_root(self) -> str | None:
+        """Recreate the directory, or its ``config.yaml``, if it was removed; returns what was
+        recreated (``"directory"`` or ``"config.yaml"``), or None."""
+        if not self.root.is_dir():
+            self.write_config()
+            return "directory"
+        if not (self.root / CONFIG_NAME).is_file():
+            self.write_config()
+            return CONFIG_NAME
+        return None
 
     def record(
         self, result: ProbeResult, run_metadata: dict[str, Any] | None = None

@@ -21,6 +21,7 @@ Example (a plain PyTorch loop; the Lightning and HF adapters do the same)::
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import traceback
 import warnings
@@ -82,8 +83,9 @@ class RunLogger:
             Custom Scalars layout to ``<log_dir>/entropy_probe_layout/``. None:
             ``config.log_dir``; if that is None too, no JSON and no own TensorBoard writer.
         tensorboard: an existing ``SummaryWriter``-like object (``add_scalar``) to write the
-            scalars into (never closed here); None: a ``SummaryWriter`` of its own under
-            ``log_dir``; False: no TensorBoard.
+            scalars into (never closed here); a directory: a ``SummaryWriter`` of its own there
+            (the layout beside it; e.g. HF's ``args.logging_dir``); None: a ``SummaryWriter``
+            of its own under ``log_dir``; False: no TensorBoard.
         metric_loggers: callables ``(scalars: dict[str, float], step: int)`` that get the same
             scalars as TensorBoard (e.g. a Lightning logger's ``log_metrics``).
         metadata: facts about the run for ``config.yaml`` and every record's ``run_metadata``,
@@ -115,7 +117,7 @@ class RunLogger:
         self.json: JsonLogWriter | None = None
         self.sinks: list[Sink] = []
         self._claim: RunClaim | None = None
-        self._opened = False
+        self._opened = self._closed = False
 
     @property
     def run_dir(self) -> Path | None:
@@ -151,11 +153,16 @@ class RunLogger:
         return self
 
     def _open_tensorboard(self) -> None:
-        if self._tb_arg is False or (self._tb_arg is None and self.log_dir is None):
+        arg = self._tb_arg
+        if arg is False or (arg is None and self.log_dir is None):
             return
         try:
-            self.tensorboard = TensorBoardSink(
-                experiment=self._tb_arg, log_dir=self.log_dir if self._tb_arg is None else None)
+            if isinstance(arg, (str, Path)):  # an own writer there, with the layout beside it
+                self.tensorboard = TensorBoardSink(log_dir=Path(arg))
+                self.tensorboard.write_layout(Path(arg))
+            else:
+                self.tensorboard = TensorBoardSink(
+                    experiment=arg, log_dir=self.log_dir if arg is None else None)
         except Exception as exc:
             self._failed_to_open("tensorboard", exc, "no TensorBoard scalars for this run")
             return
@@ -164,12 +171,13 @@ class RunLogger:
     def _open_json(self, resume: bool, start_step: int) -> None:
         assert self.log_dir is not None
         try:
-            if self.tensorboard is not None:
+            if self.tensorboard is not None and not isinstance(self._tb_arg, (str, Path)):
                 self.tensorboard.write_layout(self.log_dir)
             try:
                 claim = claim_run_dir(self.log_dir, self.run_id, resume)
             except RunBusyError as exc:  # the same run resumed twice at once: split them
-                old, self.run_id = self.run_id, new_run_id()
+                old, self.run_id, self.start_time = self.run_id, new_run_id(), utc_now()
+                resume = False
                 claim = claim_run_dir(self.log_dir, self.run_id, resume=False)
                 self._warn(f"{exc}: this process logs run {old} as a new run {self.run_id} in "
                            f"{claim.path}; the records in the locked directory stay as they are.")
@@ -189,7 +197,7 @@ class RunLogger:
                                  "log_dir= a writable directory")
 
     def _run_facts(self, resume: bool, start_step: int) -> dict[str, Any]:
-        facts = {"run_id": self.run_id, "start_time": self.start_time, **self.metadata}
+        facts = {**self.metadata, "run_id": self.run_id, "start_time": self.start_time}
         if resume:
             facts["resumed_at_step"] = start_step
         return facts
@@ -200,10 +208,14 @@ class RunLogger:
 
         ``extra`` (e.g. ``{"epoch": 3}``) is merged into the record's ``run_metadata``. A sink
         failure is a warning saying what is on disk, and the first one is the record's
-        ``error`` (if it had none); with ``strict`` it raises ``ProbeFailure``.
+        ``error`` (if it had none); with ``strict`` it raises ``ProbeFailure``. The record
+        also holds each sink's time (``timing.<sink>``, seconds). ``result`` itself is not
+        changed: data flows from the engine to the sinks only.
         """
-        if not self._opened:
-            raise RuntimeError("RunLogger.emit() before open().")
+        if not self._opened or self._closed:
+            raise RuntimeError("RunLogger.emit() needs an open RunLogger (open() first, and "
+                               "not after close()).")
+        result = dataclasses.replace(result, timing=dict(result.timing))  # the caller's stays
         step = int(result.step)
         failures: list[tuple[str, Exception]] = []
         for sink in self.sinks:
@@ -229,10 +241,7 @@ class RunLogger:
             return "No JSON record is written in this run."
         name = step_filename(step, self.config.compress)
         try:
-            if self.json.ensure_root():
-                self._relock()
-                self._warn(f"{self.json.root} was removed during run {self.run_id}: recreated it "
-                           "with its config.yaml; the records written there before are gone.")
+            self._recreate_if_removed(step)
             self.json.write(result, dict(extra or {}))
         except StepWriteError as exc:
             self._raise_if_strict("json", step, exc.cause)
@@ -248,13 +257,26 @@ class RunLogger:
         return (f"The JSON record of step {step} in {self.json.root} ({name}, its summary and its "
                 f"{JSONL_NAME} line) {what}.")
 
-    def _relock(self) -> None:
-        if self._claim is None:
-            return
+    def _recreate_if_removed(self, step: int) -> None:
+        """Recreate the run directory (or its config.yaml) if it was removed, and say so."""
+        assert self.json is not None
+        root = self.json.root
         try:
-            self._claim.lock()
-        except RunBusyError as exc:
-            self._warn(f"{exc}; run {self.run_id} keeps writing into it.")
+            recreated = self.json.ensure_root()
+        except OSError as exc:
+            raise StepWriteError(step, exc, f"nothing of step {step} is on disk ({root} was "
+                                 "removed and cannot be recreated)") from exc
+        if recreated == "directory":
+            if self._claim is not None:
+                try:
+                    self._claim.lock()
+                except RunBusyError as exc:
+                    self._warn(f"{exc}; run {self.run_id} keeps writing into it.")
+            self._warn(f"{root} was removed during run {self.run_id}: recreated it with its "
+                       "config.yaml; the records written there before are gone.")
+        elif recreated:
+            self._warn(f"{root / recreated} was removed during run {self.run_id}: rewrote it; "
+                       "the records beside it are untouched.")
 
     # ------------------------------------------------------------------ resume, state, close
     def rewind(self, step: int) -> list[int]:
@@ -292,6 +314,7 @@ class RunLogger:
     def close(self) -> None:
         """Flush and close the sinks (a writer that was given is only flushed) and release the
         run directory's lock. Safe to call twice."""
+        self._closed = True
         sinks, self.sinks = self.sinks, []
         for sink in sinks:
             try:

@@ -25,6 +25,7 @@ from probe_harness import (
 )
 
 from entropy_callback import EntropyProbeCallback, EntropyProbeWarning, ProbeConfig, ProbeResult
+from entropy_callback.cli import main
 from entropy_callback.jsonlog import JsonLogWriter
 from entropy_callback.runlog import RunLogError, describe_run, load_run
 from entropy_callback.runs import read_run_meta
@@ -151,7 +152,7 @@ TWO_RUNS = ("logger_false", "shared_log_dir", "reused_callback")
 
 
 @pytest.mark.parametrize("case", TWO_RUNS)
-def test_a_second_run_in_one_directory_keeps_the_first_runs_records(case, tmp_path):
+def test_a_second_run_in_one_directory_keeps_the_first_runs_records(case, tmp_path, capsys):
     """logger=False twice in one working directory, an explicit shared log_dir, one callback
     reused for a second fit: the second run gets its own directory and id, no warning, and
     the first run's files stay byte for byte; reading the parent lists both runs."""
@@ -192,6 +193,13 @@ def test_a_second_run_in_one_directory_keeps_the_first_runs_records(case, tmp_pa
     with pytest.raises(RunLogError, match="holds 2 probe runs") as info:
         load_run(first_dir.parent)
     assert first_id in str(info.value) and second_id in str(info.value)
+    # the CLI reads one run and says which; given both, it lists them and exits 2
+    capsys.readouterr()
+    assert main(["summary", str(second_dir)]) == 0
+    assert capsys.readouterr().out.startswith(f"{second_dir} (run {second_id}, started ")
+    assert main(["summary", str(first_dir.parent)]) == 2
+    err = capsys.readouterr().err
+    assert "holds 2 probe runs" in err and first_id in err and second_id in err
 
 
 def probe_result(step: int) -> ProbeResult:
@@ -216,6 +224,8 @@ def test_two_live_runs_on_one_log_dir_never_share_files(tmp_path):
     assert resumed.run_id == state["run_id"] and resumed.run_dir == a.run_dir
     assert twin.run_id != state["run_id"] and twin.run_dir not in (a.run_dir, b.run_dir)
     assert "locked" in message and twin.run_id in message and str(twin.run_dir) in message
+    assert read_run_meta(resumed.run_dir)["resumed_at_step"] == 0
+    assert "resumed_at_step" not in read_run_meta(twin.run_dir)  # a new run, not a resume
     for step in range(3):
         for logger in (resumed, twin, b):
             logger.emit(probe_result(step))

@@ -12,6 +12,8 @@ import io
 import json
 import math
 import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -19,17 +21,30 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from probe_harness import (
+    SMALL_PROBE,
+    backward_on,
+    fit,
+    grpo_module,
+    make_trainer,
+    probe_callback,
+    probe_prompts,
+    tiny_policy,
+)
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
 
-from entropy_callback import fileio
+from entropy_callback import EntropyProbeWarning, ProbeFailure, fileio, jsonlog
 from entropy_callback.cli import main, pearson
 from entropy_callback.config import ProbeConfig
 from entropy_callback.jsonlog import JsonLogWriter, step_filename, summary_filename
+from entropy_callback.probe import EntropyProbe
 from entropy_callback.result import ProbeResult
 from entropy_callback.runlog import RunLogError, load_run, load_step
+from entropy_callback.sinks import RunLogger
 from entropy_callback.tensorboard import LAYOUT_SUBDIR, TensorBoardSink
 
+ROOT = Path(__file__).resolve().parents[1]
 TIMING = {"sampling": 2.10, "score_orig": 0.84, "delta_h1": 0.31, "score_upd": 0.79}
 
 
@@ -494,3 +509,147 @@ def test_pearson_handles_missing_values_and_degenerate_input():
     assert n == 3 and r == pytest.approx(np.corrcoef([1, 2, 3], [2.0, 4.1, 5.9])[0, 1])
     assert pearson([1.0], [1.0]) == (None, 1)
     assert pearson([1.0, 1.0], [2.0, 3.0]) == (None, 2)
+
+
+# The one sink layer -----------------------------------------------------------------------
+
+
+def test_import_entropy_callback_does_not_import_lightning_or_the_hf_trainer():
+    code = ("import sys, entropy_callback as e\n"
+            "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', "
+            "'pytorch_lightning') or m.startswith('transformers.trainer'))\n"
+            "assert not loaded, loaded\n"
+            "assert 'EntropyProbeCallback' in dir(e) and 'EntropyProbeCallback' in e.__all__\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    # on first use the adapter is imported, and it is the lightning module's class
+    import entropy_callback
+    from entropy_callback import lightning as adapter
+
+    assert entropy_callback.EntropyProbeCallback is adapter.EntropyProbeCallback
+
+
+def test_a_plain_loop_writes_what_the_lightning_callback_writes(tmp_path):
+    """The engine in a hand-written AdamW loop + one RunLogger: the same TensorBoard tags, the
+    same JSON files and record sections as a real Lightning run, and the metric loggers get the
+    TensorBoard scalars."""
+    model, tokenizer = tiny_policy()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    config = ProbeConfig(**SMALL_PROBE)
+    probe = EntropyProbe(model, tokenizer, probe_prompts(), config)
+    seen: list[tuple[int, dict]] = []
+    run = RunLogger(config, tmp_path / "plain", metric_loggers=[
+        lambda scalars, step: seen.append((step, scalars))]).open()
+    for step in range(2):
+        optimizer.zero_grad()
+        backward_on(model, tokenizer)
+        probe.before_step(optimizer, step=step)
+        optimizer.step()
+        run.emit(probe.after_step())
+    run.close()
+
+    callback = probe_callback(every=1)
+    fit(make_trainer(tmp_path / "lightning", [callback], 2), grpo_module())
+    lightning_dir = tmp_path / "lightning" / "run" / "version_0"
+
+    plain_dir = run.run_dir
+    assert plain_dir == tmp_path / "plain" / "entropy_probe"
+    assert sorted(p.name for p in plain_dir.iterdir()) == sorted(
+        p.name for p in callback.json.root.iterdir())
+    for step in (0, 1):
+        mine, theirs = load_step(plain_dir, step), load_step(lightning_dir, step)
+        assert set(mine) == set(theirs)
+        assert set(mine["core_results"]) == set(theirs["core_results"])
+        assert mine["run_metadata"]["run_id"] == run.run_id
+    assert [r["step"] for r in load_run(tmp_path / "plain")] == [0, 1]
+
+    def probe_tags(directory):
+        return {t for t in accumulator(directory).Tags()["scalars"]
+                if t.startswith("entropy_probe/") and "/time/" not in t}
+
+    plain_tags = probe_tags(tmp_path / "plain")
+    assert plain_tags == probe_tags(lightning_dir)
+    assert (tmp_path / "plain" / LAYOUT_SUBDIR).is_dir()
+    assert [step for step, _ in seen] == [0, 1]
+    assert {t for t in seen[0][1] if "/time/" not in t} == plain_tags
+
+
+def test_a_failing_metric_logger_is_the_records_error_and_the_result_is_untouched(tmp_path):
+    def broken(scalars, step):
+        raise ConnectionError("metrics server unreachable")
+
+    run = RunLogger(ProbeConfig(), tmp_path, tensorboard=False, metric_loggers=[broken]).open()
+    result = make_result(20)
+    with pytest.warns(EntropyProbeWarning) as caught:
+        run.emit(result, {"epoch": 1})
+    run.close()
+    (message,) = [str(w.message) for w in caught]
+    assert "phase 'logger' at step 20 (ConnectionError: metrics server unreachable)" in message
+    assert f"The JSON record of step 20 in {run.run_dir}" in message
+    assert "holds this error" in message
+    record = load_step(run.run_dir, 20)
+    assert record["core_results"]["error"]["phase"] == "logger"
+    assert record["timing"]["logger"] >= 0.0 and record["run_metadata"]["epoch"] == 1
+    # one way: the sinks write nothing back into the engine's result
+    assert result.error is None and "logger" not in result.timing
+
+
+def test_strict_run_logger_raises_and_leaves_nothing_of_the_step(tmp_path, monkeypatch):
+    run = RunLogger(ProbeConfig(strict=True), tmp_path, tensorboard=False).open()
+    run.emit(make_result(20))
+
+    def full(path, line):
+        raise OSError(28, "No space left on device (injected)")
+
+    monkeypatch.setattr(jsonlog, "append_line", full)
+    with pytest.raises(ProbeFailure, match="phase 'json' at step 40"):
+        run.emit(make_result(40))
+    run.close()
+    assert sorted(p.name for p in run.run_dir.glob("step_*")) == [
+        step_filename(20), summary_filename(20)]
+    assert [r["step"] for r in load_run(run.run_dir)] == [20]
+
+
+def test_a_run_logger_without_log_dir_feeds_only_its_metric_loggers():
+    seen = []
+    run = RunLogger(ProbeConfig(), metric_loggers=[lambda s, t: seen.append((t, s))]).open()
+    run.emit(error_result(7))
+    run.close()
+    assert run.run_dir is None and run.tensorboard is None
+    assert run.state_dict()["run_id"] == run.run_id and run.state_dict()["run_dir"] is None
+    ((step, scalars_),) = seen
+    assert step == 7 and scalars_["entropy_probe/deltaH1"] == pytest.approx(-2.5e-4)
+
+
+def test_a_removed_config_is_rewritten_and_an_unrecreatable_directory_costs_the_step(tmp_path):
+    run = RunLogger(ProbeConfig(), tmp_path, tensorboard=False).open()
+    run.emit(make_result(20))
+    (run.run_dir / "config.yaml").unlink()
+    with pytest.warns(EntropyProbeWarning, match="config.yaml was removed .* rewrote it; the "
+                      "records beside it are untouched"):
+        run.emit(make_result(40))
+    assert yaml.safe_load((run.run_dir / "config.yaml").read_text())["run_metadata"][
+        "run_id"] == run.run_id
+    assert [r["step"] for r in load_run(run.run_dir)] == [20, 40]
+
+    shutil.rmtree(run.run_dir)
+    run.run_dir.write_text("a regular file where the run directory was\n")
+    with pytest.warns(EntropyProbeWarning, match="phase 'json' at step 60 .* nothing of step 60 "
+                      "is on disk .* cannot be recreated"):
+        run.emit(make_result(60))
+    run.close()
+    assert run.run_dir.read_text().startswith("a regular file")
+
+
+def test_tensorboard_may_go_to_its_own_directory(tmp_path):
+    """HF's layout: scalars under args.logging_dir, JSON under args.output_dir."""
+    run = RunLogger(ProbeConfig(), tmp_path / "out", tensorboard=tmp_path / "tb").open()
+    run.emit(make_result(20))
+    run.close()
+    assert run.run_dir == tmp_path / "out" / "entropy_probe"
+    assert "entropy_probe/deltaH1" in accumulator(tmp_path / "tb").Tags()["scalars"]
+    assert (tmp_path / "tb" / LAYOUT_SUBDIR).is_dir()
+    assert not (tmp_path / "out" / LAYOUT_SUBDIR).exists()
+    assert not list((tmp_path / "out").glob("events.out.tfevents.*"))

@@ -150,7 +150,7 @@ def test_a_tensorboard_failure_is_in_the_record_and_the_warning_says_so(sabotage
     assert "holds this error" in message
 
 
-@pytest.mark.parametrize("umask", [0o022, 0o077])
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
 def test_file_modes_follow_the_umask(umask, tmp_path):
     probe = probe_callback(every=1)
     old = os.umask(umask)
