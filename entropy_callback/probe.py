@@ -256,8 +256,8 @@ class EntropyProbe:
         self.warn_once(
             "skipped",
             f"the optimizer did not take step {result.step} ({reason}); its record is marked "
-            "skipped (update_source 'skipped', null estimates). The Lightning callback probes "
-            "the next step the optimizer takes instead. Said once per run.",
+            "skipped (update_source 'skipped', null estimates). The callback probes the next "
+            "step the optimizer takes instead. Said once per run.",
         )
 
     def _warn_if_half(self) -> None:
