@@ -106,7 +106,6 @@ class EntropyProbeTrainerCallback(TrainerCallback):
         self.probed_steps: list[int] = []
         self.last_result: ProbeResult | None = None
         self.run_dir: Path | None = None  # this run's JSON records, once training starts
-        self._writer: Any = None
         self._disabled = False
         self._rearm = False
 
@@ -221,28 +220,19 @@ class EntropyProbeTrainerCallback(TrainerCallback):
         return out
 
     def _open(self, args: Any) -> None:
-        """The run logger of this ``train()`` call (main process only): TensorBoard under the
-        logging directory, JSON under ``args.output_dir`` (both under ``config.log_dir`` when
-        set). A resumed ``train()`` is logged as a new run with a directory of its own."""
+        """The run logger of this ``train()`` call (main process only): TensorBoard events and
+        the Custom Scalars layout under the logging directory, JSON under ``args.output_dir``
+        (all under ``config.log_dir`` when set). A resumed ``train()`` is logged as a new run
+        with a directory of its own."""
         self._close()  # a train() that raised never reached on_train_end
         if self.config.log_dir is not None:
             json_dir = tb_dir = Path(self.config.log_dir)
         else:
             json_dir, tb_dir = Path(args.output_dir), logging_dir(args)
-        from torch.utils.tensorboard import SummaryWriter
-
-        try:
-            self._writer = SummaryWriter(log_dir=str(tb_dir))
-        except OSError as exc:
-            if self.config.strict:
-                raise
-            warnings.warn(f"EntropyProbeTrainerCallback cannot write TensorBoard events under "
-                          f"{str(tb_dir)!r} ({exc}); the JSON records are still written.",
-                          EntropyProbeWarning, stacklevel=3)
         self.run_logger = RunLogger(
             self.config,
             json_dir,
-            tensorboard=self._writer if self._writer is not None else False,
+            tensorboard=tb_dir,
             metadata={"framework": "transformers", "every": self.every},
         ).open()
         self.run_dir = self.run_logger.run_dir
@@ -284,9 +274,6 @@ class EntropyProbeTrainerCallback(TrainerCallback):
         if self.run_logger is not None:
             self.run_logger.close()
             self.run_logger = None
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
 
     def _emit(self, result: ProbeResult, state: Any) -> None:
         self.last_result = result

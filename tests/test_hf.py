@@ -184,7 +184,7 @@ def test_tensorboard_event_files_hold_the_probe_tags(grpo_run, grpo_records):
     for e in deltas:
         assert e.value == pytest.approx(grpo_records[e.step]["core_results"]["deltaH1"],
                                         rel=1e-6)
-    layout = EventAccumulator(str(out / "entropy_probe_layout")).Reload()
+    layout = EventAccumulator(str(out / "runs" / "entropy_probe_layout")).Reload()
     assert layout.Tags()["tensors"]  # the Custom Scalars layout
 
 
