@@ -233,7 +233,7 @@ class EntropyProbeTrainerCallback(TrainerCallback):
             self.config,
             json_dir,
             tensorboard=tb_dir,
-            metadata={"framework": "transformers", "every": self.every},
+            metadata={"framework": "hf", "every": self.every},
         ).open()
         self.run_dir = self.run_logger.run_dir
 
@@ -279,8 +279,12 @@ class EntropyProbeTrainerCallback(TrainerCallback):
         self.last_result = result
         self.probed_steps.append(result.step)
         if self.run_logger is not None:
-            self.run_logger.emit(result, {"global_step": result.step, "every": self.every,
-                                          "epoch": state.epoch})
+            # state.epoch is fractional and not yet advanced for this step: its integer part is
+            # the epoch the step belongs to (Lightning's current_epoch)
+            extra = {"global_step": result.step, "every": self.every}
+            if state.epoch is not None:
+                extra["epoch"] = int(state.epoch)
+            self.run_logger.emit(result, extra)
 
 
 def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:

@@ -17,6 +17,7 @@ import peft
 import pytest
 import torch
 import transformers
+from jsonschema import Draft202012Validator
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tokenizers import processors
 
@@ -121,6 +122,16 @@ def test_grpo_trainer_probes_exactly_the_due_steps(grpo_run, grpo_records):
         core = record["core_results"]
         assert core["step"] == t and "error" not in core
         assert core["update_source"] == "adam_reconstruction"
+
+
+def test_records_follow_the_documented_schema(grpo_records):
+    schema = json.loads((Path(__file__).resolve().parents[1] / "docs" /
+                         "log-schema.json").read_text(encoding="utf-8"))
+    validator = Draft202012Validator(schema)
+    for record in grpo_records.values():
+        assert [e.message for e in validator.iter_errors(record)] == []
+        assert record["run_metadata"]["framework"] == "hf"
+        assert record["run_metadata"]["every"] == EVERY
 
 
 def test_step_index_is_the_optimizer_step_being_taken(grpo_run, grpo_records):
