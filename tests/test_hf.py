@@ -305,36 +305,48 @@ def test_dataset_without_a_prompt_column_is_refused():
         EntropyProbeTrainerCallback(Dataset.from_dict({"text": ["1+1="]}))
 
 
-def _begin(probe, **arg_options):
-    model, tokenizer = build_policy(seed=0, lora_r=4, **TINY)
-    args = transformers.TrainingArguments(output_dir="unused", use_cpu=True, report_to=[],
+def _begin(probe, out: Path, tokenizer=None, **arg_options):
+    """The Trainer's on_train_begin call, with real TrainingArguments, model and tokenizer."""
+    model, tiny_tokenizer = build_policy(seed=0, lora_r=4, **TINY)
+    args = transformers.TrainingArguments(output_dir=str(out), use_cpu=True, report_to=[],
                                           **arg_options)
     state = transformers.TrainerState()
     probe.on_train_begin(args, state, transformers.TrainerControl(), model=model,
-                         processing_class=tokenizer)
+                         processing_class=tokenizer or tiny_tokenizer)
     return args, state
 
 
-def test_fsdp_disables_the_probe_with_one_warning():
+def test_a_conversational_eval_dataset_becomes_chat_formatted_prompts(tmp_path):
+    tokenizer = build_char_tokenizer()
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}="
+    heldout = Dataset.from_dict({"prompt": [[{"role": "user", "content": p[:-1]}]
+                                            for p in make_prompts(4, seed=1)]})
+    probe = EntropyProbeTrainerCallback(heldout, every=1, **PROBE)
+    _begin(probe, tmp_path, tokenizer=tokenizer)
+    probe.on_train_end(None, None, None)
+    assert probe.probe.prompts == make_prompts(4, seed=1)
+
+
+def test_fsdp_disables_the_probe_with_one_warning(tmp_path):
     probe = EntropyProbeTrainerCallback(make_prompts(4), every=1, **PROBE)
     with pytest.warns(EntropyProbeWarning, match="disabled under FSDP") as caught:
-        args, state = _begin(probe, fsdp=True)
+        args, state = _begin(probe, tmp_path, fsdp=True)
         probe.on_train_begin(args, state, transformers.TrainerControl())
     assert len([w for w in caught if issubclass(w.category, EntropyProbeWarning)]) == 1
     assert probe.probe is None and probe.run_dir is None
 
 
-def test_liger_kernels_are_refused_at_setup_naming_the_argument():
+def test_liger_kernels_are_refused_at_setup_naming_the_argument(tmp_path):
     probe = EntropyProbeTrainerCallback(make_prompts(4), every=1, **PROBE)
     with pytest.raises(ProbeConfigError, match="use_liger_kernel"):
-        _begin(probe, use_liger_kernel=True)
+        _begin(probe, tmp_path, use_liger_kernel=True)
 
 
-def test_hub_kernels_are_refused_at_setup_naming_the_option():
+def test_hub_kernels_are_refused_at_setup_naming_the_option(tmp_path):
     """``use_kernels=True`` at load time kernelizes the model from the Hub, which cannot run
     offline; the flag transformers keeps for it is set directly instead."""
     model, tokenizer = build_policy(seed=0, lora_r=4, **TINY)
     model.get_base_model()._use_kernels = True
     probe = EntropyProbeTrainerCallback(make_prompts(4), every=1, model=model, **PROBE)
     with pytest.raises(ProbeConfigError, match="use_kernels"):
-        _begin(probe)
+        _begin(probe, tmp_path)
