@@ -298,7 +298,8 @@ def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
 
 
 def sharding(args: Any) -> str | None:
-    """"FSDP" or "DeepSpeed" when the Trainer shards parameters, else None."""
+    """The sharding the Trainer runs under ("FSDP", "DeepSpeed", "Megatron-LM"), from its
+    arguments or accelerate's state; None for a single device or DDP."""
     if getattr(args, "deepspeed", None):
         return "DeepSpeed"
     if getattr(args, "fsdp", None):
