@@ -22,11 +22,12 @@ from .sinks import RunLogger
 __version__ = "0.1.0"
 
 # name -> the adapter module that defines it, imported on first access
-_LAZY = {"EntropyProbeCallback": "lightning"}
+_LAZY = {"EntropyProbeCallback": "lightning", "EntropyProbeTrainerCallback": "hf"}
 
 __all__ = [
     "EntropyProbe",
     "EntropyProbeCallback",
+    "EntropyProbeTrainerCallback",
     "EntropyProbeWarning",
     "ProbeConfig",
     "ProbeConfigError",

@@ -30,12 +30,12 @@ class EntropyProbeCallback(Callback):
     theta and the AdamW state; in the optimizer's step post-hook it rebuilds the step from the
     gradients AdamW consumed (after any clipping or repair), predicts delta H_1 = g_hat . Delta
     theta, and measures Delta H_true on the same E tokens by self-normalised importance
-    sampling. Both go to TensorBoard under ``entropy_probe/`` and to ``<log_dir>/entropy_probe/``
-    as JSON, at step t. A step the optimizer skips (GradScaler) is recorded as skipped and the
-    next step taken is probed instead; several optimizer steps in one batch each get a record.
-    The records go through a ``sinks.RunLogger`` (the run's JSON directory is
-    ``<log_dir>/entropy_probe/``, or ``entropy_probe-<run_id>/`` when another run has that one).
-    Each ``fit`` is a new run, unless it resumes from a checkpoint holding this callback's state.
+    sampling. Both go to TensorBoard under ``entropy_probe/`` and to the run's JSON directory
+    (``<log_dir>/entropy_probe/``, or ``entropy_probe-<run_id>/`` when another run has that
+    one), at step t, through a ``sinks.RunLogger``. Each ``fit`` is a new run, unless it resumes
+    from a checkpoint holding this callback's state. A step the optimizer skips (GradScaler) is
+    recorded as skipped and the next step taken is probed instead; several optimizer steps in
+    one batch each get a record.
 
     Args:
         prompts: held-out prompt pool (strings formatted for the model, or token-id lists);
