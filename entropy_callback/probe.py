@@ -199,17 +199,19 @@ class EntropyProbe:
                     for m in cfg.multipliers[1:]:
                         moved = {n: pending.theta[n] + m * observed[n] for n in observed}
                         sweep[m] = self._score_all(pending.batch, moved)
+            collected = None
             if not runner.failed:
                 with runner.phase("collect"):
-                    names, local = self._local_vectors(pending, sweep)
-            self._agree(runner)  # every rank arrives here; after it, one gather, then pure code
-            if not runner.failed:
+                    collected = self._local_vectors(pending, sweep)
+            # every rank arrives here; after it, one gather, then pure code
+            self._agree(runner, ready=collected is not None)
+            if not runner.failed and collected is not None:
                 with runner.phase("gather"):
-                    vectors = gather_vectors(names, local, self.gather)
-            if not runner.failed:
+                    vectors = gather_vectors(*collected, self.gather)
+            if not runner.failed and collected is not None:
                 with runner.phase("estimators"):
                     d1, points = self._estimate(pending, vectors)
-            if not runner.failed:
+            if not runner.failed and collected is not None:
                 with runner.phase("records"):
                     texts = (records.texts(pending.batch, self.prompts, self.tokenizer,
                                            pending.tokens, cfg) if self.world_size == 1 else None)
@@ -297,11 +299,12 @@ class EntropyProbe:
                        stopped=batch.stopped)
         return list(vectors), stack_vectors(vectors)
 
-    def _agree(self, runner: PhaseRunner) -> None:
-        """Under DDP, every rank learns whether any rank failed; a rank that did not fail
-        records the failure as its own (phase "distributed") and skips what is left."""
-        if self.world_size > 1 and any_rank_failed(runner.failed, self.device):
-            if not runner.failed:
+    def _agree(self, runner: PhaseRunner, ready: bool = True) -> None:
+        """Under DDP, every rank learns whether any rank failed or has nothing to gather
+        (``ready`` False); a rank that was ready and did not fail records the failure as its
+        own (phase "distributed") and skips what is left. Reached by every rank, always."""
+        if self.world_size > 1 and any_rank_failed(runner.failed or not ready, self.device):
+            if ready and not runner.failed:
                 with runner.phase("distributed"):
                     raise RuntimeError("the probe failed on another rank; all ranks skip it")
 
