@@ -74,22 +74,45 @@ def main() -> None:
     print("| normalize | estimator | B = 8 | B = 16 | B = 32 | B = 64 | SE of mean (B = 32) |")
     print("|---|---|---|---|---|---|---|")
     for normalize in tv.NORMALIZATIONS:
-        for key, label in (("d1", "δH₁"), ("dt", "ΔH_true")):
+        for key, label in (("d1", "δH₁"), ("dt_raw", "ΔH_true raw SNIS"),
+                           ("dt", "ΔH_true (jackknife-corrected)")):
             _, se = tv.mean_and_se(tv.chunk_estimates(terms, upd, tv.B, normalize)[key])
             cells = [tv.ratio_bias(terms, upd, b, normalize, key) for b in (8, 16, 32, 64)]
             print(f"| {normalize} | {label} | " + " | ".join(
                 f"{c:.2g} ({c / se:+.2f})" for c in cells) + f" | {se:.2g} |")
 
-    print("\nSE formulas against the jackknife on the whole pool (R·B sequences):")
-    print("| normalize | SE(δH₁) | jackknife | SE(ΔH_true) | jackknife |")
+    print("\nSE formulas on the whole pool (R·B sequences): δH₁'s delta method against the "
+          "jackknife, ΔH_true's jackknife against the paired delta method")
+    print("| normalize | SE(δH₁) | jackknife | SE(ΔH_true) | delta method |")
     print("|---|---|---|---|---|")
     for normalize in tv.NORMALIZATIONS:
-        jack = tv.jackknife_se(terms, upd, normalize)
+        jack = tv.jackknife_se_of_delta_h1(terms, normalize)
+        delta = tv.delta_method_se_of_delta_h_true(terms, upd, normalize)
         d1 = tv.delta_h1(terms["A"], terms["Bsum"], terms["C"], h, T, normalize)
         gt = tv.snis(terms["S"], upd["S"], h, upd["h"], T, normalize)
-        print(f"| {normalize} | {d1.deltaH1_se:.5g} | {jack['d1']:.5g} "
-              f"({jack['d1'] / d1.deltaH1_se - 1:+.3%}) | {gt.deltaH_true_se:.5g} | "
-              f"{jack['dt']:.5g} ({jack['dt'] / gt.deltaH_true_se - 1:+.3%}) |")
+        print(f"| {normalize} | {d1.deltaH1_se:.5g} | {jack:.5g} "
+              f"({jack / d1.deltaH1_se - 1:+.3%}) | {gt.deltaH_true_se:.5g} | "
+              f"{delta:.5g} ({delta / gt.deltaH_true_se - 1:+.3%}) |")
+
+    pool = (terms, upd, batch)
+    big_terms, big_upd, index, exact_big = unwrap(tv.large_step)(policy, pool)
+    print(f"\nlarge step: the <eos>-only step × {tv.LARGE_M}, {len(index)} batches of "
+          f"B = {tv.B} resampled from the pool")
+    print("| normalize | exact ΔH | pool corrected ± SE (z) | mean raw (z) | "
+          "mean corrected (z) | mean bias estimate | SE / sd corrected | ESS/B |")
+    print("|---|---|---|---|---|---|---|---|")
+    for normalize in tv.NORMALIZATIONS:
+        whole = tv.snis(big_terms["S"], big_upd["S"], big_terms["h"], big_upd["h"],
+                        big_terms["T"], normalize)
+        est = tv.resampled_estimates(big_terms, big_upd, index, normalize)
+        truth, ex = whole.deltaH_true_raw, exact_big[normalize]
+        print(f"| {normalize} | {ex:.5g} | {whole.deltaH_true:.5g} ± "
+              f"{whole.deltaH_true_se:.2g} ({(whole.deltaH_true - ex) / whole.deltaH_true_se:+.2f})"
+              f" | {float(est['raw'].mean()):.5g} ({tv.z_score(est['raw'], truth):+.2f}) | "
+              f"{float(est['dt'].mean()):.5g} ({tv.z_score(est['dt'], truth):+.2f}) | "
+              f"{float((est['raw'] - est['dt']).mean()):.3g} | "
+              f"{float(est['dt_se'].mean() / est['dt'].std()):.3f} | "
+              f"{float(est['ess'].mean()):.3f} |")
 
     dists = unwrap(tv.response_distributions)(policy)
     stat, dof, p = tv.chi_square_of_batch(batch, dists)

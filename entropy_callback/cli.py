@@ -36,7 +36,6 @@ EXPORT_COLUMNS = (
     "B_E",
     "T_E",
     "normalize",
-    "ESS",
     "reliable",
     "update_source",
     "timing_total",

@@ -1,5 +1,10 @@
-"""Multi-process probes: each rank samples and scores its shard of E; the per-sequence sufficient
-statistics are all-gathered so that every rank computes the single-process result on the union.
+"""Multi-process probes: each rank samples and scores its shard of E; the per-sequence vectors
+are all-gathered so that every rank computes the single-process result on the union.
+
+Two collectives per probe, both reached by every rank whatever failed: ``any_rank_failed`` (the
+agreement), then, only when no rank failed, one ``all_gather`` of every per-sequence vector at
+once (``gather_vectors``). Everything after it (estimators, records) is a pure function of the
+gathered vectors, so a failure there cannot leave another rank waiting.
 """
 
 from __future__ import annotations
@@ -21,11 +26,12 @@ def _backend_device(model_device: torch.device) -> torch.device:
 
 
 def make_gather(batch_size: int, world_size: int, model_device: torch.device):
-    """A function [n_rank] -> [batch_size]: every rank's shard, concatenated in rank order.
+    """A function [..., n_rank] -> [..., batch_size]: every rank's shard along the last dim,
+    concatenated in rank order.
 
     Shards may differ in size by one row; they are padded to the largest for ``all_gather``.
-    Every rank must call it the same number of times in the same order (the engine does: the
-    decision to probe comes from the step index alone).
+    Every rank must call it the same number of times in the same order (the engine calls it
+    once per probe, after the agreement, on every rank).
     """
     import torch.distributed as dist
 
@@ -35,11 +41,11 @@ def make_gather(batch_size: int, world_size: int, model_device: torch.device):
     device = _backend_device(model_device)
 
     def gather(x: torch.Tensor) -> torch.Tensor:
-        buf = torch.zeros(width, dtype=x.dtype, device=device)
-        buf[: x.numel()] = x.reshape(-1).to(device)
+        buf = torch.zeros(*x.shape[:-1], width, dtype=x.dtype, device=device)
+        buf[..., : x.shape[-1]] = x.to(device)
         out = [torch.empty_like(buf) for _ in range(world_size)]
         dist.all_gather(out, buf)
-        return torch.cat([o[:n] for o, n in zip(out, sizes, strict=True)]).cpu()
+        return torch.cat([o[..., :n] for o, n in zip(out, sizes, strict=True)], dim=-1).cpu()
 
     return gather
 
@@ -52,3 +58,15 @@ def any_rank_failed(failed: bool, model_device: torch.device) -> bool:
                         device=_backend_device(model_device))
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item())
+
+
+def stack_vectors(vectors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[k, n] float64: the k per-sequence vectors of this rank, one row each (dict order).
+
+    Float64 holds every integer vector (lengths, indices, flags) exactly."""
+    return torch.stack([x.reshape(-1).to(torch.float64).cpu() for x in vectors.values()])
+
+
+def gather_vectors(names: list[str], local: torch.Tensor, gather) -> dict[str, torch.Tensor]:
+    """One collective for every per-sequence vector: [k, n_rank] -> {name: [B_E]}."""
+    return dict(zip(names, gather(local).unbind(0), strict=True))

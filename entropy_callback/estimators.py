@@ -30,6 +30,10 @@ class DeltaH1:
     contributions: torch.Tensor  # [B], sums to deltaH1
     H_hat: float
 
+    def values(self) -> dict[str, float]:
+        """The declared quantities (``result.QUANTITIES``) this estimator reports."""
+        return {"deltaH1": self.deltaH1, "deltaH1_se": self.deltaH1_se}
+
 
 def delta_h1(
     A: torch.Tensor,
@@ -66,20 +70,64 @@ def delta_h1(
 
 @dataclass
 class SNIS:
-    deltaH_true: float
+    deltaH_true: float  # bias-corrected: deltaH_true_raw - deltaH_true_bias
     deltaH_true_se: float
+    deltaH_true_raw: float  # the plain SNIS ratio H_upd - H_orig
+    deltaH_true_bias: float  # jackknife estimate of the raw value's O(1/B) bias
     H_orig: float
     H_upd: float
     log_w: torch.Tensor  # [B], S' - S
     w: torch.Tensor  # [B], exp(log_w - max log_w)
-    contributions: torch.Tensor  # [B], sums to deltaH_true
+    contributions: torch.Tensor  # [B], jackknife pseudo-values / B: sum to deltaH_true
     ess: float
     diagnostics: dict = field(default_factory=dict)
+
+    def values(self) -> dict[str, float]:
+        """The declared quantities (``result.QUANTITIES``) this estimator reports."""
+        return {
+            "deltaH_true": self.deltaH_true,
+            "deltaH_true_se": self.deltaH_true_se,
+            "deltaH_true_raw": self.deltaH_true_raw,
+            "deltaH_true_bias": self.deltaH_true_bias,
+            "H_orig": self.H_orig,
+            "H_upd": self.H_upd,
+            "ESS": self.ess,
+            "ess_fraction": self.ess / self.w.numel(),
+        }
 
 
 def ess(w: torch.Tensor) -> float:
     """Effective sample size (sum w)^2 / sum w^2."""
     return float(w.sum() ** 2 / (w * w).sum())
+
+
+def leave_one_out(
+    w: torch.Tensor, h_upd: torch.Tensor, h: torch.Tensor, T: torch.Tensor, normalize: str
+) -> torch.Tensor:
+    """[B] the raw Delta H_true recomputed without sequence i, every i at once (O(B)).
+
+    per_token:    sum_{j!=i} w_j h'_j / sum_{j!=i} w_j T_j - sum_{j!=i} h_j / sum_{j!=i} T_j
+    per_sequence: sum_{j!=i} w_j h'_j / sum_{j!=i} w_j     - sum_{j!=i} h_j / (B - 1)
+    """
+    wh = w * h_upd
+    if normalize == "per_token":
+        wT = w * T
+        return (wh.sum() - wh) / (wT.sum() - wT) - (h.sum() - h) / (T.sum() - T)
+    return (wh.sum() - wh) / (w.sum() - w) - (h.sum() - h) / (h.numel() - 1)
+
+
+def jackknife(raw: float, loo: torch.Tensor) -> tuple[float, float]:
+    """(bias, SE) of an estimate ``raw`` from its leave-one-out values ``loo`` [B].
+
+    bias = (B - 1) (mean_i loo_i - raw); the corrected estimate raw - bias = B raw -
+    (B - 1) mean_i loo_i removes the O(1/B) term of a smooth function of means.
+    SE = sqrt((B - 1)/B sum_i (loo_i - mean loo)^2).
+    """
+    B = loo.numel()
+    mean = loo.mean()
+    bias = float((B - 1) * (mean - raw))
+    se = math.sqrt((B - 1) / B * float(((loo - mean) ** 2).sum()))
+    return bias, se
 
 
 def snis(
@@ -93,25 +141,26 @@ def snis(
     """Delta H_true by self-normalised importance sampling on the same E tokens (section 4).
 
     log w_i = S'_i - S_i;  H_upd = sum_i w_i h'_i / sum_i w_i T_i  (per_token)
-    Paired SE: IF_i = (w~_i h'_i - H_upd w~_i T_i) / mean(w~ T) - (h_i - H_orig T_i) / mean(T).
+    raw = H_upd - H_orig is a ratio of means, biased at O(1/B) (visible at large steps, where
+    the weights spread); the reported Delta H_true is its jackknife correction
+    raw - (B - 1)(mean_i raw_(-i) - raw), with the jackknife SE (closed-form leave-one-out).
     """
     B = h.numel()
     log_w = S_upd - S
     w = torch.exp(log_w - log_w.max())
-    w_tilde = w / w.mean()
     if normalize == "per_token":
-        T_E = T.sum()
-        H_orig = float(h.sum() / T_E)
+        H_orig = float(h.sum() / T.sum())
         H_upd = float((w * h_upd).sum() / (w * T).sum())
-        IF = (w_tilde * h_upd - H_upd * w_tilde * T) / (w_tilde * T).mean() - (
-            h - H_orig * T
-        ) / T.mean()
-        contributions = w * h_upd / (w * T).sum() - (T / T_E) * H_orig
     else:
         H_orig = float(h.mean())
         H_upd = float((w * h_upd).sum() / w.sum())
-        IF = w_tilde * (h_upd - H_upd) - (h - H_orig)
-        contributions = w * h_upd / w.sum() - h / B
+    raw = H_upd - H_orig
+    if B > 1:
+        loo = leave_one_out(w, h_upd, h, T, normalize)
+        bias, se = jackknife(raw, loo)
+        contributions = raw - (B - 1) / B * loo  # pseudo-values / B: they sum to raw - bias
+    else:
+        bias, se, contributions = 0.0, 0.0, torch.full_like(h, raw)
     diagnostics = {
         "w_max": float(w.max()),
         "w_min": float(w.min()),
@@ -122,8 +171,10 @@ def snis(
         "logw_mean": float(log_w.mean()),
     }
     return SNIS(
-        deltaH_true=H_upd - H_orig,
-        deltaH_true_se=_sd(IF) / math.sqrt(B),
+        deltaH_true=raw - bias,
+        deltaH_true_se=se,
+        deltaH_true_raw=raw,
+        deltaH_true_bias=bias,
         H_orig=H_orig,
         H_upd=H_upd,
         log_w=log_w,

@@ -23,8 +23,7 @@ import torch
 from . import records
 from .attribution_report import attach, keep_consumed, keep_inputs
 from .config import ProbeConfig, ProbeConfigError, check_step
-from .distributed import any_rank_failed, make_gather, shard
-from .estimators import delta_h1, snis
+from .distributed import any_rank_failed, gather_vectors, make_gather, shard, stack_vectors
 from .observer import EntropyProbeWarning, PhaseRunner, preserved_state
 from .prompts import check_prompts, prompt_texts, prompt_token_ids
 from .result import CORE_FIELDS, ProbeResult
@@ -206,19 +205,29 @@ class EntropyProbe:
                         moved = {n: (pending.theta[n].to(torch.float64) + m * d).to(
                             pending.theta[n].dtype) for n, d in pending.observed.items()}
                         sweep[m] = self._score_all(pending.batch, moved)
-            stopped = runner.failed or skipped is not None
-            if self.world_size > 1 and any_rank_failed(stopped, self.device):
-                if not stopped:
-                    with runner.phase("distributed"):
-                        raise RuntimeError("the probe failed on another rank; all ranks skip it")
-            if not runner.failed and skipped is None:
+            collected = None
+            if go and not runner.failed:
+                with runner.phase("collect"):
+                    collected = self._local_vectors(pending, sweep)
+            # every rank arrives here (a skipped step too); after it, one gather, then pure code
+            self._agree(runner, ready=collected is not None)
+            if not runner.failed and collected is not None:
+                with runner.phase("gather"):
+                    vectors = gather_vectors(*collected, self.gather)
+            if not runner.failed and collected is not None:
                 with runner.phase("estimators"):
-                    self._estimate(pending, sweep)
+                    d1, points = self._estimate(pending, vectors)
+            if not runner.failed and collected is not None:
+                with runner.phase("records"):
+                    texts = (records.texts(pending.batch, self.prompts, self.tokenizer,
+                                           pending.tokens, cfg) if self.world_size == 1 else None)
+                    records.fill(result, cfg, vectors, d1, points[1.0], texts)
+            self._agree(runner)  # a failure after the gather on one rank: every rank skips it
         if skipped is not None:
             self._mark_skipped(result, skipped)
         result.error = runner.error
         result.timing["total"] = time.perf_counter() - pending.started
-        records.sanitize(result)
+        result.sanitize()
         ok = pending.attribution is not None and not runner.failed and result.deltaH1 is not None
         self._attributable = pending if ok else None
         return result
@@ -272,7 +281,7 @@ class EntropyProbe:
         """A step not taken: null estimates, the reason, one warning per run."""
         result.update_source = "skipped"
         result.update_norm = None
-        for name in (*CORE_FIELDS, "ESS"):
+        for name in CORE_FIELDS:
             if name != "learning_rate":
                 result.null_reasons[name] = f"step not taken: {reason}"
         result.warnings.append(f"step {result.step} was not taken: {reason}")
@@ -364,25 +373,28 @@ class EntropyProbe:
         return _cat(parts)
 
     # ------------------------------------------------------------------ estimators
-    def _estimate(self, pending: _Pending, sweep: dict[float, dict]) -> None:
-        cfg, result = self.config, pending.result
-        g = {k: self.gather(v) for k, v in pending.terms.items()}
-        T, h = g["T"], g["h"]
-        d1 = delta_h1(g["A"], g["Bsum"], g["C"], h, T, cfg.normalize)
-        result.B_E, result.T_E = int(T.numel()), int(T.sum())
-        result.deltaH1, result.deltaH1_se = d1.deltaH1, d1.deltaH1_se
-        eta = result.learning_rate
-        result.bars_dot = d1.deltaH1 / eta if eta else None
-        moved = {m: {k: self.gather(terms[k]) for k in ("S", "h")} for m, terms in sweep.items()}
-        points = {m: snis(g["S"], u["S"], h, u["h"], T, cfg.normalize) for m, u in moved.items()}
-        gt = points[1.0]
-        result.deltaH_true, result.deltaH_true_se = gt.deltaH_true, gt.deltaH_true_se
-        result.H_orig, result.H_upd = gt.H_orig, gt.H_upd
-        result.ESS, result.ess_fraction = gt.ess, gt.ess / result.B_E
-        result.reliable = bool(result.ess_fraction >= cfg.ess_threshold)
-        result.diagnostics = dict(gt.diagnostics, ess_threshold=cfg.ess_threshold)
-        result.eta_sweep = records.sweep_points(points, eta, d1.deltaH1)
-        records.fill(self, result, pending, d1, gt, g, moved[1.0])
+    def _local_vectors(self, pending: _Pending, sweep: dict[float, dict]):
+        """This rank's per-sequence vectors, stacked for the one gather (names, [k, n_rank])."""
+        batch = pending.batch
+        vectors = {k: pending.terms[k] for k in ("T", "h", "S", "A", "Bsum", "C")}
+        for j, m in enumerate(self.config.multipliers):
+            vectors[f"S_upd:{j}"], vectors[f"h_upd:{j}"] = sweep[m]["S"], sweep[m]["h"]
+        vectors.update(prompt_length=batch.prompt_lengths, prompt_index=batch.prompt_index,
+                       stopped=batch.stopped)
+        return list(vectors), stack_vectors(vectors)
+
+    def _agree(self, runner: PhaseRunner, ready: bool = True) -> None:
+        """Under DDP, every rank learns whether any rank failed or has nothing to gather
+        (``ready`` False); a rank that was ready and did not fail records the failure as its
+        own (phase "distributed") and skips what is left. Reached by every rank, always."""
+        if self.world_size > 1 and any_rank_failed(runner.failed or not ready, self.device):
+            if ready and not runner.failed:
+                with runner.phase("distributed"):
+                    raise RuntimeError("the probe failed on another rank; all ranks skip it")
+
+    def _estimate(self, pending: _Pending, vectors: dict[str, torch.Tensor]):
+        """delta H_1 and Delta H_true from the gathered vectors (pure: no collective)."""
+        return records.estimate(pending.result, vectors, self.config)
 
 
 def _cat(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -1,4 +1,12 @@
-"""The result of one probe and its JSON record (sections and names as in the seed formats)."""
+"""The result of one probe and its JSON record (sections and names as in the seed formats).
+
+Every reported scalar is declared once, in ``QUANTITIES``: its name, where it lives in the record
+(a ``ProbeResult`` field, or an entry of ``ground_truth.diagnostics``),
+whether it is a ``probes.jsonl`` field and whether it is a TensorBoard scalar. ``core()``,
+``sanitize()`` and ``tensorboard.scalars`` derive from it. Adding a quantity is one line here
+plus the estimator that returns it under that name (``ProbeResult.set``); a "field" quantity
+also needs its typed attribute on ``ProbeResult``.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +14,48 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-CORE_FIELDS = (
-    "deltaH1",
-    "deltaH1_se",
-    "deltaH_true",
-    "deltaH_true_se",
-    "bars_dot",
-    "learning_rate",
-    "H_orig",
-    "H_upd",
-    "ess_fraction",
-    "update_cosine",
-    "update_rel_error",
+
+@dataclass(frozen=True)
+class Quantity:
+    """One reported scalar.
+
+    ``section``: "field" (a ``ProbeResult`` attribute) or "diagnostics" (an entry of
+    ``ProbeResult.diagnostics``, written under ``ground_truth.diagnostics``). ``core``: one of
+    the numbers of ``core_results`` and of a ``probes.jsonl`` line. ``scalar``: written to
+    TensorBoard as ``entropy_probe/<name>``. ``unit``: for the docs and the reader.
+    """
+
+    name: str
+    section: str
+    core: bool
+    scalar: bool
+    unit: str
+
+
+_NATS = "nats per token (per_token) or per response (per_sequence)"
+QUANTITIES: tuple[Quantity, ...] = (
+    Quantity("deltaH1", "field", True, True, _NATS),
+    Quantity("deltaH1_se", "field", True, True, _NATS),
+    Quantity("deltaH_true", "field", True, True, _NATS + "; bias-corrected (jackknife)"),
+    Quantity("deltaH_true_se", "field", True, True, _NATS),
+    Quantity("bars_dot", "field", True, True, "entropy units per unit learning rate"),
+    Quantity("learning_rate", "field", True, True, "the probed param group's lr"),
+    Quantity("H_orig", "field", True, True, _NATS),
+    Quantity("H_upd", "field", True, True, _NATS),
+    Quantity("ess_fraction", "field", True, True, "ESS / B_E, in [0, 1]"),
+    Quantity("update_cosine", "field", True, True, "cosine, predicted vs observed step"),
+    Quantity("update_rel_error", "field", True, True, "‖predicted − observed‖/‖observed‖"),
+    Quantity("ESS", "field", True, False, "effective sample size, sequences"),
+    Quantity("update_norm", "field", False, False, "‖observed step‖ over the probed parameters"),
+    Quantity("deltaH_true_raw", "diagnostics", False, False, _NATS + "; plain SNIS, O(1/B) bias"),
+    Quantity("deltaH_true_bias", "diagnostics", False, False,
+             _NATS + "; jackknife estimate of the raw value's bias (raw − corrected)"),
+)
+QUANTITY = {q.name: q for q in QUANTITIES}
+CORE_FIELDS = tuple(q.name for q in QUANTITIES if q.core)
+SCALAR_FIELDS = tuple(q.name for q in QUANTITIES if q.scalar)
+NONFINITE_REASON = (
+    "non-finite value (NaN/inf log-probs or entropies, or collapsed importance weights)"
 )
 
 
@@ -85,16 +123,54 @@ class ProbeResult:
     def ok(self) -> bool:
         return self.error is None
 
+    def set(self, **values: Any) -> None:
+        """Store declared quantities by name: a field, or an entry of ``diagnostics``."""
+        for name, value in values.items():
+            if QUANTITY[name].section == "field":
+                setattr(self, name, value)
+            else:
+                self.diagnostics[name] = value
+
+    def get(self, name: str) -> Any:
+        """A declared quantity's value (None when absent)."""
+        if QUANTITY[name].section == "field":
+            return getattr(self, name)
+        return self.diagnostics.get(name)
+
+    def sanitize(self) -> None:
+        """The one place where non-finite numbers become None (JSON has no NaN/inf).
+
+        A declared quantity that is non-finite, or missing because a phase failed, gets a
+        ``null_reasons`` entry; diagnostics, η-sweep points, per-sequence columns and raw vectors
+        are cleaned too. Idempotent; ``to_dict`` calls it.
+        """
+        for q in QUANTITIES:
+            value = self.get(q.name)
+            if value is None:
+                if self.error is not None and q.core:
+                    self.null_reasons.setdefault(
+                        q.name, f"phase '{self.error['phase']}' failed: {self.error['type']}"
+                    )
+            elif finite_or_none(value) is None:
+                self.set(**{q.name: None})
+                self.null_reasons.setdefault(q.name, NONFINITE_REASON)
+        if self.ess_fraction is None and self.error is None and self.reliable is not None:
+            self.reliable = False
+        self.diagnostics = {k: finite_or_none(v) for k, v in self.diagnostics.items()}
+        self.eta_sweep = [{k: finite_or_none(v) for k, v in p.items()} for p in self.eta_sweep]
+        self.sequences = {k: [finite_or_none(x) for x in col] for k, col in self.sequences.items()}
+        self.raw_tensors = {k: [finite_or_none(x) for x in col]
+                            for k, col in self.raw_tensors.items()}
+
     def core(self) -> dict[str, Any]:
-        """core_results: the numbers one line of probes.jsonl carries."""
+        """core_results: the numbers one line of probes.jsonl carries (call after sanitize)."""
         out: dict[str, Any] = {"step": self.step}
         for name in CORE_FIELDS:
-            out[name] = finite_or_none(getattr(self, name))
+            out[name] = self.get(name)
         out.update(
             B_E=self.B_E,
             T_E=self.T_E,
             normalize=self.normalize,
-            ESS=finite_or_none(self.ESS),
             reliable=self.reliable,
             update_source=self.update_source,
         )
@@ -105,19 +181,17 @@ class ProbeResult:
         return out
 
     def ground_truth(self) -> dict[str, Any]:
-        diag = {k: finite_or_none(v) for k, v in self.diagnostics.items()}
-        diag.update(ESS=finite_or_none(self.ESS), ess_fraction=finite_or_none(self.ess_fraction))
+        diag = dict(self.diagnostics)
+        diag.update(ESS=self.ESS, ess_fraction=self.ess_fraction)
         diag["reliable"] = self.reliable
         diag["is_mode"] = "snis_rb"
         return {
-            "H_orig": finite_or_none(self.H_orig),
-            "H_upd": finite_or_none(self.H_upd),
-            "deltaH_true": finite_or_none(self.deltaH_true),
-            "deltaH_true_se": finite_or_none(self.deltaH_true_se),
+            "H_orig": self.H_orig,
+            "H_upd": self.H_upd,
+            "deltaH_true": self.deltaH_true,
+            "deltaH_true_se": self.deltaH_true_se,
             "diagnostics": diag,
-            "eta_sweep": [
-                {k: finite_or_none(v) for k, v in point.items()} for point in self.eta_sweep
-            ],
+            "eta_sweep": [dict(point) for point in self.eta_sweep],
         }
 
     def to_dict(
@@ -134,14 +208,15 @@ class ProbeResult:
         records; ``token_data`` the token-level data; ``raw_tensors`` the per-sequence raw
         vectors (each only when the probe collected it).
         """
+        self.sanitize()
         record: dict[str, Any] = {
             "core_results": self.core(),
             "timing": {k: float(v) for k, v in self.timing.items()},
             "update": {
                 "source": self.update_source,
-                "cosine": finite_or_none(self.update_cosine),
-                "rel_error": finite_or_none(self.update_rel_error),
-                "norm": finite_or_none(self.update_norm),
+                "cosine": self.update_cosine,
+                "rel_error": self.update_rel_error,
+                "norm": self.update_norm,
                 "num_params": self.num_params,
             },
         }
@@ -165,4 +240,4 @@ def _rows(columns: dict[str, list]) -> list[dict[str, Any]]:
     """Column lists -> one dict per sequence."""
     names = list(columns)
     n = len(columns[names[0]]) if names else 0
-    return [{k: finite_or_none(columns[k][i]) for k in names} for i in range(n)]
+    return [{k: columns[k][i] for k in names} for i in range(n)]

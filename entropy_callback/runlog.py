@@ -201,7 +201,7 @@ def _shown(value: Any) -> str:
 
 _NUMBER = (int, float)
 _FIELD_TYPES: tuple[tuple[str, tuple[type, ...], str], ...] = (
-    *((name, _NUMBER, "a number") for name in (*CORE_FIELDS, "ESS", "B_E", "T_E",
+    *((name, _NUMBER, "a number") for name in (*CORE_FIELDS, "B_E", "T_E",
                                                "timing_total")),
     ("normalize", (str,), "a string"),
     ("update_source", (str,), "a string"),

@@ -19,23 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from .attribution_report import scalars as attribution_scalars
-from .result import ProbeResult, finite_float
+from .result import SCALAR_FIELDS, ProbeResult, finite_float
 
 PREFIX = "entropy_probe"
 LAYOUT_SUBDIR = "entropy_probe_layout"
-SCALAR_FIELDS = (
-    "deltaH1",
-    "deltaH_true",
-    "deltaH1_se",
-    "deltaH_true_se",
-    "bars_dot",
-    "H_orig",
-    "H_upd",
-    "ess_fraction",
-    "learning_rate",
-    "update_cosine",
-    "update_rel_error",
-)
 MULTILINE_CHART = "predicted vs true ΔH"
 MARGIN_CHART = "ΔH_true ± 2 SE"
 
@@ -58,12 +45,15 @@ def layout() -> dict[str, dict[str, list[Any]]]:
 def scalars(result: ProbeResult) -> dict[str, float]:
     """The tag -> value pairs one probe writes (missing and non-finite values left out).
 
+    One ``entropy_probe/<name>`` per quantity declared with ``scalar=True`` in
+    ``result.QUANTITIES``.
+
     ``deltaH_true_lo2se`` / ``deltaH_true_hi2se`` are ΔH_true ∓ 2 SE (nats per token), written
     only when both ΔH_true and its standard error are known; ``time/<phase>`` are seconds.
     """
     out: dict[str, float] = {}
     for name in SCALAR_FIELDS:
-        value = finite_float(getattr(result, name, None))
+        value = finite_float(result.get(name))
         if value is not None:
             out[f"{PREFIX}/{name}"] = value
     true, se = finite_float(result.deltaH_true), finite_float(result.deltaH_true_se)

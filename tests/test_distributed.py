@@ -8,6 +8,7 @@ step's randomness (prompt draws and one uniform per response position) is drawn 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -19,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from entropy_callback import EntropyProbe, ProbeConfig, load_run
+from entropy_callback import EntropyProbe, ProbeConfig, load_run, records
 from entropy_callback.demos import build_policy
 from entropy_callback.testing import randomize_lora_b
 
@@ -33,8 +34,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _probe_once(world: int, rank: int, fail_rank: int | None = None):
-    """One probed AdamW step on a float64 tiny model; identical inputs on every rank."""
+def _probe_once(world: int, rank: int, fail: str | None = None, step: int = 3):
+    """One probed AdamW step on a float64 tiny model; identical inputs on every rank.
+
+    ``fail`` names the phase made to raise on this rank (``inject``)."""
     model, tok = build_policy(seed=0, dtype=torch.float64, attn_implementation="sdpa")
     randomize_lora_b(model, std=0.05, seed=1)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -42,67 +45,152 @@ def _probe_once(world: int, rank: int, fail_rank: int | None = None):
     enc = tok(["3+4=7", "1+1=2", "9+9=8"], return_tensors="pt", padding=True)
     model(**enc, labels=enc["input_ids"]).loss.backward()
     cfg = ProbeConfig(batch_size=24, microbatch_size=5, max_new_tokens=5,
-                      eta_multipliers=(0.5, 1.0), log_level="minimal")
+                      eta_multipliers=(0.5, 1.0), log_level="detailed")
     probe = EntropyProbe(model, tok, PROMPTS, cfg)
     if world > 1:
         probe.set_distributed(rank, world)
-    if rank == fail_rank:
-        def broken(*args, **kwargs):
-            raise RuntimeError("injected failure on this rank")
-        probe.scorer.score = broken
-    probe.before_step(opt, step=3)
-    opt.step()
-    return probe.after_step()
+    with inject(probe, fail):
+        probe.before_step(opt, step=step)
+        opt.step()
+        return probe.after_step()
 
 
-def _worker(rank: int, port: int, out: str, fail_rank: int | None) -> None:
+# Each phase of the probe, the function made to raise there, and the phase its error names.
+# "rescoring" and "sweep" are the first and second pass of _score_all (m = 1, then m = 0.5);
+# "delta_h1" fails inside the estimators, "estimators" at their start.
+FAILURES = {
+    "sampling": ("probe", "_sample", "sampling"),
+    "derivative": ("probe", "_derivative_pass", "derivative"),
+    "rescoring": ("probe", "_score_all", "rescoring"),
+    "sweep": ("probe", "_score_all", "sweep"),
+    "collect": ("probe", "_local_vectors", "collect"),
+    "estimators": ("probe", "_estimate", "estimators"),
+    "delta_h1": ("records", "delta_h1", "estimators"),
+    "records": ("records", "fill", "records"),
+}
+
+
+@contextlib.contextmanager
+def inject(probe: EntropyProbe, fail: str | None):
+    """Make the function behind phase ``fail`` raise on this rank (restored on exit)."""
+    if fail is None:
+        yield
+        return
+    where, name, _ = FAILURES[fail]
+    owner = probe if where == "probe" else records
+    original = getattr(owner, name)
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        if fail == "sweep" and len(calls) == 1:  # the m = 1 rescoring goes through
+            return original(*args, **kwargs)
+        raise RuntimeError(f"injected failure in {fail} on this rank")
+
+    setattr(owner, name, broken)
+    try:
+        yield
+    finally:
+        if owner is probe:
+            delattr(probe, name)
+        else:
+            setattr(owner, name, original)
+
+
+def _worker(rank: int, port: int, out: str, phases: list[str | None], fail_rank: int) -> None:
+    """Probe once per entry of ``phases`` (None: no failure), one step each, saving each
+    result as soon as it is there: a hang shows as the first phase without a file."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            result = _probe_once(WORLD, rank, fail_rank)
-        torch.save({"core": result.core(), "error": result.error,
-                    "warnings": [str(w.message) for w in caught]}, Path(out) / f"rank{rank}.pt")
+        for i, phase in enumerate(phases):
+            start = time.monotonic()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                result = _probe_once(WORLD, rank, phase if rank == fail_rank else None, step=i)
+            torch.save({"core": result.core(), "error": result.error,
+                        "sequences": result.sequences,
+                        "seconds": time.monotonic() - start,
+                        "warnings": [str(w.message) for w in caught]},
+                       Path(out) / f"{i}_rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def _spawn(tmp_path: Path, fail_rank: int | None = None, deadline_s: float = 240.0) -> list[dict]:
-    ctx = mp.start_processes(_worker, args=(_free_port(), str(tmp_path), fail_rank),
+def _spawn(tmp_path: Path, phases: list[str | None], fail_rank: int = 1,
+           deadline_s: float = 240.0) -> list[list[dict] | None]:
+    """Run ``_worker`` on 2 ranks; per phase, both ranks' saved results, or None for a phase
+    that did not finish before the deadline (the ranks are then killed, not waited for)."""
+    ctx = mp.start_processes(_worker, args=(_free_port(), str(tmp_path), phases, fail_rank),
                              nprocs=WORLD, join=False, start_method="spawn")
     start = time.monotonic()
-    while not ctx.join(timeout=5):
-        if time.monotonic() - start > deadline_s:  # a hang is the failure this guards against
-            for p in ctx.processes:
+    try:
+        while not ctx.join(timeout=2):
+            if time.monotonic() - start > deadline_s:  # a hang is what this guards against
+                break
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
                 p.kill()
-            pytest.fail(f"ranks did not finish within {deadline_s} s (deadlock?)")
-    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    out = []
+    for i in range(len(phases)):
+        files = [tmp_path / f"{i}_rank{r}.pt" for r in range(WORLD)]
+        out.append([torch.load(f) for f in files] if all(f.exists() for f in files) else None)
+    return out
 
 
 def test_ddp_shards_give_the_single_process_result(tmp_path, monkeypatch):
     monkeypatch.delenv("MASTER_PORT", raising=False)
-    single = _probe_once(1, 0).core()
-    ranks = _spawn(tmp_path)
+    single = _probe_once(1, 0, step=0)
+    (ranks,) = _spawn(tmp_path, [None])
     for got in ranks:  # every rank computes the same totals from the gathered statistics
         assert got["error"] is None
         for key in ("deltaH1", "deltaH1_se", "deltaH_true", "deltaH_true_se", "H_orig", "H_upd",
                     "ESS", "bars_dot", "update_cosine"):
             # float64 throughout; shards change only the microbatch shapes, so the two agree
             # to rounding (~1e-15 relative); 1e-10 is the issue's bound
-            assert got["core"][key] == pytest.approx(single[key], rel=1e-10, abs=1e-13), key
-        assert got["core"]["B_E"] == single["B_E"] == 24
-        assert got["core"]["T_E"] == single["T_E"]
+            assert got["core"][key] == pytest.approx(single.core()[key], rel=1e-10,
+                                                     abs=1e-13), key
+        assert got["core"]["B_E"] == single.B_E == 24
+        assert got["core"]["T_E"] == single.T_E
+        # the gathered per-sequence numbers are the single process's, in the same order
+        for column in ("prompt_id", "stopped_eos", "prompt_length", "generation_length"):
+            assert got["sequences"][column] == single.sequences[column], column
+        assert "prompt_text" not in got["sequences"]  # texts stay on their rank
 
 
-def test_failure_on_one_rank_is_skipped_by_all_without_hanging(tmp_path, monkeypatch):
-    monkeypatch.delenv("MASTER_PORT", raising=False)
-    ranks = _spawn(tmp_path, fail_rank=1)
-    assert ranks[1]["error"]["phase"] == "rescoring"
-    assert ranks[0]["error"]["phase"] == "distributed"  # rank 0 learns it through the collective
+@pytest.fixture(scope="module")
+def failures(tmp_path_factory):
+    """Every phase of FAILURES failing on rank 1, one probe each, then a clean probe."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MASTER_PORT", raising=False)
+        phases = [*FAILURES, None]
+        return dict(zip(phases, _spawn(tmp_path_factory.mktemp("ddp_failures"), phases),
+                        strict=True))
+
+
+@pytest.mark.parametrize("phase", list(FAILURES))
+def test_failure_on_one_rank_in_any_phase_is_skipped_by_all_without_hanging(failures, phase):
+    ranks = failures[phase]
+    assert ranks is not None, f"a failure in '{phase}' on rank 1 left a rank waiting (hang)"
+    assert ranks[1]["error"]["phase"] == FAILURES[phase][2]
+    assert "injected failure" in ranks[1]["error"]["message"]
+    assert ranks[0]["error"]["phase"] == "distributed"  # rank 0 learns it through the agreement
     for got in ranks:
-        assert got["core"]["deltaH_true"] is None
+        # a probe of this tiny model takes ~0.1-1 s; a rank waiting on a collective that the
+        # other never joins would take gloo's 30 min timeout (here: the 240 s deadline)
+        assert got["seconds"] < 30, got["seconds"]
         assert any("entropy probe failed" in w for w in got["warnings"])
+
+
+def test_ranks_stay_in_step_after_every_failure(failures):
+    """The clean probe after all the failures completes on both ranks with the same numbers:
+    no collective was left half-matched by a failure."""
+    ranks = failures[None]
+    assert ranks is not None
+    for got in ranks:
+        assert got["error"] is None and got["core"]["deltaH_true"] is not None
+    assert ranks[0]["core"] == ranks[1]["core"]
 
 
 def test_lightning_ddp_spawn_writes_once_from_rank_zero(tmp_path, monkeypatch):

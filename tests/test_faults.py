@@ -40,6 +40,7 @@ from entropy_callback import (
     jsonlog,
 )
 from entropy_callback import probe as probe_module
+from entropy_callback import records as records_module
 from entropy_callback.scoring import Scorer
 from entropy_callback.tensorboard import TensorBoardSink
 
@@ -53,7 +54,7 @@ FAULTS = {
     "sampling": (probe_module, "sample_batch", 1),
     "derivative": (Scorer, "score_with_tangent", 2),
     "rescoring": (Scorer, "score", 3),
-    "estimators": (probe_module, "delta_h1", 4),
+    "estimators": (records_module, "delta_h1", 4),
     "tensorboard": (TensorBoardSink, "log", 5),
     "json": (jsonlog, "atomic_write", 6),
 }
