@@ -237,11 +237,15 @@ class JsonLogWriter:
                 left.append(path.name)
         with contextlib.suppress(OSError):
             fsync_dir(self.root)
-        if not left:
-            return (f"nothing of step {step} is on disk (no {step_filename(step)}, no "
-                    f"summary, no {JSONL_NAME} line)")
-        return (f"{' and '.join(left)} of step {step} could not be removed and "
-                f"stay on disk in {self.root} without a {JSONL_NAME} line")
+        if left:
+            return (f"{' and '.join(left)} of step {step} could not be removed and "
+                    f"stay on disk in {self.root} without a {JSONL_NAME} line")
+        earlier = sorted(p.name for p in self.root.glob(f"step_{step:08d}*") if p.is_file())
+        if earlier:  # the step was written before (a repeated step): its old files stay
+            return (f"this write of step {step} left nothing on disk; the files of an earlier "
+                    f"write of step {step} stay: {', '.join(earlier)}")
+        return (f"nothing of step {step} is on disk (no {step_filename(step)}, no summary, "
+                f"no {JSONL_NAME} line)")
 
     def prune(self, keep: int | None = None) -> list[Path]:
         """Delete the oldest step records (and their summaries) beyond ``config.max_files``.

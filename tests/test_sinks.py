@@ -37,7 +37,12 @@ from tensorboard.plugins.custom_scalar import layout_pb2
 from entropy_callback import EntropyProbeWarning, ProbeFailure, fileio, jsonlog
 from entropy_callback.cli import main, pearson
 from entropy_callback.config import ProbeConfig
-from entropy_callback.jsonlog import JsonLogWriter, step_filename, summary_filename
+from entropy_callback.jsonlog import (
+    JsonLogWriter,
+    StepWriteError,
+    step_filename,
+    summary_filename,
+)
 from entropy_callback.probe import EntropyProbe
 from entropy_callback.result import ProbeResult
 from entropy_callback.runlog import RunLogError, load_run, load_step
@@ -336,10 +341,14 @@ def test_crash_before_rename_leaves_no_partial_or_temp_file(tmp_path, monkeypatc
         raise OSError("simulated crash between write and rename")
 
     monkeypatch.setattr(fileio.os, "replace", crash)
-    with pytest.raises(OSError, match="simulated crash"):
+    with pytest.raises(StepWriteError, match="simulated crash") as info:
         writer.write(make_result(40))
-    with pytest.raises(OSError, match="simulated crash"):
+    assert info.value.on_disk.startswith("nothing of step 40 is on disk")
+    with pytest.raises(StepWriteError, match="simulated crash") as info:
         writer.write(make_result(20, shift=9.0))
+    assert info.value.on_disk == ("this write of step 20 left nothing on disk; the files of an "
+                                  "earlier write of step 20 stay: step_00000020.json, "
+                                  "step_00000020_summary.json")
 
     names = sorted(os.listdir(tmp_path))
     assert names == ["config.yaml", "probes.jsonl", "step_00000020.json",
