@@ -38,8 +38,10 @@ class ProbeConfig:
             1.0 is always measured (at the live theta').
         seed: seed of the probe's own random generator (prompt draws and sampling).
         ess_threshold: an estimate whose ESS / B_E falls below this is flagged unreliable.
-        chunk_size: rows (sequence positions) per float64 log-softmax chunk; bounds the float64
-            scoring memory at about chunk_size * vocab * 8 bytes * a few.
+        chunk_size: sequence positions per float64 log-softmax chunk, or None (the default) to
+            size chunks by bytes: about 10 MB per chunk x vocab float64 buffer on a CPU (8 rows
+            at a 150k vocabulary), 256 MiB on an accelerator. Scoring memory is about
+            chunk x vocab x 8 bytes x a few, whatever the microbatch, length or vocabulary.
         strict: re-raise failures inside the probe instead of turning them into warnings.
         log_dir: where the JSON records go (``<log_dir>/entropy_probe/``); None = the trainer
             logger's log_dir (Lightning) or no JSON (plain engine).
@@ -59,7 +61,7 @@ class ProbeConfig:
     eta_multipliers: tuple[float, ...] = (1.0,)
     seed: int = 0
     ess_threshold: float = 0.5
-    chunk_size: int = 256
+    chunk_size: int | None = None
     strict: bool = False
     log_dir: str | None = None
     log_level: str = "standard"
@@ -80,6 +82,8 @@ class ProbeConfig:
 
         for name in ("batch_size", "microbatch_size", "max_new_tokens", "chunk_size"):
             value = getattr(self, name)
+            if name == "chunk_size" and value is None:  # sized by bytes
+                continue
             need(
                 isinstance(value, int) and not isinstance(value, bool) and value >= 1,
                 f"{name} must be an integer >= 1, got {value!r}.",

@@ -15,6 +15,7 @@ from .config import ProbeConfig, ProbeConfigError
 from .jsonlog import JsonLogWriter
 from .observer import EntropyProbeWarning, PhaseRunner
 from .probe import EntropyProbe, _check_prompts
+from .progress import lightning_postfix
 from .result import ProbeResult
 from .tensorboard import TensorBoardSink, scalars
 
@@ -143,6 +144,8 @@ class EntropyProbeCallback(Callback):
             self.probe.set_distributed(trainer.global_rank, trainer.world_size)
         for optimizer in trainer.optimizers:
             self._hooks.append(optimizer.register_step_post_hook(self._after_optimizer_step))
+        if trainer.is_global_zero:  # the probe's phase and rows in the progress bar's postfix
+            self.probe.on_progress = lightning_postfix(trainer)
 
     # ------------------------------------------------------------------ the step
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
