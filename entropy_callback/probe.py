@@ -68,6 +68,7 @@ class EntropyProbe:
     """
 
     on_progress: ProgressHook | None = None
+    _step: int = 0  # the step whose E batch the passes work on (log lines only)
 
     def __init__(
         self,
@@ -243,6 +244,7 @@ class EntropyProbe:
         sampled in one decode loop."""
         cfg = self.config
         start = time.perf_counter()
+        self._step = step  # for the log lines of the passes over this batch
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         prompt_index, uniforms = draw_randomness(
             len(self.prompt_token_ids), cfg.batch_size, cfg.max_new_tokens, generator
@@ -286,7 +288,7 @@ class EntropyProbe:
             parts.append(sequence_terms(logp, ent, mask, dlogp, dent))
             if keep_tokens:
                 pending.tokens.append((logp.cpu(), ent.cpu()))
-        log_phase(self._calls - 1, "derivative", pending.batch.size,
+        log_phase(self._step, "derivative", pending.batch.size,
                   int(pending.batch.lengths.sum()), time.perf_counter() - start)
         return _cat(parts)
 
@@ -299,7 +301,7 @@ class EntropyProbe:
         for mb in self._microbatches(batch, phase):
             logp, ent = self.scorer.score(mb, params)
             parts.append(sequence_terms(logp, ent, mb.response_mask.to(logp.device)))
-        log_phase(self._calls - 1, phase, batch.size, int(batch.lengths.sum()),
+        log_phase(self._step, phase, batch.size, int(batch.lengths.sum()),
                   time.perf_counter() - start)
         return _cat(parts)
 

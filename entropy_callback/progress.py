@@ -7,7 +7,7 @@ seconds) and one per probe (the estimates and the total time). The package insta
 
 A progress hook ``on_progress(phase, done, total)`` is called on rank 0 only, after each
 microbatch of a long phase (``done`` of ``total`` rows); ``lightning_postfix`` makes one that
-shows it in Lightning's TQDM bar, as the bar's postfix.
+shows it in Lightning's TQDM bar, as the bar's postfix (other bars show nothing).
 """
 
 from __future__ import annotations
@@ -47,15 +47,17 @@ def _num(x) -> float:
 
 
 def lightning_postfix(trainer) -> ProgressHook | None:
-    """A hook writing "probe <phase> <done>/<total>" into the trainer's TQDM bar postfix, or
-    None where there is no such bar (another progress bar, or none)."""
+    """A hook writing "probe <phase> <done>/<total>" into the postfix of the trainer's TQDM bar,
+    or None where the trainer shows no TQDM bar (another progress bar, or none)."""
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
     callback = getattr(trainer, "progress_bar_callback", None)
-    if callback is None or not hasattr(callback, "train_progress_bar"):
+    if not isinstance(callback, TQDMProgressBar):
         return None
 
     def show(phase: str, done: int, total: int) -> None:
-        bar = getattr(callback, "train_progress_bar", None)
-        if bar is not None and hasattr(bar, "set_postfix_str"):
+        bar = callback._train_progress_bar  # None outside an epoch
+        if bar is not None:
             bar.set_postfix_str(f"probe {phase} {done}/{total}", refresh=True)
 
     return show
