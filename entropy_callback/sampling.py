@@ -115,8 +115,8 @@ def sample_batch(
     ``uniforms.shape[1]`` tokens. The model must be in eval mode (the caller arranges it).
 
     All rows run in one decode loop (``microbatch_size`` rows per loop if given: the rows do not
-    depend on it); the prompt prefill computes logits at its last position only, and the float64
-    softmax runs over about ``chunk_bytes`` per chunk of rows.
+    depend on it); each distinct prompt is prefilled once, with logits at its last position only,
+    and the float64 softmax runs over about ``chunk_bytes`` per chunk of rows.
     """
     rows = len(prompt_index) if microbatch_size is None else microbatch_size
     parts = []
@@ -173,6 +173,28 @@ def _accepts_logits_to_keep(model) -> bool:
         return False
 
 
+def _prefill(model, prompts, prompt_ids, prompt_mask, share=True):
+    """KV cache and last-position logits [B, V] of the left-padded prompts. Rows sharing a
+    prompt share its prefill: each distinct prompt runs once, and its cache rows are repeated
+    (where the model's cache can select rows)."""
+    last_only = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+    first: dict[tuple[int, ...], int] = {}
+    inverse = [first.setdefault(tuple(p), len(first)) for p in prompts]
+    shared = share and len(first) < len(prompts)
+    rows = torch.tensor([inverse.index(u) for u in range(len(first))], device=prompt_ids.device)
+    ids, mask = (prompt_ids[rows], prompt_mask[rows]) if shared else (prompt_ids, prompt_mask)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                use_cache=True, **last_only)
+    past, logits = out.past_key_values, out.logits[:, -1, :]
+    if shared:
+        if not hasattr(past, "reorder_cache"):  # a cache that cannot select rows: no sharing
+            return _prefill(model, prompts, prompt_ids, prompt_mask, share=False)
+        index = torch.tensor(inverse, device=prompt_ids.device)
+        past.reorder_cache(index)
+        logits = logits[index]
+    return past, logits
+
+
 def _sample_rows(
     model, prompts, uniforms, *, temperature, eos_token_ids, pad_token_id, device, chunk_bytes
 ):
@@ -181,17 +203,7 @@ def _sample_rows(
     max_new_tokens = uniforms.shape[1]
     B = prompt_ids.shape[0]
     prompt_lengths = prompt_mask.sum(-1)
-    last_only = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
-    out = model(
-        input_ids=prompt_ids,
-        attention_mask=prompt_mask,
-        position_ids=position_ids_from_mask(prompt_mask),
-        use_cache=True,
-        **last_only,
-    )
-    past = out.past_key_values
-    logits = out.logits[:, -1, :]
-    del out
+    past, logits = _prefill(model, prompts, prompt_ids, prompt_mask)
     mask = prompt_mask
     alive = torch.ones(B, dtype=torch.bool, device=device)
     lengths = torch.zeros(B, dtype=torch.long, device=device)
