@@ -1,158 +1,88 @@
-"""What one probe costs, against its floor, measured side by side in one run.
+"""What one probe costs in time and memory, against an honest floor and against another checkout.
 
-The floor is what any implementation of the probe must spend: sampling the E batch, one
-forward-mode pass at theta (the directional derivatives of l and H along Delta theta) and one
-scoring pass at theta'. Each is timed alone, with the engine's own functions, on the same model
-and batch; the probe is timed whole (before_step + after_step). Reported: the median of each over
-``--repeats`` repetitions and the ratio probe / floor.
+Time. The probe (``before_step`` + ``after_step``, its phases from ``result.timing``) is set
+against the cheapest way to do each of its jobs on the same model and the same E batch:
 
-    python benchmarks/probe_cost.py                  # the demo's tiny model
-    python benchmarks/probe_cost.py --hidden 256 --layers 4 --batch-size 128 --max-new-tokens 32
-    python benchmarks/probe_cost.py --attribution     # probe with attribution against without
+- sampling: the faster of a KV-cache decode loop (last-position logits, float32 multinomial)
+  and ``model.generate(do_sample=True, top_k=0)``, all rows at once;
+- derivative: ``torch.func.jvp`` through the model's body only (hidden states, no head);
+- rescoring: one plain forward of the model (float32 logits, nothing else) per scoring pass.
+
+Memory. The peak resident-set increment (``VmHWM`` reset through ``/proc/self/clear_refs``) of
+one probe, and of one training step (forward + backward of the response log-probabilities) of the
+same model on the same E sequences in microbatches of ``--microbatch-size``, each measured in a
+fresh process after the model and the batch exist.
+
+``--baseline DIR`` runs the same measurements with the package found in DIR (e.g. a worktree of
+the commit before issue #11) in subprocesses interleaved with this checkout's, round by round;
+figures are minima over rounds of medians over repeats (the machine is shared: only ratios
+within one run count).
+
+    python benchmarks/probe_cost.py --vocab 32000 --hidden 256 --layers 4 --max-new-tokens 32
+    python benchmarks/probe_cost.py --vocab 150000 --hidden 128 --layers 2 --max-new-tokens 32 \\
+        --memory --baseline /work/wt/base
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import statistics
+import subprocess
+import sys
 import time
-from contextlib import contextmanager
+from pathlib import Path
 
-import torch
-
-from entropy_callback import EntropyProbe, ProbeConfig
-from entropy_callback.demos import build_policy
-from entropy_callback.observer import preserved_state
-from entropy_callback.scoring import sequence_terms
-from entropy_callback.testing import randomize_lora_b
-from entropy_callback.update import probed_parameters, snapshot
+ROOT = Path(__file__).resolve().parents[1]
+KIB = 1024
 
 
-class _Clock:
-    """``with clock("name"):`` adds the block's wall time to ``clock.seconds["name"]``."""
-
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def __call__(self, name: str):
-        start = time.perf_counter()
-        yield
-        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+# ---------------------------------------------------------------------- measuring (worker)
+def _status(key: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * KIB
+    raise RuntimeError(f"/proc/self/status has no {key}")
 
 
-def one_repetition(probe, model, params, opt, make_grads, rep: int) -> dict[str, float]:
-    """The whole probe on one step, then each part of its floor alone on a fresh batch."""
-    clock = _Clock()
-    make_grads()
-    with clock("probe"):
-        probe.before_step(opt, step=rep)
-    opt.step()
-    with clock("probe"):
-        result = probe.after_step()
-    assert result.error is None, result.error
-    theta = snapshot(params)
-    tangents = {n: torch.randn_like(t) * 1e-3 for n, t in theta.items()}
-    with preserved_state(model):
-        with clock("sampling"):
-            batch = probe._sample(rep)
-        with clock("derivative_pass"):
-            for mb in probe._microbatches(batch):
-                logp, ent, dl, dh = probe.scorer.score_with_tangent(mb, theta, tangents)
-                sequence_terms(logp, ent, mb.response_mask, dl, dh)
-        with clock("scoring_pass"):
-            for mb in probe._microbatches(batch):
-                logp, ent = probe.scorer.score(mb)
-                sequence_terms(logp, ent, mb.response_mask)
-    return {**clock.seconds, **{f"probe.{k}": v for k, v in result.timing.items()}}
+def _reset_peak() -> int:
+    """Reset the peak RSS (VmHWM) to the current RSS; returns the current RSS in bytes."""
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    return _status("VmRSS")
 
 
-def attribution_cost(args) -> dict:
-    """The probe with ``attribution=True`` against without, on the demo's Dr-GRPO steps (32
-    rollouts of <= 6 tokens per step): alternate steps go through one probe or the other;
-    "with" counts before_step + after_step + attribute (the reverse pass over E and the
-    forward-mode pass over the rollouts)."""
-    import warnings
+def _build(args):
+    import peft
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    from entropy_callback.demos.grpo import GRPOModule, make_prompts
+    from entropy_callback import EntropyProbe, ProbeConfig
+    from entropy_callback.demos.tiny import build_char_tokenizer
+    from entropy_callback.testing import randomize_lora_b
 
+    tok = build_char_tokenizer()
+    config = LlamaConfig(
+        vocab_size=max(args.vocab, len(tok)), hidden_size=args.hidden,
+        intermediate_size=2 * args.hidden, num_hidden_layers=args.layers, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=256, pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id, bos_token_id=None, tie_word_embeddings=False)
+    config._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    model, tok = build_policy(seed=0, hidden_size=args.hidden, num_layers=args.layers,
-                              intermediate_size=2 * args.hidden)
+    base = LlamaForCausalLM(config)
+    torch.nn.init.normal_(base.lm_head.weight, std=1.0 / math.sqrt(args.hidden))
+    model = peft.get_peft_model(base, peft.LoraConfig(
+        r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                             "up_proj", "down_proj"]))
     randomize_lora_b(model, std=0.05, seed=1)
-    module = GRPOModule(model, tok, make_prompts(256, seed=0), weight_decay=0.01)
-    prompts = make_prompts(64, seed=123)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3,
-                            weight_decay=0.01)
-    probes = {flag: EntropyProbe(model, tok, prompts, ProbeConfig(
-        batch_size=args.batch_size, microbatch_size=args.microbatch_size,
-        max_new_tokens=args.max_new_tokens, log_level="minimal", attribution=flag))
-        for flag in (False, True)}
-    batches = iter(module.train_dataloader())
-    rows: dict[str, list[float]] = {"without": [], "with": [], "attribute": []}
-    for rep in range(2 * (args.repeats + 1)):
-        flag = bool(rep % 2)
-        opt.zero_grad()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # self.log outside a Trainer
-            out = module.training_step(next(batches), rep)
-        out["loss"].backward()
-        start = time.perf_counter()
-        probes[flag].before_step(opt, step=rep)
-        opt.step()
-        result = probes[flag].after_step()
-        middle = time.perf_counter()
-        if flag:
-            probes[flag].attribute(result, [out["rollouts"]], module.per_token_loss)
-            assert "parts" in result.attribution, result.attribution
-        end = time.perf_counter()
-        if rep >= 2:  # the first pair warms up
-            rows["with" if flag else "without"].append(end - start)
-            if flag:
-                rows["attribute"].append(end - middle)
-    med = {k: statistics.median(v) for k, v in rows.items()}
-    return {
-        "model": f"tiny llama hidden={args.hidden} layers={args.layers} vocab={len(tok)}",
-        "B_E": args.batch_size, "max_new_tokens": args.max_new_tokens,
-        "update_rollouts": module.prompts_per_step * module.group_size,
-        "repeats": args.repeats, "median_seconds": med,
-        "ratio_with_over_without": med["with"] / med["without"],
-        "torch_threads": torch.get_num_threads(),
-    }
-
-
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--hidden", type=int, default=64)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--microbatch-size", type=int, default=32)
-    parser.add_argument("--max-new-tokens", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads (the tiny model is fastest on one)")
-    parser.add_argument("--json", help="also write the figures to this file")
-    parser.add_argument("--attribution", action="store_true",
-                        help="time the probe with attribution=True against without")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    if args.attribution:
-        report = attribution_cost(args)
-        print(json.dumps(report, indent=2))
-        if args.json:
-            with open(args.json, "w") as fh:
-                json.dump(report, fh, indent=2)
-        return report
-
-    model, tok = build_policy(seed=0, hidden_size=args.hidden, num_layers=args.layers,
-                              intermediate_size=2 * args.hidden)
-    randomize_lora_b(model, std=0.05, seed=1)  # a non-trivial adapter: the step moves the policy
     prompts = [f"{a}+{b}=" for a in range(10) for b in range(10)]
     cfg = ProbeConfig(batch_size=args.batch_size, microbatch_size=args.microbatch_size,
                       max_new_tokens=args.max_new_tokens, log_level="minimal")
     probe = EntropyProbe(model, tok, prompts, cfg)
-    params = probed_parameters(model)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     opt = torch.optim.AdamW(params.values(), lr=1e-3)
 
     def make_grads():
@@ -160,25 +90,179 @@ def main(argv: list[str] | None = None) -> dict:
         enc = tok(prompts[:16], return_tensors="pt", padding=True)
         model(**enc, labels=enc["input_ids"]).loss.backward()
 
-    rows: dict[str, list[float]] = {}
-    for rep in range(args.repeats + 1):  # the first repetition warms up and is dropped
-        seconds = one_repetition(probe, model, params, opt, make_grads, rep)
-        if rep > 0:
-            for k, v in seconds.items():
-                rows.setdefault(k, []).append(v)
+    return model, tok, probe, params, opt, make_grads
 
-    med = {k: statistics.median(v) for k, v in rows.items()}
-    floor = med["sampling"] + med["derivative_pass"] + med["scoring_pass"]
-    report = {
-        "model": f"tiny llama hidden={args.hidden} layers={args.layers} vocab={len(tok)}",
-        "B_E": args.batch_size,
-        "max_new_tokens": args.max_new_tokens,
-        "repeats": args.repeats,
-        "median_seconds": med,
-        "floor_seconds": floor,
-        "ratio_probe_over_floor": med["probe"] / floor,
-        "torch_threads": torch.get_num_threads(),
-    }
+
+def _train_step(model, batch, microbatch_size):
+    """Forward + backward of sum of response log-probs, microbatch by microbatch (no step)."""
+    import torch
+
+    for start in range(0, batch.size, microbatch_size):
+        mb = batch.slice(start, min(start + microbatch_size, batch.size))
+        logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
+                       position_ids=mb.position_ids).logits[:, mb.prompt_width - 1 : -1]
+        logp = torch.log_softmax(logits.float(), -1).gather(-1, mb.response_ids.unsqueeze(-1))
+        (logp.squeeze(-1) * mb.response_mask).sum().backward()
+        del logits, logp
+
+
+def _floor(model, tok, batch, params, args) -> dict[str, float]:
+    """Seconds of the cheapest way to do each phase, on ``batch``."""
+    import torch
+    from torch.func import functional_call, jvp
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    out = {}
+    P, L = batch.prompt_width, batch.response_mask.shape[1]
+    ids, mask = batch.input_ids[:, :P], batch.attention_mask[:, :P]
+    with torch.no_grad():
+        start = time.perf_counter()  # a KV-cache decode loop, last-position logits
+        gen = torch.Generator().manual_seed(0)
+        o = model(input_ids=ids, attention_mask=mask, position_ids=batch.position_ids[:, :P],
+                  use_cache=True, logits_to_keep=1)
+        past, m, pos = o.past_key_values, mask, batch.position_ids[:, P - 1]
+        for k in range(L):
+            tok_k = torch.multinomial(torch.softmax(o.logits[:, -1].float(), -1), 1, generator=gen)
+            if k == L - 1:
+                break
+            m = torch.cat([m, torch.ones_like(tok_k)], 1)
+            o = model(input_ids=tok_k, attention_mask=m, position_ids=pos[:, None] + k + 1,
+                      past_key_values=past, use_cache=True)
+            past = o.past_key_values
+        loop = time.perf_counter() - start
+        start = time.perf_counter()
+        model.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=0, top_p=1.0,
+                       max_new_tokens=L, min_new_tokens=L, pad_token_id=tok.pad_token_id)
+        out["sampling"] = min(loop, time.perf_counter() - start)
+    body = model.get_base_model().model
+    theta = {n.removeprefix("base_model.model.model."): p.detach() for n, p in params.items()}
+    tangents = {n: torch.randn_like(t) * 1e-3 for n, t in theta.items()}
+    mbs = [batch.slice(s, min(s + args.microbatch_size, batch.size))
+           for s in range(0, batch.size, args.microbatch_size)]
+    start = time.perf_counter()
+    with sdpa_kernel(SDPBackend.MATH):
+        for mb in mbs:
+            kw = dict(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
+                      position_ids=mb.position_ids, use_cache=False)
+            jvp(lambda p, kw=kw: functional_call(body, p, (), kw, strict=False).last_hidden_state,
+                (theta,), (tangents,))
+    out["derivative"] = time.perf_counter() - start
+    start = time.perf_counter()
+    with torch.no_grad():
+        for mb in mbs:
+            model(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
+                  position_ids=mb.position_ids)
+    out["rescoring"] = time.perf_counter() - start
+    return out
+
+
+def worker(args) -> dict:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    model, tok, probe, params, opt, make_grads = _build(args)
+    model.eval()
+    if args.mode == "time":
+        rows: dict[str, list[float]] = {}
+        for rep in range(args.repeats + 1):  # the first repetition warms up and is dropped
+            make_grads()
+            start = time.perf_counter()
+            probe.before_step(opt, step=rep)
+            opt.step()
+            result = probe.after_step()
+            seconds = time.perf_counter() - start
+            assert result.error is None, result.error
+            phases = {k: v for k, v in result.timing.items() if k != "total"}
+            if args.floor:
+                with torch.no_grad():
+                    batch = probe._sample(rep)
+                phases.update({f"floor.{k}": v for k, v in
+                               _floor(model, tok, batch, params, args).items()})
+            if rep > 0:
+                for k, v in {"probe": seconds, **phases}.items():
+                    rows.setdefault(k, []).append(v)
+        return {k: statistics.median(v) for k, v in rows.items()}
+    # memory: the model, its gradients and the E batch exist; then one probe or one train step
+    make_grads()
+    with torch.no_grad():
+        batch = probe._sample(10_000)
+    before = _reset_peak()
+    if args.mode == "memory_probe":
+        probe.before_step(opt, step=0)
+        opt.step()
+        result = probe.after_step()
+        assert result.error is None, result.error
+    else:
+        model.train()
+        _train_step(model, batch, args.microbatch_size)
+    return {"peak_increment_mib": (_status("VmHWM") - before) / 2**20,
+            "tokens": int(batch.lengths.sum())}
+
+
+# ---------------------------------------------------------------------- orchestrating
+def _run(args, mode: str, package: Path, floor: bool = False) -> dict:
+    cmd = [sys.executable, __file__, "--worker", mode, *args.passthrough]
+    if floor:
+        cmd.append("--floor")
+    env = dict(os.environ, PYTHONPATH=str(package), OMP_NUM_THREADS=str(args.threads))
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{mode} in {package} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--microbatch-size", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--memory", action="store_true", help="also measure peak memory")
+    parser.add_argument("--no-time", action="store_true", help="skip the time measurements")
+    parser.add_argument("--baseline", type=Path, help="a checkout to compare against")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--floor", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--json", help="also write the figures to this file")
+    args = parser.parse_args(argv)
+    if args.worker:
+        args.mode = args.worker
+        print(json.dumps(worker(args)))
+        return {}
+    args.passthrough = [f"--{k}={getattr(args, k.replace('-', '_'))}" for k in (
+        "vocab", "hidden", "layers", "batch-size", "microbatch-size", "max-new-tokens",
+        "repeats", "threads")]
+    packages = {"this": ROOT, **({"baseline": args.baseline} if args.baseline else {})}
+    report: dict = {"setup": {k: getattr(args, k) for k in (
+        "vocab", "hidden", "layers", "batch_size", "microbatch_size", "max_new_tokens",
+        "repeats", "rounds", "threads")}}
+    if not args.no_time:
+        runs: dict[str, list[dict]] = {name: [] for name in packages}
+        for _ in range(args.rounds):  # interleaved: this, baseline, this, baseline, ...
+            for name, package in packages.items():
+                runs[name].append(_run(args, "time", package, floor=name == "this"))
+        best = {name: {k: min(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()}
+        this = best["this"]
+        floor = {k.removeprefix("floor."): v for k, v in this.items() if k.startswith("floor.")}
+        floor["total"] = sum(floor.values())
+        report["seconds"] = {name: {k: round(v, 3) for k, v in b.items()
+                                    if not k.startswith("floor.")} for name, b in best.items()}
+        report["floor_seconds"] = {k: round(v, 3) for k, v in floor.items()}
+        report["probe_over_floor"] = round(this["probe"] / floor["total"], 3)
+        if "baseline" in best:
+            report["speedup_over_baseline"] = round(best["baseline"]["probe"] / this["probe"], 3)
+    if args.memory:
+        mem = {"train_step": _run(args, "memory_train", ROOT)}
+        for name, package in packages.items():
+            mem[f"probe_{name}"] = _run(args, "memory_probe", package)
+        report["peak_increment_mib"] = {k: round(v["peak_increment_mib"], 1)
+                                        for k, v in mem.items()}
+        report["probe_over_train_step"] = round(
+            mem["probe_this"]["peak_increment_mib"] / mem["train_step"]["peak_increment_mib"], 3)
     print(json.dumps(report, indent=2))
     if args.json:
         with open(args.json, "w") as fh:

@@ -50,8 +50,10 @@ class ProbeConfig:
             own BOS/EOS rules, as ``tokenizer(prompt)``; False for prompts that already hold
             them, e.g. chat-templated text). Token-id prompts are used as given.
         ess_threshold: an estimate whose ESS / B_E falls below this is flagged unreliable.
-        chunk_size: rows (sequence positions) per float64 log-softmax chunk; bounds the float64
-            scoring memory at about chunk_size * vocab * 8 bytes * a few.
+        chunk_size: sequence positions per float64 log-softmax chunk, or None (the default) to
+            size chunks by bytes: about 10 MB per chunk x vocab float64 buffer on a CPU (8 rows
+            at a 150k vocabulary), 256 MiB on an accelerator. Scoring memory is about
+            chunk x vocab x 8 bytes x a few, whatever the microbatch, length or vocabulary.
         strict: re-raise failures inside the probe instead of turning them into warnings.
         log_dir: where the JSON records go (``<log_dir>/entropy_probe/``); None = the trainer
             logger's log_dir (Lightning) or no JSON (plain engine).
@@ -79,7 +81,7 @@ class ProbeConfig:
     seed: int = 0
     add_special_tokens: bool = True
     ess_threshold: float = 0.5
-    chunk_size: int = 256
+    chunk_size: int | None = None
     strict: bool = False
     log_dir: str | None = None
     log_level: str = "standard"
@@ -289,6 +291,17 @@ def _log_dir(name: str, value: Any) -> str | None:
     return os.fspath(value)
 
 
+def _chunk_size(name: str, value: Any) -> int | None:
+    if value is None:  # sized by bytes
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ProbeConfigError(
+            f"chunk_size must be None (chunks sized by bytes, the default) or an integer >= 1 "
+            f"(sequence positions per chunk), got {value!r}."
+        )
+    return int(value)
+
+
 def _max_files(name: str, value: Any) -> int | None:
     if value is None:
         return None
@@ -320,7 +333,7 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "seed": _seed,
     "add_special_tokens": boolean,
     "ess_threshold": _ess_threshold,
-    "chunk_size": integer,
+    "chunk_size": _chunk_size,
     "strict": boolean,
     "log_dir": _log_dir,
     "log_level": _choice(LOG_LEVELS),

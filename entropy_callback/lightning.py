@@ -15,6 +15,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from .config import ProbeConfig, ProbeConfigError, integer, name_of_attribute
 from .observer import EntropyProbeWarning
 from .probe import EntropyProbe
+from .progress import lightning_postfix
 from .prompts import check_prompts
 from .result import ProbeResult
 from .sinks import RunLogger
@@ -175,6 +176,8 @@ class EntropyProbeCallback(Callback):
             self.probe.set_distributed(trainer.global_rank, trainer.world_size)
         for optimizer in trainer.optimizers:
             self._hooks.append(optimizer.register_step_post_hook(self._after_optimizer_step))
+        if trainer.is_global_zero:  # the probe's phase and rows in the progress bar's postfix
+            self.probe.on_progress = lightning_postfix(trainer)
 
     # ------------------------------------------------------------------ the step
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:

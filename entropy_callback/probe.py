@@ -25,10 +25,11 @@ from .attribution_report import attach, keep_consumed, keep_inputs
 from .config import ProbeConfig, ProbeConfigError, check_step
 from .distributed import any_rank_failed, gather_vectors, make_gather, shard, stack_vectors
 from .observer import EntropyProbeWarning, PhaseRunner, preserved_state
+from .progress import ProgressHook, log_phase, log_probe
 from .prompts import check_prompts, prompt_texts, prompt_token_ids
 from .result import CORE_FIELDS, ProbeResult
 from .sampling import EBatch, draw_randomness, sample_batch
-from .scoring import Scorer, sequence_terms
+from .scoring import CHUNK_BYTES, Scorer, sequence_terms
 from .update import (
     adam_step,
     consumed_gradients,
@@ -84,7 +85,11 @@ class EntropyProbe:
             are accepted too.
 
     Entropies are in nats per token (``normalize="per_token"``) or per response.
+    ``on_progress(phase, done, total)``, if set, is called on rank 0 during the long phases.
     """
+
+    on_progress: ProgressHook | None = None
+    _step: int = 0  # the step whose E batch the passes work on (log lines only)
 
     def __init__(
         self,
@@ -230,6 +235,7 @@ class EntropyProbe:
         result.sanitize()
         ok = pending.attribution is not None and not runner.failed and result.deltaH1 is not None
         self._attributable = pending if ok else None
+        log_probe(result)
         return result
 
     def attribute(self, result: ProbeResult, rollouts: list, per_token_loss,
@@ -328,14 +334,18 @@ class EntropyProbe:
 
     # ------------------------------------------------------------------ passes
     def _sample(self, step: int) -> EBatch:
-        """This rank's rows of the step's E batch (every rank draws the same global randomness)."""
+        """This rank's rows of the step's E batch (every rank draws the same global randomness),
+        sampled in one decode loop."""
         cfg = self.config
+        start = time.perf_counter()
+        self._step = step  # for the log lines of the passes over this batch
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         prompt_index, uniforms = draw_randomness(
             len(self.prompt_token_ids), cfg.batch_size, cfg.max_new_tokens, generator
         )
         rows = shard(cfg.batch_size, self.world_size, self.rank)
-        return sample_batch(
+        self._report("sampling", 0, len(prompt_index[rows]))
+        batch = sample_batch(
             self.model,
             self.prompt_token_ids,
             prompt_index[rows],
@@ -343,34 +353,61 @@ class EntropyProbe:
             temperature=cfg.temperature,
             eos_token_ids=self.eos_ids,
             pad_token_id=self.pad_id,
-            microbatch_size=cfg.microbatch_size,
             device=self.device,
+            chunk_bytes=CHUNK_BYTES["cpu" if self.device.type == "cpu" else "accelerator"],
         )
+        log_phase(step, "sampling", batch.size, int(batch.lengths.sum()),
+                  time.perf_counter() - start)
+        return batch
 
-    def _microbatches(self, batch: EBatch):
+    def _microbatches(self, batch: EBatch, phase: str = ""):
+        """Microbatches of ``microbatch_size`` rows; reports progress after each when ``phase``
+        is named."""
         mbs = self.config.microbatch_size
         for start in range(0, batch.size, mbs):
-            yield batch.slice(start, min(start + mbs, batch.size))
+            stop = min(start + mbs, batch.size)
+            yield batch.slice(start, stop)
+            if phase:
+                self._report(phase, stop, batch.size)
 
     def _derivative_pass(self, pending, theta, direction) -> dict[str, torch.Tensor]:
         """One forward-mode pass along Delta theta at theta: l, H and their derivatives."""
+        start = time.perf_counter()
         tangents = {n: direction[n].to(theta[n].dtype) for n in theta}
         parts = []
         keep_tokens = self.config.wants("token_data")
-        for mb in self._microbatches(pending.batch):
+        for mb in self._microbatches(pending.batch, "derivative"):
             logp, ent, dlogp, dent = self.scorer.score_with_tangent(mb, theta, tangents)
             mask = mb.response_mask.to(logp.device)
             parts.append(sequence_terms(logp, ent, mask, dlogp, dent))
             if keep_tokens:
                 pending.tokens.append((logp.cpu(), ent.cpu()))
+        log_phase(self._step, "derivative", pending.batch.size,
+                  int(pending.batch.lengths.sum()), time.perf_counter() - start)
         return _cat(parts)
 
     def _score_all(self, batch: EBatch, params) -> dict[str, torch.Tensor]:
+        """l and H sums of every sequence at the live parameters (``params`` None) or at
+        ``params`` substituted."""
+        start = time.perf_counter()
+        phase = "rescoring" if params is None else "sweep"
         parts = []
-        for mb in self._microbatches(batch):
+        for mb in self._microbatches(batch, phase):
             logp, ent = self.scorer.score(mb, params)
             parts.append(sequence_terms(logp, ent, mb.response_mask.to(logp.device)))
+        log_phase(self._step, phase, batch.size, int(batch.lengths.sum()),
+                  time.perf_counter() - start)
         return _cat(parts)
+
+    def _report(self, phase: str, done: int, total: int) -> None:
+        """Progress to ``on_progress`` on rank 0; a failing hook is dropped with a warning."""
+        if self.rank != 0 or self.on_progress is None:
+            return
+        try:
+            self.on_progress(phase, done, total)
+        except Exception as exc:  # the observer contract: a display never breaks the probe
+            self.on_progress = None
+            self.warn_once("progress", f"the progress hook failed ({exc!r}); progress is off.")
 
     # ------------------------------------------------------------------ estimators
     def _local_vectors(self, pending: _Pending, sweep: dict[float, dict]):

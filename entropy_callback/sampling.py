@@ -8,6 +8,7 @@ consumed.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -102,8 +103,9 @@ def sample_batch(
     temperature: float,
     eos_token_ids: tuple[int, ...],
     pad_token_id: int,
-    microbatch_size: int,
     device: torch.device,
+    microbatch_size: int | None = None,
+    chunk_bytes: int = 10_000_000,
 ) -> EBatch:
     """Sample one response for each of the prompts ``prompt_index`` [B], using ``uniforms``.
 
@@ -111,19 +113,25 @@ def sample_batch(
     float64, by inverting its CDF at the row's uniform for that position. A response stops right
     after its first EOS (kept and scored; any of ``eos_token_ids``) or after L =
     ``uniforms.shape[1]`` tokens. The model must be in eval mode (the caller arranges it).
+
+    All rows run in one decode loop (``microbatch_size`` rows per loop if given: the rows do not
+    depend on it); each distinct prompt is prefilled once, with logits at its last position only,
+    and the float64 softmax runs over about ``chunk_bytes`` per chunk of rows.
     """
+    rows = len(prompt_index) if microbatch_size is None else microbatch_size
     parts = []
-    for start in range(0, len(prompt_index), microbatch_size):
-        rows = slice(start, start + microbatch_size)
+    for start in range(0, len(prompt_index), rows):
+        part = slice(start, start + rows)
         parts.append(
             _sample_rows(
                 model,
-                [prompt_token_ids[r] for r in prompt_index[rows].tolist()],
-                uniforms[rows].to(device),
+                [prompt_token_ids[r] for r in prompt_index[part].tolist()],
+                uniforms[part].to(device),
                 temperature=temperature,
                 eos_token_ids=eos_token_ids,
                 pad_token_id=pad_token_id,
                 device=device,
+                chunk_bytes=chunk_bytes,
             )
         )
     return _concat(parts, prompt_index, pad_token_id)
@@ -141,33 +149,68 @@ def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     )
 
 
-def _sample_rows(model, prompts, uniforms, *, temperature, eos_token_ids, pad_token_id, device):
+def _next_tokens(logits, uniforms, temperature, chunk_bytes):
+    """logits [b, V] (any dtype), uniforms [b] -> tokens [b], exact float64 inverse-CDF draws over
+    chunks of about ``chunk_bytes`` of float64 probabilities."""
+    rows = max(1, chunk_bytes // (8 * logits.shape[-1]))
+    out = []
+    for start in range(0, logits.shape[0], rows):
+        probs = torch.softmax(logits[start : start + rows].double() / temperature, dim=-1)
+        if not bool(torch.isfinite(probs).all()):  # else the CDF inversion draws garbage
+            raise FloatingPointError(
+                "the policy's next-token logits are not finite (NaN/inf): no evaluation batch "
+                "can be sampled at theta (the model's own forward pass overflowed or diverged)."
+            )
+        out.append(inverse_cdf(probs, uniforms[start : start + rows]))
+    return torch.cat(out)
+
+
+def _accepts_logits_to_keep(model) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return "logits_to_keep" in inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _prefill(model, prompts, prompt_ids, prompt_mask, share=True):
+    """KV cache and last-position logits [B, V] of the left-padded prompts. Rows sharing a
+    prompt share its prefill: each distinct prompt runs once, and its cache rows are repeated
+    (where the model's cache can select rows)."""
+    last_only = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+    first: dict[tuple[int, ...], int] = {}
+    inverse = [first.setdefault(tuple(p), len(first)) for p in prompts]
+    shared = share and len(first) < len(prompts)
+    rows = torch.tensor([inverse.index(u) for u in range(len(first))], device=prompt_ids.device)
+    ids, mask = (prompt_ids[rows], prompt_mask[rows]) if shared else (prompt_ids, prompt_mask)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                use_cache=True, **last_only)
+    past, logits = out.past_key_values, out.logits[:, -1, :]
+    if shared:
+        if not hasattr(past, "reorder_cache"):  # a cache that cannot select rows: no sharing
+            return _prefill(model, prompts, prompt_ids, prompt_mask, share=False)
+        index = torch.tensor(inverse, device=prompt_ids.device)
+        past.reorder_cache(index)
+        logits = logits[index]
+    return past, logits
+
+
+def _sample_rows(
+    model, prompts, uniforms, *, temperature, eos_token_ids, pad_token_id, device, chunk_bytes
+):
     prompt_ids, prompt_mask = left_pad(prompts, pad_token_id, device)
     eos = torch.tensor(eos_token_ids, dtype=torch.long, device=device)
     max_new_tokens = uniforms.shape[1]
     B = prompt_ids.shape[0]
     prompt_lengths = prompt_mask.sum(-1)
-    out = model(
-        input_ids=prompt_ids,
-        attention_mask=prompt_mask,
-        position_ids=position_ids_from_mask(prompt_mask),
-        use_cache=True,
-    )
-    past = out.past_key_values
-    logits = out.logits[:, -1, :]
+    past, logits = _prefill(model, prompts, prompt_ids, prompt_mask)
     mask = prompt_mask
     alive = torch.ones(B, dtype=torch.bool, device=device)
     lengths = torch.zeros(B, dtype=torch.long, device=device)
     stopped = torch.zeros(B, dtype=torch.bool, device=device)
     tokens = []
     for k in range(max_new_tokens):
-        probs = torch.softmax(logits.double() / temperature, dim=-1)
-        if not bool(torch.isfinite(probs).all()):  # else the CDF inversion draws garbage
-            raise FloatingPointError(
-                "the policy's next-token logits are not finite (NaN/inf): no evaluation batch "
-                "can be sampled at theta (the model's own forward pass overflowed or diverged)."
-            )
-        tok = inverse_cdf(probs, uniforms[:, k])
+        tok = _next_tokens(logits, uniforms[:, k], temperature, chunk_bytes)
         tok = torch.where(alive, tok, torch.full_like(tok, pad_token_id))
         tokens.append(tok)
         lengths += alive.long()
@@ -186,6 +229,7 @@ def _sample_rows(model, prompts, uniforms, *, temperature, eos_token_ids, pad_to
         )
         past = out.past_key_values
         logits = out.logits[:, -1, :]
+        del out
     del past
     response = torch.stack(tokens, dim=-1)
     return prompt_ids.cpu(), prompt_mask.cpu(), response.cpu(), lengths.cpu(), stopped.cpu()

@@ -1,20 +1,73 @@
 """Teacher forcing on E: per-token log-prob l_k and Rao-Blackwellised entropy H_k in float64.
 
-Log-softmax and entropies are computed in float64 over chunks of ``chunk_size`` positions, so the
-float64 working set is about chunk_size x vocab, never batch x length x vocab. The same code runs
-under ``torch.func.jvp``, which returns the directional derivatives D_u l_k and D_u H_k of every
-token in the same pass.
+The model's body gives the hidden states; the LM head is applied to a chunk of response positions
+at a time (``head.py``), its logits in the model's dtype, their log-softmax and entropy in float64.
+Nothing of size batch x length x vocab is ever built: the working set is a few buffers of
+chunk x vocab float64, about ``CHUNK_BYTES`` each when the chunk is sized automatically.
+
+The forward-mode pass (``Scorer.score_with_tangent``) runs ``torch.func.jvp`` through the body
+only, then pushes the hidden-state tangent dh through the head per chunk (dz = W dh, plus the
+head's own parameter tangent when it is trained, e.g. LoRA on lm_head), and takes the
+derivatives of log-softmax and entropy in closed form in the logit tangent dx = dz / tau:
+
+    d l_y = dx_y - sum_v p_v dx_v,        d H = -sum_v p_v (log p_v + H) dx_v.
+
+A model whose head ``head.py`` does not understand is scored through its full forward (the
+logits of a microbatch at once), with one warning.
 """
 
 from __future__ import annotations
 
 import inspect
+import warnings
 from contextlib import contextmanager
 
 import torch
 from torch.func import functional_call, jvp
 
+from .head import SplitModel, split_model
 from .sampling import EBatch
+
+CHUNK_BYTES = {"cpu": 10_000_000, "accelerator": 256 << 20}
+"""Bytes per chunk x vocab float64 buffer when ``chunk_size`` is None: small enough to stay in a
+CPU's cache, large enough to keep an accelerator busy."""
+
+_VERIFY_RTOL = 1e-3  # head(body(x)) vs the model's logits, relative to max |logit|
+
+
+def chunk_rows(vocab: int, chunk_size: int | None, device: torch.device) -> int:
+    """Positions per chunk: ``chunk_size`` if given, else ``CHUNK_BYTES`` / (8 bytes * vocab)."""
+    if chunk_size is not None:
+        return int(chunk_size)
+    budget = CHUNK_BYTES["cpu" if device.type == "cpu" else "accelerator"]
+    return max(1, budget // (8 * vocab))
+
+
+def logp_and_entropy_rows(
+    z: torch.Tensor, targets: torch.Tensor, temperature: float, dz: torch.Tensor | None = None
+) -> tuple[torch.Tensor, ...]:
+    """Logits z [r, V] (any dtype), targets [r] -> (l, H) [r] float64 in nats; with the logit
+    tangent dz [r, V] also (D l, D H) [r] float64, in closed form."""
+    x = z.to(torch.float64)
+    if temperature != 1.0:
+        x = x / temperature
+    logp = torch.log_softmax(x, dim=-1)
+    del x
+    idx = targets.unsqueeze(-1)
+    logp_y = logp.gather(-1, idx).squeeze(-1)
+    p = logp.exp()
+    ent = -(p * logp).sum(-1)
+    if dz is None:
+        return logp_y, ent
+    dx = dz.to(torch.float64)
+    if temperature != 1.0:
+        dx = dx / temperature
+    dx_y = dx.gather(-1, idx).squeeze(-1)
+    dx.mul_(p)  # p dx
+    dlogp_y = dx_y - dx.sum(-1)
+    logp.add_(ent.unsqueeze(-1))  # log p + H
+    dent = -torch.linalg.vecdot(dx, logp)
+    return logp_y, ent, dlogp_y, dent
 
 
 def token_logp_and_entropy(
@@ -23,13 +76,13 @@ def token_logp_and_entropy(
     """logits [b, L, V] (any dtype), targets [b, L] -> (l, H), each [b, L] float64 in nats."""
     b, L, V = logits.shape
     rows = logits.reshape(b * L, V)
-    flat_targets = targets.reshape(b * L, 1)
+    flat_targets = targets.reshape(b * L)
     logps, entropies = [], []
     for start in range(0, b * L, chunk_size):
-        x = rows[start : start + chunk_size].to(torch.float64) / temperature
-        logp = torch.log_softmax(x, dim=-1)
-        logps.append(logp.gather(-1, flat_targets[start : start + chunk_size]).squeeze(-1))
-        entropies.append(-(logp.exp() * logp).sum(-1))
+        stop = start + chunk_size
+        logp, ent = logp_and_entropy_rows(rows[start:stop], flat_targets[start:stop], temperature)
+        logps.append(logp)
+        entropies.append(ent)
     return torch.cat(logps).reshape(b, L), torch.cat(entropies).reshape(b, L)
 
 
@@ -42,27 +95,118 @@ def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
 
 
 class Scorer:
-    """Scores E microbatches with a fixed model, at the live or at substituted parameters."""
+    """Scores E microbatches with a fixed model, at the live or at substituted parameters.
 
-    def __init__(self, model: torch.nn.Module, temperature: float, chunk_size: int):
+    ``chunk_size``: positions per float64 chunk, or None to size chunks by ``CHUNK_BYTES``.
+    """
+
+    def __init__(self, model: torch.nn.Module, temperature: float, chunk_size: int | None):
         self.model = model
         self.temperature = temperature
         self.chunk_size = chunk_size
         self._keep = _accepts_logits_to_keep(model)
+        self._split: SplitModel | None = split_model(model)
+        self._verified = self._split is None
 
     @property
     def device(self) -> torch.device:
         """Where the model lives now (a trainer may move it after the probe is built)."""
         return next(self.model.parameters()).device
 
-    def _forward(self, mb: EBatch, params: dict[str, torch.Tensor] | None):
-        L = mb.response_mask.shape[1]
-        kwargs = dict(
+    @property
+    def split(self) -> SplitModel | None:
+        """The body/head split, or None when scoring falls back to the full forward."""
+        return self._split
+
+    def _inputs(self, mb: EBatch) -> dict[str, torch.Tensor]:
+        return dict(
             input_ids=mb.input_ids.to(self.device),
             attention_mask=mb.attention_mask.to(self.device),
             position_ids=mb.position_ids.to(self.device),
-            use_cache=False,
         )
+
+    def _check_split(self, mb: EBatch) -> None:
+        """Once: head(body(x)) must reproduce the model's logits, else fall back with a warning."""
+        if self._verified:
+            return
+        self._verified = True
+        one = self._inputs(mb.slice(0, 1))
+        try:
+            error = self._split.verify(**one)
+        except Exception as exc:  # the split does not even run: use the full forward
+            error, why = float("inf"), f"{type(exc).__name__}: {exc}"
+        else:
+            why = f"relative logit error {error:.2g}"
+        if not error <= _VERIFY_RTOL:
+            self._split = None
+            warnings.warn(
+                f"the entropy probe could not reproduce {type(self.model).__name__}'s logits "
+                f"from its body and output embeddings ({why}): it scores through the full "
+                "forward, whose memory grows with microbatch x length x vocabulary. Lower "
+                "microbatch_size if memory is short.",
+                stacklevel=4,
+            )
+
+    # ------------------------------------------------------------------ the split path
+    def _hidden(self, mb: EBatch, params, tangents=None):
+        """Last hidden states at the response-predicting positions [N, d] (N = real tokens in
+        ``mb``), with their tangent along ``tangents`` when given."""
+        L = mb.response_mask.shape[1]
+        mask = mb.response_mask.to(self.device)
+        inputs = dict(self._inputs(mb), use_cache=False)
+
+        def body(p):
+            h = functional_call(self._split, _prefixed(p), args=(), kwargs=inputs, strict=False)
+            # position p predicts token p + 1: the last prompt position and the first L - 1
+            # response positions predict the L response tokens
+            return h[:, mb.prompt_width - 1 : mb.prompt_width - 1 + L][mask]
+
+        if tangents is None:
+            return body(params or {}), None
+        with no_flash_attention():
+            return jvp(body, (params,), (tangents,))
+
+    def _head_rows(self, hidden, dhidden, targets, params, tangents):
+        """(l, H[, D l, D H]) [N] float64 from hidden states [N, d], chunk by chunk."""
+        split = self._split
+        head_keys = [n for n in (params or {}) if n in split.head_names]
+        hp = {k: params[k] for k in head_keys}
+
+        def head(p, h):
+            if not p:
+                return split.logits(h)
+            return functional_call(split, _prefixed(p), args=(h,), kwargs={"part": "head"},
+                                   strict=False)
+
+        rows = chunk_rows(split.vocab, self.chunk_size, self.device)
+        parts = []
+        for start in range(0, hidden.shape[0], rows):
+            stop = start + rows
+            h, t = hidden[start:stop], targets[start:stop]
+            if dhidden is None:
+                parts.append(logp_and_entropy_rows(head(hp, h), t, self.temperature))
+            else:
+                ht = {k: tangents[k] for k in head_keys}
+                z, dz = jvp(head, (hp, h), (ht, dhidden[start:stop]))
+                parts.append(logp_and_entropy_rows(z, t, self.temperature, dz))
+        return [torch.cat(cols) for cols in zip(*parts, strict=True)]
+
+    def _split_score(self, mb: EBatch, params, tangents=None):
+        mask = mb.response_mask.to(self.device)
+        targets = mb.response_ids.to(self.device)[mask]
+        hidden, dhidden = self._hidden(mb, params, tangents)
+        rows = self._head_rows(hidden, dhidden, targets, params, tangents)
+        out = []
+        for r in rows:
+            full = torch.zeros(mask.shape, dtype=torch.float64, device=self.device)
+            full[mask] = r
+            out.append(full)
+        return tuple(out)
+
+    # ------------------------------------------------------------------ the fallback path
+    def _forward(self, mb: EBatch, params: dict[str, torch.Tensor] | None):
+        L = mb.response_mask.shape[1]
+        kwargs = dict(self._inputs(mb), use_cache=False)
         if self._keep:
             kwargs["logits_to_keep"] = L + 1
         if params is None:
@@ -74,22 +218,36 @@ class Scorer:
         # the last prompt position and the first L - 1 response positions.
         logits = logits[:, -(L + 1) : -1] if self._keep else logits[:, mb.prompt_width - 1 : -1]
         targets = mb.response_ids.to(self.device)
-        return token_logp_and_entropy(logits, targets, self.temperature, self.chunk_size)
+        rows = chunk_rows(logits.shape[-1], self.chunk_size, self.device)
+        return token_logp_and_entropy(logits, targets, self.temperature, rows)
 
+    # ------------------------------------------------------------------ public
     @torch.no_grad()
     def score(self, mb: EBatch, params: dict[str, torch.Tensor] | None = None):
-        """(l, H) [b, L] float64 at the live parameters, or at ``params`` substituted."""
-        return self._forward(mb, params)
+        """(l, H) [b, L] float64 at the live parameters, or at ``params`` substituted.
+        Entries past each response's stop are 0 (masked out downstream)."""
+        self._check_split(mb)
+        if self._split is None:
+            return self._forward(mb, params)
+        return self._split_score(mb, params)
 
     def score_with_tangent(
         self, mb: EBatch, primals: dict[str, torch.Tensor], tangents: dict[str, torch.Tensor]
     ):
         """(l, H, D_u l, D_u H), each [b, L] float64, from one forward-mode pass along u."""
+        self._check_split(mb)
+        if self._split is not None:
+            return self._split_score(mb, primals, tangents)
         with no_flash_attention():
             (logp, ent), (dlogp, dent) = jvp(
                 lambda p: self._forward(mb, p), (primals,), (tangents,)
             )
         return logp, ent, dlogp, dent
+
+
+def _prefixed(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Model parameter names as ``SplitModel`` spells them."""
+    return {"model." + n: t for n, t in params.items()}
 
 
 @contextmanager

@@ -81,6 +81,8 @@ def test_left_padded_batch_scores_exactly_what_each_unpadded_sequence_scores():
 
 
 def test_the_batch_does_not_depend_on_the_microbatch_size():
+    # one row per decode loop (no prompt shared) vs 3 and 10 rows (rows sharing a prompt share
+    # its prefill, the KV cache rows repeated): the same tokens
     model, tok = _tiny()
     ids = [tok(p)["input_ids"] for p in PROMPTS]
     index, uniforms = draw_randomness(len(ids), 10, 5, torch.Generator().manual_seed(1))
