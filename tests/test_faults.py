@@ -192,8 +192,10 @@ class NonFinite(lightning.Callback):
         self.results: dict[int, ProbeResult] = {}
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        lm_head = pl_module.model.get_base_model().lm_head
-        lm_head.register_forward_hook(self._hook)
+        # the body's final norm: every pass runs it inside the pass's own functional_call (the
+        # LM head may be applied in a separate call, per chunk of positions)
+        norm = pl_module.model.get_base_model().model.norm
+        norm.register_forward_hook(self._hook)
         self.lora = next(m for n, m in pl_module.model.named_modules() if n.endswith("lora_B"))
 
     def _hook(self, module, args, output):

@@ -321,7 +321,7 @@ def test_a_conversational_eval_dataset_becomes_chat_formatted_prompts(tmp_path):
     tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}="
     heldout = Dataset.from_dict({"prompt": [[{"role": "user", "content": p[:-1]}]
                                             for p in make_prompts(4, seed=1)]})
-    probe = EntropyProbeTrainerCallback(heldout, every=1, **PROBE)
+    probe = EntropyProbeTrainerCallback(heldout, every=1, max_new_tokens=8, **PROBE)
     _begin(probe, tmp_path, tokenizer=tokenizer)
     probe.on_train_end(None, None, None)
     assert probe.probe.prompts == make_prompts(4, seed=1)
