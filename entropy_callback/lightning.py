@@ -101,8 +101,11 @@ class EntropyProbeCallback(Callback):
 
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage != "fit" or self.probe is not None:
+        """Each fit builds its own engine on that fit's model, tokenizer and prompts (one
+        callback instance reused for a second fit probes the second model)."""
+        if stage != "fit":
             return
+        self.probe = None
         strategy = unsupported_strategy(trainer.strategy)
         if strategy is not None:
             warnings.warn(
