@@ -91,6 +91,26 @@ class ManualPPO(GRPOModule):
         return out
 
 
+class ManualPPOReuse(GRPOModule):
+    """PPO-style: one rollout batch, 3 inner optimizer steps on it (the later losses from
+    ``per_token_loss``), so one training batch holds 3 optimizer steps and one ``rollouts``."""
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        out = super().training_step(batch, batch_idx)
+        for epoch in range(3):
+            loss = out["loss"] if epoch == 0 else self.per_token_loss(out["rollouts"]).sum()
+            opt.zero_grad()
+            self.manual_backward(loss)
+            opt.step()
+        self.lr_schedulers().step()
+        return out
+
+
 class ManualTwo(GRPOModule):
     """Two optimizers: lora_A params and lora_B params, each stepped by hand."""
 
@@ -460,6 +480,8 @@ SETUPS = {
     "attribution+manual+accumulate": lambda r: standard("am", r, module_cls=ManualAccum,
                                                         probe_kw=dict(attribution=True),
                                                         steps=4, due=[0, 2]),
+    "attribution+manual-ppo-epochs every=1": lambda r: standard(
+        "ap", r, module_cls=ManualPPOReuse, probe_kw=dict(attribution=True), steps=6, every=1),
     "lora_dropout=0.1": lambda r: standard("ld", r, policy=dict(lora_dropout=0.1)),
     "grad-checkpointing reentrant": lambda r: standard("gr", r, prepare=grad_ckpt_reentrant),
     "every=1 + scheduler per step": lambda r: standard("e1", r, every=1, steps=4),
