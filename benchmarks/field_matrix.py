@@ -477,6 +477,8 @@ SETUPS = {
                                                 gradient_clip_val=0.01),
     "attribution+GradScaler": lambda r: standard("as", r, probe_kw=dict(attribution=True),
                                                  plugins=scaler, due=[0, 1, 2, 3, 4]),
+    "attribution+bf16-mixed": lambda r: standard("ab", r, probe_kw=dict(attribution=True),
+                                                 precision="bf16-mixed", cos_bar=1 - 1e-3),
     "attribution+manual+accumulate": lambda r: standard("am", r, module_cls=ManualAccum,
                                                         probe_kw=dict(attribution=True),
                                                         steps=4, due=[0, 2]),
