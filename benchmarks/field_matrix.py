@@ -111,6 +111,14 @@ class ManualPPOReuse(GRPOModule):
         return out
 
 
+class SGDMomentum(GRPOModule):
+    """Plain SGD with momentum (not Adam): the probe predicts along the observed step."""
+
+    def configure_optimizers(self):
+        return torch.optim.SGD([p for p in self.model.parameters() if p.requires_grad],
+                               lr=0.5, momentum=0.9)
+
+
 class ManualTwo(GRPOModule):
     """Two optimizers: lora_A params and lora_B params, each stepped by hand."""
 
@@ -425,6 +433,56 @@ def setup_ddp(root: Path) -> str:
     return "; ".join(issues) or "ok"
 
 
+def same_records_as_baseline(root: Path, **kw) -> str:
+    """A variant that must not change what the probe measures: its records equal the plain
+    run's (same seeds, same E batch, same numbers)."""
+    base = load_run(Path(fit(root / "base").trainer.logger.log_dir))
+    var = fit(root / "var", **kw)
+    other = load_run(Path(var.trainer.logger.log_dir))
+    keys = ("step", "deltaH1", "deltaH_true", "H_orig", "update_cosine")
+    diff = [(a["step"], k, a[k], b[k]) for a, b in zip(base, other, strict=False) for k in keys
+            if a[k] != b[k]]
+    issues = [f"records differ from the baseline: {diff[:3]}"] if diff else []
+    if len(base) != len(other):
+        issues.append(f"{len(other)} records vs {len(base)}")
+    if var.warnings:
+        issues.append(f"warnings: {var.warnings}")
+    return "; ".join(issues) or "ok"
+
+
+def setup_right_padding(root: Path) -> str:
+    from entropy_callback.demos.tiny import build_char_tokenizer
+    tok = build_char_tokenizer()
+    tok.padding_side = "right"
+    cb = EntropyProbeCallback(HELDOUT, every=2, tokenizer=tok, **PROBE)
+    return same_records_as_baseline(root, probe=cb)
+
+
+def setup_generation_config(root: Path) -> str:
+    def sampling_defaults(model):
+        gc = model.generation_config
+        gc.do_sample, gc.top_k, gc.top_p, gc.temperature = True, 3, 0.5, 0.7
+        gc.repetition_penalty = 1.3
+    return same_records_as_baseline(root, prepare=sampling_defaults)
+
+
+def setup_cli_parent(root: Path) -> str:
+    """Two runs in one log_dir (logger=False twice): the CLI on the parent directory."""
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        fit(root, logger=False)
+        fit(root, logger=False)
+    finally:
+        os.chdir(cwd)
+    out = []
+    for args in (["summary", str(root)], ["compare", str(root)], ["export", str(root)]):
+        p = subprocess.run([sys.executable, "-m", "entropy_callback.cli", *args],
+                           capture_output=True, text=True)
+        out.append(f"{args[0]} rc={p.returncode}: {(p.stdout + p.stderr).strip()[:200]!r}")
+    return " | ".join(out)
+
+
 def setup_cli(root: Path) -> str:
     a = fit(root / "a", probe_kw=dict(attribution=True))
     b = fit(root / "b", probe_kw=dict(log_level="detailed", compress=True))
@@ -484,11 +542,17 @@ SETUPS = {
                                                         steps=4, due=[0, 2]),
     "attribution+manual-ppo-epochs every=1": lambda r: standard(
         "ap", r, module_cls=ManualPPOReuse, probe_kw=dict(attribution=True), steps=6, every=1),
+    "SGD momentum (not Adam)": lambda r: standard("sg", r, module_cls=SGDMomentum, adam=False),
+    "precision=16-mixed (no plugin)": lambda r: standard("16", r, precision="16-mixed",
+                                                         due=None),
+    "probe tokenizer pads right": setup_right_padding,
+    "generation_config top_k/top_p/temp": setup_generation_config,
     "lora_dropout=0.1": lambda r: standard("ld", r, policy=dict(lora_dropout=0.1)),
     "grad-checkpointing reentrant": lambda r: standard("gr", r, prepare=grad_ckpt_reentrant),
     "every=1 + scheduler per step": lambda r: standard("e1", r, every=1, steps=4),
     "ddp_spawn x2 gloo": setup_ddp,
     "cli": setup_cli,
+    "cli on a parent of two runs": setup_cli_parent,
 }
 
 
