@@ -265,9 +265,24 @@ class EntropyProbeCallback(Callback):
                 "config_hash": self.config.config_hash(), "run": run}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """A checkpoint of this callback's run: the next fit resumes that run (same run id)."""
+        """A checkpoint of this callback's run: the next fit resumes that run (same run id),
+        unless the probe was changed (``every`` or the config): then it is a new run, so that a
+        run's config.yaml describes all its records, and the checkpoint's run is left as it is."""
         self.probed_steps = list(state_dict.get("probed_steps", []))
         run = state_dict.get("run")
+        changed = [name for name, saved, now in (
+            ("every", state_dict.get("every"), self.every),
+            ("config", state_dict.get("config_hash"), self.config.config_hash()))
+            if saved is not None and saved != now]
+        if changed and isinstance(run, dict):
+            warnings.warn(
+                f"the checkpoint's probe run {run.get('run_id')} was made with another "
+                f"{' and '.join(changed)} than this callback's: this fit logs a new run (a "
+                "directory of its own); the checkpoint's run keeps its records.",
+                EntropyProbeWarning,
+                stacklevel=2,
+            )
+            run = None
         self._resume_state = dict(run) if isinstance(run, dict) else None
 
 

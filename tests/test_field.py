@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+from lightning.pytorch.callbacks import ModelCheckpoint
+from probe_harness import fit as harness_fit
+from probe_harness import grpo_module, make_trainer, probe_callback, probe_dir
+
 from entropy_callback.demos.grpo import GRPOModule
 from entropy_callback.runlog import load_run, load_step
 
@@ -54,3 +59,25 @@ def test_every_step_of_a_batch_with_several_optimizer_steps_is_attributed(
         deltaH1 = record["core_results"]["deltaH1"]
         # float32 model: the parts close to round-off (docs/attribution.md: <= 1e-3 relative)
         assert abs(parts["residual"]) <= 1e-3 * abs(deltaH1), (step, parts["residual"], deltaH1)
+
+
+@pytest.mark.parametrize("changed", [dict(every=3), dict(batch_size=4, microbatch_size=4)])
+def test_a_resume_with_another_probe_config_is_a_new_run(changed, tmp_path):
+    # Resuming with the probe changed (another schedule or E batch) must not extend the
+    # checkpoint's run: that run's config.yaml would describe records it did not make.
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
+    trainer = make_trainer(tmp_path, [probe_callback(every=2), checkpoints], 4,
+                           enable_checkpointing=True)
+    assert harness_fit(trainer, grpo_module()) == []
+    first = probe_dir(tmp_path)
+    before = {p.name: p.read_bytes() for p in first.iterdir() if p.is_file()}
+    every = changed.get("every", 2)
+    callback = probe_callback(**{"every": 2, **changed})
+    trainer = make_trainer(tmp_path, [callback], 7)
+    messages = harness_fit(trainer, grpo_module(),
+                           ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=2.ckpt"))
+    assert len(messages) == 1 and "new run" in messages[0], messages
+    assert callback.json.root != first
+    assert {p.name: p.read_bytes() for p in first.iterdir() if p.is_file()} == before
+    assert [r["step"] for r in load_run(callback.json.root)] == [
+        t for t in range(2, 7) if t % every == 0]
