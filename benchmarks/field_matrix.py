@@ -214,6 +214,22 @@ def judge_records(records: list[dict], due: list[int], *, adam: bool = True,
     return issues
 
 
+def judge_schema(log_dir: Path, records: list[dict]) -> list[str]:
+    """Every step file validates against docs/log-schema.json."""
+    import json
+
+    from jsonschema import Draft202012Validator
+    schema = json.loads((Path(__file__).resolve().parents[1] / "docs" / "log-schema.json")
+                        .read_text())
+    validator = Draft202012Validator(schema)
+    issues = []
+    for r in records:
+        errors = list(validator.iter_errors(load_step(log_dir, r["step"])))
+        if errors:
+            issues.append(f"step {r['step']} off the schema: {errors[0].message[:120]}")
+    return issues
+
+
 def judge_attribution(log_dir: Path, records: list[dict]) -> list[str]:
     """The split of delta H_1 into parts closes: residual <= 1e-3 |delta H_1| (float32
     round-off, docs/attribution.md) and the protocol reproduces the step's gradient."""
@@ -246,6 +262,7 @@ def standard(name: str, root: Path, *, every: int = 2, steps: int = 6, adam: boo
     if due is None:
         due = list(range(0, steps, every))
     issues = judge_records(records, due, adam=adam, cos_bar=cos_bar)
+    issues += judge_schema(log_dir, records)
     if (kw.get("probe_kw") or {}).get("attribution"):
         issues += judge_attribution(log_dir, records)
     if os.environ.get("FIELD_VERBOSE"):
@@ -412,12 +429,12 @@ def setup_levels(root: Path, level: str) -> str:
     return "; ".join(issues) or f"ok files={files}"
 
 
-def setup_ddp(root: Path) -> str:
+def setup_ddp(root: Path, **kw) -> str:
     """ddp_spawn copies rank 0's trained weights back into the main process's model."""
     os.environ.pop("MASTER_PORT", None)
-    probed = fit(root / "with", strategy="ddp_spawn", devices=2)
+    probed = fit(root / "with", strategy="ddp_spawn", devices=2, **kw)
     os.environ.pop("MASTER_PORT", None)
-    plain = fit(root / "without", probe=False, strategy="ddp_spawn", devices=2)
+    plain = fit(root / "without", probe=False, strategy="ddp_spawn", devices=2, **kw)
     os.environ.pop("MASTER_PORT", None)
     log_dir = root / "with" / "run" / "version_0"
     recs = load_run(log_dir)
@@ -464,6 +481,29 @@ def setup_generation_config(root: Path) -> str:
         gc.do_sample, gc.top_k, gc.top_p, gc.temperature = True, 3, 0.5, 0.7
         gc.repetition_penalty = 1.3
     return same_records_as_baseline(root, prepare=sampling_defaults)
+
+
+def setup_csv_loggers(root: Path) -> str:
+    """CSVLogger first, TensorBoardLogger second: JSON under the CSV logger's log_dir, scalars
+    in both."""
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+    loggers = [CSVLogger(str(root), name="csv", version=0),
+               TensorBoardLogger(str(root), name="tb", version=0)]
+    res = fit(root, logger=loggers)
+    issues = []
+    recs = load_run(root / "csv" / "version_0")
+    issues += judge_records(recs, [0, 2, 4])
+    if tb_steps(root / "tb" / "version_0") != [0, 2, 4]:
+        issues.append(f"TB steps {tb_steps(root / 'tb' / 'version_0')}")
+    rows = list(csv.DictReader(open(root / "csv" / "version_0" / "metrics.csv")))
+    logged = sorted({int(r["step"]) for r in rows if r.get("entropy_probe/deltaH1")})
+    if logged != [0, 2, 4]:
+        issues.append(f"CSV entropy_probe/deltaH1 at steps {logged}")
+    if res.warnings:
+        issues.append(f"warnings: {res.warnings}")
+    return "; ".join(issues) or "ok"
 
 
 def setup_cli_parent(root: Path) -> str:
@@ -547,10 +587,13 @@ SETUPS = {
                                                          due=None),
     "probe tokenizer pads right": setup_right_padding,
     "generation_config top_k/top_p/temp": setup_generation_config,
+    "CSVLogger + TensorBoardLogger": setup_csv_loggers,
+    "strict=True": lambda r: standard("st", r, probe_kw=dict(strict=True)),
     "lora_dropout=0.1": lambda r: standard("ld", r, policy=dict(lora_dropout=0.1)),
     "grad-checkpointing reentrant": lambda r: standard("gr", r, prepare=grad_ckpt_reentrant),
     "every=1 + scheduler per step": lambda r: standard("e1", r, every=1, steps=4),
     "ddp_spawn x2 gloo": setup_ddp,
+    "ddp_spawn x2 + attribution": lambda r: setup_ddp(r, probe_kw=dict(attribution=True)),
     "cli": setup_cli,
     "cli on a parent of two runs": setup_cli_parent,
 }
