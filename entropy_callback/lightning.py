@@ -102,10 +102,15 @@ class EntropyProbeCallback(Callback):
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """Each fit builds its own engine on that fit's model, tokenizer and prompts (one
-        callback instance reused for a second fit probes the second model)."""
+        callback instance reused for a second fit probes the second model), and starts with
+        nothing left from the last fit (one that failed may have left unwritten results)."""
         if stage != "fit":
             return
         self.probe = None
+        for handle in self._hooks:  # left by a fit that ended in an exception
+            handle.remove()
+        self._hooks, self._results, self._rearm, self._optimizer = [], [], False, None
+        self._u_outputs, self._u_step = [], None
         strategy = unsupported_strategy(trainer.strategy)
         if strategy is not None:
             warnings.warn(
@@ -243,6 +248,10 @@ class EntropyProbeCallback(Callback):
         self._close_sinks()
 
     def on_exception(self, trainer, pl_module, exception) -> None:
+        """Write the probes that finished before the exception, then close the sinks."""
+        results, self._results = self._results, []
+        for result in results:
+            self._emit(trainer, result)
         self._close_sinks()
 
     # ------------------------------------------------------------------ sinks

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import lightning
 import pytest
 from lightning.pytorch.callbacks import ModelCheckpoint
 from probe_harness import fit as harness_fit
@@ -81,3 +82,27 @@ def test_a_resume_with_another_probe_config_is_a_new_run(changed, tmp_path):
     assert {p.name: p.read_bytes() for p in first.iterdir() if p.is_file()} == before
     assert [r["step"] for r in load_run(callback.json.root)] == [
         t for t in range(2, 7) if t % every == 0]
+
+
+class FailAtFirstBatchEnd(lightning.Callback):
+    """Another callback failing in the first batch's end hooks, before the probe's (which come
+    after this one's): the probe's step-0 result is computed but not yet written."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        raise RuntimeError("a bug in another callback")
+
+
+def test_a_failed_fit_leaves_nothing_for_the_next_fit(make_grpo, make_probe, fit, tmp_path):
+    # The notebook routine: a run fails, the bug is fixed, fit again with the same callback.
+    probe = make_probe(2)
+    with pytest.raises(RuntimeError, match="another callback"):
+        fit(make_grpo(seed=0), tmp_path / "one", max_steps=4,
+            callbacks=(FailAtFirstBatchEnd(), probe))
+    first_root = probe.json.root
+    assert [r["step"] for r in load_run(first_root)] == [0]  # finished before the failure
+    second = make_grpo(seed=1)
+    fit(second, tmp_path / "two", max_steps=3, callbacks=(probe,))
+    records = load_run(probe.json.root)
+    assert [r["step"] for r in records] == [0, 2]
+    # the step-0 record is the second run's own: measured on the second model
+    assert probe.last_result.step == 2 and probe.probed_steps == [0, 2]
