@@ -399,14 +399,17 @@ def setup_resume(root: Path, stop: int) -> str:
     issues = judge_records(load_run(log_dir), [0, 2, 4, 6])
     if not same_weights(resumed.weights, plain.weights):
         issues.append("TRAJECTORY CHANGED (resumed weights differ from the unprobed resume)")
-    tb = tb_steps(log_dir)
+    tb, note = tb_steps(log_dir), ""
     if sorted(set(tb)) != [0, 2, 4, 6]:
         issues.append(f"TB steps {tb}")
     elif len(tb) != len(set(tb)):
-        issues.append(f"TB steps repeated {tb} (rewound steps written twice)")
+        own = tb_steps(log_dir, "train/reward")
+        if len(own) == len(set(own)):
+            issues.append(f"TB steps repeated {tb} (rewound steps written twice)")
+        note = f" (TB holds rewound probe steps twice {tb}, as Lightning's own train/reward {own})"
     if resumed.warnings:
         issues.append(f"warnings: {resumed.warnings}")
-    return "; ".join(issues) or "ok"
+    return ("; ".join(issues) or "ok") + note
 
 
 def setup_module_prompts(root: Path) -> str:
