@@ -592,6 +592,8 @@ SETUPS = {
     "generation_config top_k/top_p/temp": setup_generation_config,
     "CSVLogger + TensorBoardLogger": setup_csv_loggers,
     "strict=True": lambda r: standard("st", r, probe_kw=dict(strict=True)),
+    "gpt2 n_positions=64, probe max_new_tokens=80": lambda r: standard(
+        "gp", r, prepare=gpt2_tied, probe_kw=dict(max_new_tokens=80)),
     "lora_dropout=0.1": lambda r: standard("ld", r, policy=dict(lora_dropout=0.1)),
     "grad-checkpointing reentrant": lambda r: standard("gr", r, prepare=grad_ckpt_reentrant),
     "every=1 + scheduler per step": lambda r: standard("e1", r, every=1, steps=4),
