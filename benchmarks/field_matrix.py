@@ -172,7 +172,8 @@ def fit(root: Path, *, probe: EntropyProbeCallback | None | bool = True, module_
         warnings.simplefilter("always")
         trainer.fit(module, ckpt_path=ckpt_path)
     weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    moved = any("lora_B" in n and bool(w.ne(0).any()) for n, w in weights.items())
+    moved = any(("lora_B" in n or "lora_" not in n) and bool(w.ne(0).any())
+                for n, w in weights.items())
     msgs = [str(w.message) for w in caught if issubclass(w.category, EntropyProbeWarning)]
     return SimpleNamespace(trainer=trainer, probe=probe, weights=weights, warnings=msgs,
                            moved=moved,
@@ -297,6 +298,27 @@ def gpt2_tied(_model):
                                           eos_token_id=tok.eos_token_id))
         cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "lm_head"],
                               task_type="CAUSAL_LM")
+        return peft.get_peft_model(base, cfg)
+
+
+def full_finetune(_model):
+    """No LoRA: every weight of the tiny Llama trains."""
+    from entropy_callback.demos.tiny import build_char_tokenizer, build_tiny_llama
+    return build_tiny_llama(build_char_tokenizer(), seed=0, hidden_size=32, num_layers=1,
+                            num_heads=2, intermediate_size=64)
+
+
+def lora_modules_to_save(_model):
+    """LoRA on attention plus a fully trained copy of the LM head (peft modules_to_save)."""
+    import peft
+
+    from entropy_callback.demos.tiny import build_char_tokenizer, build_tiny_llama
+    base = build_tiny_llama(build_char_tokenizer(), seed=0, hidden_size=32, num_layers=1,
+                            num_heads=2, intermediate_size=64)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                          modules_to_save=["lm_head"], task_type="CAUSAL_LM")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
         return peft.get_peft_model(base, cfg)
 
 
@@ -594,6 +616,8 @@ SETUPS = {
     "strict=True": lambda r: standard("st", r, probe_kw=dict(strict=True)),
     "gpt2 n_positions=64, probe max_new_tokens=80": lambda r: standard(
         "gp", r, prepare=gpt2_tied, probe_kw=dict(max_new_tokens=80)),
+    "full fine-tune (no LoRA)": lambda r: standard("ff", r, prepare=full_finetune),
+    "LoRA + modules_to_save lm_head": lambda r: standard("ms", r, prepare=lora_modules_to_save),
     "lora_dropout=0.1": lambda r: standard("ld", r, policy=dict(lora_dropout=0.1)),
     "grad-checkpointing reentrant": lambda r: standard("gr", r, prepare=grad_ckpt_reentrant),
     "every=1 + scheduler per step": lambda r: standard("e1", r, every=1, steps=4),
