@@ -102,8 +102,16 @@ class EntropyProbeCallback(Callback):
 
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage != "fit" or self.probe is not None:
+        """Each fit builds its own engine on that fit's model, tokenizer and prompts (one
+        callback instance reused for a second fit probes the second model), and starts with
+        nothing left from the last fit (one that failed may have left unwritten results)."""
+        if stage != "fit":
             return
+        self.probe = None
+        for handle in self._hooks:  # left by a fit that ended in an exception
+            handle.remove()
+        self._hooks, self._results, self._rearm, self._optimizer = [], [], False, None
+        self._u_outputs, self._u_step = [], None
         strategy = unsupported_strategy(trainer.strategy)
         if strategy is not None:
             warnings.warn(
@@ -243,6 +251,10 @@ class EntropyProbeCallback(Callback):
         self._close_sinks()
 
     def on_exception(self, trainer, pl_module, exception) -> None:
+        """Write the probes that finished before the exception, then close the sinks."""
+        results, self._results = self._results, []
+        for result in results:
+            self._emit(trainer, result)
         self._close_sinks()
 
     # ------------------------------------------------------------------ sinks
@@ -265,9 +277,24 @@ class EntropyProbeCallback(Callback):
                 "config_hash": self.config.config_hash(), "run": run}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """A checkpoint of this callback's run: the next fit resumes that run (same run id)."""
+        """A checkpoint of this callback's run: the next fit resumes that run (same run id),
+        unless the probe was changed (``every`` or the config): then it is a new run, so that a
+        run's config.yaml describes all its records, and the checkpoint's run is left as it is."""
         self.probed_steps = list(state_dict.get("probed_steps", []))
         run = state_dict.get("run")
+        changed = [name for name, saved, now in (
+            ("every", state_dict.get("every"), self.every),
+            ("config", state_dict.get("config_hash"), self.config.config_hash()))
+            if saved is not None and saved != now]
+        if changed and isinstance(run, dict):
+            warnings.warn(
+                f"the checkpoint's probe run {run.get('run_id')} was made with another "
+                f"{' and '.join(changed)} than this callback's: this fit logs a new run (a "
+                "directory of its own); the checkpoint's run keeps its records.",
+                EntropyProbeWarning,
+                stacklevel=2,
+            )
+            run = None
         self._resume_state = dict(run) if isinstance(run, dict) else None
 
 

@@ -117,7 +117,7 @@ class EntropyProbe:
         self.rank, self.world_size = 0, 1
         self.gather: Gather = lambda x: x
         self._pending: _Pending | None = None
-        self._attributable: _Pending | None = None
+        self._attributable: list[_Pending] = []  # finished probes awaiting attribute(), in order
         self._calls = 0
         self._warned: set[str] = set()
         dtypes = {p.dtype for p in model.parameters()}
@@ -234,7 +234,8 @@ class EntropyProbe:
         result.timing["total"] = time.perf_counter() - pending.started
         result.sanitize()
         ok = pending.attribution is not None and not runner.failed and result.deltaH1 is not None
-        self._attributable = pending if ok else None
+        if ok:
+            self._attributable.append(pending)
         log_probe(result)
         return result
 
@@ -246,10 +247,16 @@ class EntropyProbe:
         ``rollouts``: the step's micro-batches' ``training_step(...)["rollouts"]``;
         ``per_token_loss``: the module's method; ``loss_scale``: what each micro-batch's loss was
         multiplied by before backward (1 / accumulate_grad_batches in Lightning).
+        Several steps finished before their rollouts came (PPO inner epochs: several optimizer
+        steps in one batch) are attributed one call each, in order; the probes finished before
+        ``result`` are released unattributed.
         """
-        pending, self._attributable = self._attributable, None
-        if pending is not None and pending.result is result:
-            attach(self, pending, rollouts, per_token_loss, loss_scale)
+        index = next((i for i, p in enumerate(self._attributable) if p.result is result), None)
+        if index is None:
+            return
+        pending = self._attributable[index]
+        del self._attributable[:index + 1]
+        attach(self, pending, rollouts, per_token_loss, loss_scale)
 
     def _rebuild_step(self, pending: _Pending) -> str | None:
         """Read what the optimizer consumed, rebuild Delta theta, compare with the observed one.

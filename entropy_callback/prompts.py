@@ -118,9 +118,14 @@ def _check_context(model: torch.nn.Module, ids: list[list[int]], max_new_tokens:
         return
     shown = ", ".join(f"prompt {i} ({n} tokens)" for i, n in over[:5])
     more = f" and {len(over) - 5} more" if len(over) > 5 else ""
-    room = limit - max_new_tokens
-    fix = (f"Shorten or drop them (at most {room} prompt tokens fit), or lower max_new_tokens"
-           if room > 0 else f"Lower max_new_tokens below {limit}")
+    room, longest = limit - max_new_tokens, max(n for _, n in over)
+    if room > 0:
+        fix = f"Shorten or drop them (at most {room} prompt tokens fit), or lower max_new_tokens"
+    elif longest < limit:  # here every prompt is over: max_new_tokens alone fills the context
+        fix = (f"Lower max_new_tokens to at most {limit - longest} (the longest prompt has "
+               f"{longest} tokens)")
+    else:
+        fix = f"Shorten the prompts (the longest has {longest} tokens) and lower max_new_tokens"
     raise ProbeConfigError(
         f"{shown}{more}: prompt tokens + max_new_tokens={max_new_tokens} exceed the model's "
         f"max_position_embeddings={limit}. {fix}; the probe does not truncate prompts."

@@ -100,8 +100,8 @@ def step_not_taken(
         taken = any(bool(d.ne(0).any()) for d in observed.values())
     if taken:
         return None
-    return ("the optimizer did not take this step (its step count did not advance and no probed "
-            "parameter moved; e.g. GradScaler skipped it for inf/NaN gradients)")
+    return ("its step count did not advance and no probed parameter moved (e.g. GradScaler "
+            "skipped it for inf/NaN gradients)")
 
 
 def adam_step(

@@ -74,8 +74,11 @@ def test_prompt_beyond_the_models_positions_is_an_error_naming_index_and_lengths
 
 def test_max_new_tokens_alone_past_the_context_is_an_error(gpt2):
     model, tokenizer = gpt2
-    with pytest.raises(ProbeConfigError, match=r"Lower max_new_tokens below 16"):
+    # the fix it names works: 4 prompt tokens + 12 new tokens fill the 16 positions exactly
+    with pytest.raises(ProbeConfigError, match=r"Lower max_new_tokens to at most 12 \(the "
+                       r"longest prompt has 4 tokens\)"):
         EntropyProbe(model, tokenizer, ["1+2="], batch_size=4, max_new_tokens=16)
+    EntropyProbe(model, tokenizer, ["1+2="], batch_size=4, max_new_tokens=12)
 
 
 def test_prompt_that_exactly_fills_the_context_probes(gpt2):
