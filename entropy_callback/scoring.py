@@ -179,17 +179,25 @@ class Scorer:
                                    strict=False)
 
         rows = chunk_rows(split.vocab, self.chunk_size, self.device)
-        parts = []
-        for start in range(0, hidden.shape[0], rows):
+        n = hidden.shape[0]
+        # results written in place: no small tensor outlives a chunk, so the allocator can
+        # reuse (and give back) each chunk's buffers instead of piling them up
+        out = torch.empty((2 if dhidden is None else 4, n), dtype=torch.float64,
+                          device=hidden.device)
+        for start in range(0, n, rows):
             stop = start + rows
             h, t = hidden[start:stop], targets[start:stop]
             if dhidden is None:
-                parts.append(logp_and_entropy_rows(head(hp, h), t, self.temperature))
+                cols = logp_and_entropy_rows(head(hp, h), t, self.temperature)
             else:
                 ht = {k: tangents[k] for k in head_keys}
                 z, dz = jvp(head, (hp, h), (ht, dhidden[start:stop]))
-                parts.append(logp_and_entropy_rows(z, t, self.temperature, dz))
-        return [torch.cat(cols) for cols in zip(*parts, strict=True)]
+                cols = logp_and_entropy_rows(z, t, self.temperature, dz)
+                del z, dz
+            for row, col in zip(out, cols, strict=True):
+                row[start:stop] = col
+            del cols
+        return list(out)
 
     def _split_score(self, mb: EBatch, params, tangents=None):
         mask = mb.response_mask.to(self.device)
