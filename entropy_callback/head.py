@@ -12,6 +12,7 @@ to the model's full forward with one warning).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["SplitModel", "split_model"]
@@ -60,6 +61,24 @@ class SplitModel(nn.Module):
         if self.softcap is not None:
             z = torch.tanh(z / self.softcap) * self.softcap
         return z
+
+    @property
+    def plain(self) -> bool:
+        """The head is a plain ``nn.Linear`` (its tangent has a closed form)."""
+        return isinstance(self.head, nn.Linear)
+
+    def logits_and_tangent(self, hidden: torch.Tensor, dhidden: torch.Tensor):
+        """Logits and their tangent along the hidden-state tangent, for a plain linear head whose
+        own parameters do not move: dz = W dh, then the scaling and soft-capping chain rule.
+        (Two matmuls; ``torch.func.jvp`` of the same costs about 2.5x as much.)"""
+        z = F.linear(hidden, self.head.weight, self.head.bias)
+        dz = F.linear(dhidden, self.head.weight)
+        if self.scale is not None:
+            z, dz = z * self.scale, dz * self.scale
+        if self.softcap is not None:
+            t = torch.tanh(z / self.softcap)
+            z, dz = t * self.softcap, dz * (1 - t * t)
+        return z, dz
 
     @torch.no_grad()
     def verify(self, **inputs) -> float:

@@ -80,6 +80,28 @@ def test_chunked_head_derivatives_equal_the_full_forward_jvp_in_float64(kind):
         torch.testing.assert_close(a[mask], b[mask], rtol=1e-12, atol=1e-12)
 
 
+def test_byte_sized_chunks_inside_larger_head_blocks_score_the_same(monkeypatch):
+    """chunk_size=None: head matmuls over blocks of 7 positions, float64 work over chunks of 3
+    (budgets shrunk to this tiny vocabulary), equal to one fixed chunk size."""
+    import entropy_callback.scoring as scoring
+
+    monkeypatch.setitem(scoring.CHUNK_BYTES, "cpu", 3 * 8 * VOCAB)
+    monkeypatch.setitem(scoring.HEAD_BLOCK_BYTES, "cpu", 7 * 4 * VOCAB)
+    model = _policy("untied")
+    with preserved_state(model):
+        batch = _batch(model)
+        theta = snapshot(probed_parameters(model))
+        tangents = {n: torch.ones_like(t) for n, t in theta.items()}
+        auto = Scorer(model, 0.7, None)
+        got = (*auto.score(batch), *auto.score_with_tangent(batch, theta, tangents))
+        fixed = Scorer(model, 0.7, 5)
+        ref = (*fixed.score(batch), *fixed.score_with_tangent(batch, theta, tangents))
+    assert scoring.head_block_rows(VOCAB, 3, None, torch.device("cpu")) == 7
+    mask = batch.response_mask
+    for a, b in zip(got, ref, strict=True):
+        torch.testing.assert_close(a[mask], b[mask], rtol=1e-12, atol=1e-12)
+
+
 class LargestFloat(TorchDispatchMode):
     """Records the element count of the largest floating-point tensor any op produces."""
 
