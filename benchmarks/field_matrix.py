@@ -531,6 +531,12 @@ def setup_csv_loggers(root: Path) -> str:
     return "; ".join(issues) or "ok"
 
 
+def setup_two_callbacks(root: Path) -> str:
+    """Two probes in one Trainer (an in-distribution and an out-of-distribution pool)."""
+    other = EntropyProbeCallback(make_prompts(16, seed=999), every=2, **PROBE)
+    return standard("two", root, callbacks=[other])
+
+
 def setup_cli_parent(root: Path) -> str:
     """Two runs in one log_dir (logger=False twice): the CLI on the parent directory."""
     cwd = os.getcwd()
@@ -623,8 +629,27 @@ SETUPS = {
     "every=1 + scheduler per step": lambda r: standard("e1", r, every=1, steps=4),
     "ddp_spawn x2 gloo": setup_ddp,
     "ddp_spawn x2 + attribution": lambda r: setup_ddp(r, probe_kw=dict(attribution=True)),
+    "two probe callbacks, one Trainer": setup_two_callbacks,
     "cli": setup_cli,
     "cli on a parent of two runs": setup_cli_parent,
+}
+
+
+# What a reader should know about a verdict that is not a plain "ok" (read at 2026-11-30).
+EXPECTED = {
+    "16-mixed+GradScaler": "GradScaler's first steps overflow at scale 65536 and are skipped; "
+                           "the probe re-arms: true warning",
+    "bf16-true": "true warning (bf16 weights quantise log-probs)",
+    "resume before last probe (4)": "true warning; TensorBoard repeats like Lightning's own",
+    "attribution+GradScaler": "autocast rounding, reported by protocol_error (attribution.md)",
+    "attribution+bf16-mixed": "autocast rounding, reported by protocol_error (attribution.md)",
+    "attribution+manual+accumulate": "the module's own /2 before manual_backward is not in "
+                                     "per_token_loss: parts 2x, protocol_error 1 (attribution.md)",
+    "SGD momentum (not Adam)": "true warning",
+    "gpt2 n_positions=64, probe max_new_tokens=80": "the intended ProbeConfigError at setup",
+    "cli on a parent of two runs": "exit 2 naming both runs (compare could list them: open)",
+    "two probe callbacks, one Trainer": "open: Lightning refuses two callbacks with one "
+                                        "state_key; TensorBoard tags would collide too",
 }
 
 
@@ -641,7 +666,8 @@ def main(names: list[str]) -> None:
             except Exception as exc:  # a crash of the run is a verdict, not the end
                 tb = traceback.format_exc().strip().splitlines()
                 verdict = f"CRASH {type(exc).__name__}: {exc} | {' / '.join(tb[-4:-1])}"
-        print(f"{name:32s} {verdict}", flush=True)
+        note = f"  [{EXPECTED[name]}]" if name in EXPECTED else ""
+        print(f"{name:32s} {verdict}{note}", flush=True)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from probe_harness import fit as harness_fit
 from probe_harness import grpo_module, make_trainer, probe_callback, probe_dir
 
+from entropy_callback import EntropyProbeCallback
 from entropy_callback.demos.grpo import GRPOModule
 from entropy_callback.runlog import load_run, load_step
 
@@ -106,3 +107,13 @@ def test_a_failed_fit_leaves_nothing_for_the_next_fit(make_grpo, make_probe, fit
     assert [r["step"] for r in records] == [0, 2]
     # the step-0 record is the second run's own: measured on the second model
     assert probe.last_result.step == 2 and probe.probed_steps == [0, 2]
+
+
+def test_the_one_line_callback_runs_on_the_demo_policy(make_grpo, fit, heldout_prompts,
+                                                       tmp_path):
+    # README's one line, all defaults (max_new_tokens=128), on the demo's tiny policy: the
+    # prompts plus 128 new tokens fit its context.
+    module = make_grpo(seed=0, probe_prompts=heldout_prompts)
+    probe = EntropyProbeCallback(every=20)
+    fit(module, tmp_path, max_steps=1, callbacks=(probe,))
+    assert [r["step"] for r in load_run(probe.json.root)] == [0]

@@ -75,7 +75,7 @@ def build_tiny_llama(
     num_layers: int = 2,
     num_heads: int = 4,
     intermediate_size: int = 128,
-    max_position_embeddings: int = 128,
+    max_position_embeddings: int = 256,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     attn_implementation: str = "eager",
@@ -88,7 +88,9 @@ def build_tiny_llama(
     Args:
         tokenizer: gives the vocabulary size and the pad / eos / bos ids.
         hidden_size, num_layers, num_heads, intermediate_size, max_position_embeddings:
-            the ``LlamaConfig`` sizes (``num_key_value_heads = num_heads``).
+            the ``LlamaConfig`` sizes (``num_key_value_heads = num_heads``); 256 positions
+            leave room for the probe's default ``max_new_tokens=128`` after a prompt (RoPE:
+            no weights depend on it).
         seed: seed of the weight initialisation.
         dtype: parameter dtype.
         attn_implementation: "eager" or "sdpa".
