@@ -202,6 +202,12 @@ def keep_inputs(optimizer: torch.optim.Optimizer, params: Mapping[str, torch.nn.
     }
 
 
+DDP_UNSUPPORTED = (
+    "attribution runs on a single process only (DDP not supported yet: each rank's g_E and "
+    "rollouts would need reducing); delta H_1 and Delta H_true are unaffected"
+)
+
+
 def keep_consumed(inputs: dict[str, Any], params: Mapping[str, torch.nn.Parameter]) -> None:
     """After the step (engine's after_step, p.grad as the optimizer read it): copies."""
     inputs["consumed"] = {
@@ -216,14 +222,16 @@ def attach(probe, pending, rollouts: list[Rollouts], per_token_loss, loss_scale:
     A failure (or rollouts outside the protocol) becomes ``{"error": ...}`` in the section and a
     warning; it never marks the rest of the record failed (unless ``strict``)."""
     result, cfg = pending.result, probe.config
+    if probe.world_size > 1:  # a known limitation, said once at setup by the adapter
+        result.attribution = {"error": {"phase": "attribution", "type": "NotSupported",
+                                        "message": DDP_UNSUPPORTED}}
+        return
     runner = PhaseRunner(result.step, cfg.strict, result.timing)
     with preserved_state(probe.model), runner.phase("attribution"):
         reasons = [r for r in map(check_rollouts, rollouts) if r] or (
             [] if rollouts else ["training_step returned no 'rollouts' this step"])
         if not callable(per_token_loss):
             reasons.append("the LightningModule has no per_token_loss(rollouts) method")
-        if probe.world_size > 1:
-            reasons.append("attribution runs on a single process only (DDP not supported yet)")
         if reasons:
             raise ValueError("; ".join(reasons) + " (see docs/attribution.md)")
         inputs = pending.attribution

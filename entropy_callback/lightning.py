@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from .attribution_report import DDP_UNSUPPORTED
 from .config import ProbeConfig, ProbeConfigError, integer, name_of_attribute
 from .observer import EntropyProbeWarning
 from .probe import EntropyProbe
@@ -182,6 +183,10 @@ class EntropyProbeCallback(Callback):
         self._forget_from(trainer.global_step)
         if trainer.world_size > 1:
             self.probe.set_distributed(trainer.global_rank, trainer.world_size)
+            if self.config.attribution and trainer.is_global_zero:
+                warnings.warn(f"attribution=True under {trainer.world_size} processes: "
+                              f"{DDP_UNSUPPORTED}. Each record's attribution section says so.",
+                              EntropyProbeWarning, stacklevel=2)
         for optimizer in trainer.optimizers:
             self._hooks.append(optimizer.register_step_post_hook(self._after_optimizer_step))
         if trainer.is_global_zero:  # the probe's phase and rows in the progress bar's postfix

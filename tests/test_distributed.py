@@ -22,6 +22,7 @@ import torch.multiprocessing as mp
 
 from entropy_callback import EntropyProbe, ProbeConfig, load_run, records
 from entropy_callback.demos import build_policy
+from entropy_callback.runlog import load_step
 from entropy_callback.testing import randomize_lora_b
 
 PROMPTS = ["1+2=", "33+4=", "5=", "7+8+9="]  # different lengths: left padding matters
@@ -206,7 +207,7 @@ def test_lightning_ddp_spawn_writes_once_from_rank_zero(tmp_path, monkeypatch):
     module = GRPOModule(model, tok, make_prompts(64, seed=0), prompts_per_step=2, group_size=2,
                         max_new_tokens=4, total_steps=5)
     probe = EntropyProbeCallback(prompts=make_prompts(16, seed=1), every=2, batch_size=8,
-                                 max_new_tokens=4)
+                                 max_new_tokens=4, attribution=True)
     logger = TensorBoardLogger(tmp_path, name="ddp")
     trainer = L.Trainer(accelerator="cpu", devices=WORLD, strategy="ddp_spawn", max_steps=5,
                         logger=logger, callbacks=[probe], enable_checkpointing=False,
@@ -219,6 +220,9 @@ def test_lightning_ddp_spawn_writes_once_from_rank_zero(tmp_path, monkeypatch):
     for r in records:
         assert r.get("error") is None, r.get("error")
         assert r["B_E"] == 8  # the union of both ranks' shards
+        # attribution is single-process: its section says so, the record itself is complete
+        section = load_step(tmp_path / "ddp" / "version_0", r["step"])["attribution"]
+        assert section["error"]["type"] == "NotSupported" and "DDP" in section["error"]["message"]
 
 
 def _dense_reward(prompt: str, response: str) -> float:
