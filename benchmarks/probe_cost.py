@@ -23,6 +23,10 @@ within one run count).
     python benchmarks/probe_cost.py --vocab 32000 --hidden 256 --layers 4 --max-new-tokens 32
     python benchmarks/probe_cost.py --vocab 150000 --hidden 128 --layers 2 --max-new-tokens 32 \\
         --memory --baseline /work/wt/base
+    python benchmarks/probe_cost.py --attribution   # the probe with attribution=True vs without
+
+``--attribution`` hands the remaining options to ``attribution_cost.py`` (the demo's Dr-GRPO
+module and character vocabulary: its per-token loss protocol is what attribution needs).
 """
 
 from __future__ import annotations
@@ -223,7 +227,15 @@ def _run(args, mode: str, package: Path, floor: bool = False) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--attribution" in argv:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import attribution_cost
+
+        return attribution_cost.main([a for a in argv if a != "--attribution"])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--attribution", action="store_true",
+                        help="time the probe with attribution=True against without instead")
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
