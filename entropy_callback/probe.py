@@ -26,14 +26,13 @@ from .config import ProbeConfig, ProbeConfigError, check_step
 from .distributed import any_rank_failed, gather_vectors, make_gather, shard, stack_vectors
 from .observer import EntropyProbeWarning, PhaseRunner, preserved_state
 from .progress import ProgressHook, log_phase, log_probe
-from .prompts import check_prompts, prompt_texts, prompt_token_ids
-from .result import CORE_FIELDS, ProbeResult
+from .prompts import check_model, check_prompts, prompt_texts, prompt_token_ids, special_ids
+from .result import ProbeResult
 from .sampling import EBatch, draw_randomness, sample_batch
 from .scoring import CHUNK_BYTES, Scorer, sequence_terms
 from .update import (
     adam_step,
     consumed_gradients,
-    flat_cosine_and_rel_error,
     is_adam,
     learning_rate,
     observed_step,
@@ -101,9 +100,9 @@ class EntropyProbe:
     ):
         config = ProbeConfig.resolve(config, overrides, "EntropyProbe")
         self.config = config
-        self.model = _check_model(model)
+        self.model = check_model(model)
         self.tokenizer = tokenizer
-        self.eos_ids, self.pad_id = _special_ids(model, tokenizer)
+        self.eos_ids, self.pad_id = special_ids(model, tokenizer)
         pool = check_prompts(prompts)
         self.prompt_token_ids = prompt_token_ids(model, tokenizer, pool, config)
         self.prompts = prompt_texts(tokenizer, pool)
@@ -261,43 +260,21 @@ class EntropyProbe:
     def _rebuild_step(self, pending: _Pending) -> str | None:
         """Read what the optimizer consumed, rebuild Delta theta, compare with the observed one.
         Returns why the step was not taken, or None."""
-        result, optimizer = pending.result, pending.optimizer
+        optimizer = pending.optimizer
         pending.grads = consumed_gradients(self.params)
         pending.observed = observed_step(self.params, pending.theta)
         skipped = step_not_taken(optimizer, self.params, pending.optimizer_state, pending.grads,
                                  pending.observed)
-        if skipped is not None:
-            return skipped
-        if is_adam(optimizer):
-            pending.predicted = adam_step(optimizer, self.params, pending.theta,
-                                          pending.optimizer_state, pending.grads)
-            cos, rel, norm = flat_cosine_and_rel_error(pending.predicted, pending.observed)
-            result.update_cosine, result.update_rel_error = cos, rel
-            if norm == 0:
-                for name in ("update_cosine", "update_rel_error"):
-                    result.null_reasons[name] = (
-                        "the observed step is zero (no gradient signal, e.g. all advantages "
-                        "zero): the comparison is undefined"
-                    )
-        else:
-            for name in ("update_cosine", "update_rel_error"):
-                result.null_reasons[name] = (
-                    "no predicted step to compare: the optimizer is not Adam/AdamW "
-                    "(update_source 'observed')"
-                )
-        result.update_norm = float(
-            torch.sqrt(sum((d ** 2).sum() for d in pending.observed.values()))
-        )
-        return None
+        if skipped is None:
+            if is_adam(optimizer):
+                pending.predicted = adam_step(optimizer, self.params, pending.theta,
+                                              pending.optimizer_state, pending.grads)
+            records.update_check(pending.result, pending.predicted, pending.observed)
+        return skipped
 
     def _mark_skipped(self, result: ProbeResult, reason: str) -> None:
         """A step not taken: null estimates, the reason, one warning per run."""
-        result.update_source = "skipped"
-        result.update_norm = None
-        for name in CORE_FIELDS:
-            if name != "learning_rate":
-                result.null_reasons[name] = f"step not taken: {reason}"
-        result.warnings.append(f"step {result.step} was not taken: {reason}")
+        records.mark_skipped(result, reason)
         self.warn_once(
             "skipped",
             f"the optimizer did not take step {result.step} ({reason}); its record is marked "
@@ -443,36 +420,3 @@ class EntropyProbe:
 
 def _cat(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {k: torch.cat([p[k].cpu() for p in parts]) for k in parts[0]}
-
-
-def _check_model(model) -> torch.nn.Module:
-    if not isinstance(model, torch.nn.Module) or not callable(getattr(model, "generate", None)):
-        raise ProbeConfigError(
-            f"model must be a causal language model (a transformers PreTrainedModel or peft model "
-            f"with .generate), got {type(model).__name__}. Pass the policy, e.g. "
-            "AutoModelForCausalLM wrapped with peft.get_peft_model."
-        )
-    return model
-
-
-def _special_ids(model, tokenizer) -> tuple[tuple[int, ...], int]:
-    eos = getattr(tokenizer, "eos_token_id", None)
-    if eos is None:
-        raise ProbeConfigError(
-            "tokenizer has no EOS token (tokenizer.eos_token_id is None): responses stop at EOS. "
-            "Set tokenizer.eos_token to the model's end-of-sequence token."
-        )
-    ids = {int(eos)}
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if gen_eos is not None:
-        ids.update(int(e) for e in (gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos]))
-    pad = getattr(tokenizer, "pad_token_id", None)
-    if pad is None:
-        warnings.warn(
-            "tokenizer has no pad token; the probe pads with the EOS id (masks come from stop "
-            "positions, so this is harmless). Set tokenizer.pad_token to silence this.",
-            EntropyProbeWarning,
-            stacklevel=3,
-        )
-        pad = eos
-    return tuple(sorted(ids)), int(pad)

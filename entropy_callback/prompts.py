@@ -159,3 +159,39 @@ def _warn_doubled_bos(tokenizer: Any, ids: list[list[int]]) -> None:
             EntropyProbeWarning,
             stacklevel=4,
         )
+
+
+def check_model(model) -> torch.nn.Module:
+    """The policy: a causal LM module with ``.generate`` (transformers or peft)."""
+    if not isinstance(model, torch.nn.Module) or not callable(getattr(model, "generate", None)):
+        raise ProbeConfigError(
+            f"model must be a causal language model (a transformers PreTrainedModel or peft model "
+            f"with .generate), got {type(model).__name__}. Pass the policy, e.g. "
+            "AutoModelForCausalLM wrapped with peft.get_peft_model."
+        )
+    return model
+
+
+def special_ids(model, tokenizer) -> tuple[tuple[int, ...], int]:
+    """(the ids that stop a response: the tokenizer's EOS and the generation config's, the pad
+    id: the tokenizer's, else EOS with one warning)."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        raise ProbeConfigError(
+            "tokenizer has no EOS token (tokenizer.eos_token_id is None): responses stop at EOS. "
+            "Set tokenizer.eos_token to the model's end-of-sequence token."
+        )
+    ids = {int(eos)}
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if gen_eos is not None:
+        ids.update(int(e) for e in (gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos]))
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is None:
+        warnings.warn(
+            "tokenizer has no pad token; the probe pads with the EOS id (masks come from stop "
+            "positions, so this is harmless). Set tokenizer.pad_token to silence this.",
+            EntropyProbeWarning,
+            stacklevel=3,
+        )
+        pad = eos
+    return tuple(sorted(ids)), int(pad)

@@ -18,7 +18,8 @@ import torch
 
 from .config import ProbeConfig
 from .estimators import SNIS, DeltaH1, delta_h1, loglog_slope, snis
-from .result import ProbeResult
+from .result import CORE_FIELDS, ProbeResult
+from .update import flat_cosine_and_rel_error
 
 MAX_TOKEN_RECORDS = 32  # debug level: token-level data for at most this many sequences
 
@@ -150,3 +151,31 @@ def fill(result: ProbeResult, config: ProbeConfig, v: dict[str, torch.Tensor], d
             "log_weights": gt.log_w.tolist(),
             "importance_weights": gt.w.tolist(),
         }
+
+
+def update_check(result: ProbeResult, predicted: dict[str, torch.Tensor] | None,
+                 observed: dict[str, torch.Tensor]) -> None:
+    """update_cosine / update_rel_error of the rebuilt step against the observed one, and
+    update_norm = ||theta' - theta|| (each with a reason when undefined)."""
+    if predicted is not None:
+        cos, rel, norm = flat_cosine_and_rel_error(predicted, observed)
+        result.update_cosine, result.update_rel_error = cos, rel
+        reason = ("the observed step is zero (no gradient signal, e.g. all advantages zero): the "
+                  "comparison is undefined") if norm == 0 else None
+    else:
+        reason = ("no predicted step to compare: the optimizer is not Adam/AdamW (update_source "
+                  "'observed')")
+    if reason is not None:
+        for name in ("update_cosine", "update_rel_error"):
+            result.null_reasons[name] = reason
+    result.update_norm = float(torch.sqrt(sum((d ** 2).sum() for d in observed.values())))
+
+
+def mark_skipped(result: ProbeResult, reason: str) -> None:
+    """A step the optimizer did not take: update_source "skipped", null estimates, the reason."""
+    result.update_source = "skipped"
+    result.update_norm = None
+    for name in CORE_FIELDS:
+        if name != "learning_rate":
+            result.null_reasons[name] = f"step not taken: {reason}"
+    result.warnings.append(f"step {result.step} was not taken: {reason}")
