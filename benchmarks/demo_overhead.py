@@ -98,7 +98,8 @@ def fit(cfg: dict, steps: int, every: int, probe: ProbeConfig | None, root: str)
     seconds = time.perf_counter() - start
     weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     out = {"seconds": seconds, "weights": weights, "probes": 0, "probe_seconds": 0.0,
-           "phases": defaultdict(float), "errors": 0, "per_probe": []}
+           "phases": defaultdict(float), "errors": 0, "per_probe": [],
+           "timings": []}
     if callback is not None:
         for rec in load_run(callback.log_dir):
             timing = load_step(callback.log_dir, rec["step"]).get("timing") or {}
@@ -107,6 +108,7 @@ def fit(cfg: dict, steps: int, every: int, probe: ProbeConfig | None, root: str)
             own = timing.get("total", 0.0) + sum(timing.get(k, 0.0) for k in OUTSIDE_TOTAL)
             out["probe_seconds"] += own
             out["per_probe"].append(own)
+            out["timings"].append(timing)
             for phase, value in timing.items():
                 if phase != "total":
                     out["phases"][phase] += value
@@ -160,6 +162,9 @@ def main(argv=None) -> dict:
         "first_probe_s": statistics.median(r["per_probe"][0] for r in runs["with"]),
         "later_probe_s": statistics.median(t for r in runs["with"] for t in r["per_probe"][1:]),
         "median_train_step_s": without / steps,
+        "later_probe_phase_s": {k: statistics.median(t.get(k, 0.0) for r in runs["with"]
+                                                    for t in r["timings"][1:])
+                                for k in runs["with"][0]["phases"]},
     }
     print(f"\n{steps} steps, every={every}, B_E={probe.batch_size}, "
           f"attribution={probe.attribution}, {args.repeats} fits each (interleaved)")
@@ -174,6 +179,9 @@ def main(argv=None) -> dict:
     print(f"one probe: {1e3 * summary['first_probe_s']:.0f} ms the first (one-time warm-up "
           f"included), {1e3 * summary['later_probe_s']:.0f} ms the later ones (median); one "
           f"training step: {1e3 * without / steps:.0f} ms (fit without the probe / steps)")
+    print("a later probe's phases (median ms): " + ", ".join(
+        f"{k} {1e3 * v:.1f}" for k, v in sorted(summary["later_probe_phase_s"].items(),
+                                                 key=lambda kv: -kv[1]) if v >= 5e-4))
     print(f"final LoRA weights bitwise identical across all {2 * args.repeats} fits: {identical}")
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2))
