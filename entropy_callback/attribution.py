@@ -40,7 +40,13 @@ from dataclasses import dataclass
 import torch
 from torch.func import functional_call, jvp
 
-from .scoring import Scorer, no_flash_attention
+from .scoring import (
+    Scorer,
+    _prefixed,
+    chunk_rows,
+    logp_and_entropy_rows,
+    no_flash_attention,
+)
 
 Rollouts = Mapping[str, object]
 PerTokenLoss = Callable[[Rollouts], torch.Tensor]
@@ -176,19 +182,65 @@ def surrogate_gradient(
     leaves = {n: t.detach().clone().requires_grad_(True) for n, t in theta.items()}
     total = {n: torch.zeros_like(t, dtype=torch.float64) for n, t in leaves.items()}
     for mb in microbatches:
+        scorer._check_split(mb)
         with torch.enable_grad():
-            logp, ent = scorer._forward(mb, leaves)
-            mask = mb.response_mask.to(logp.device, torch.float64)
-            Hm = (ent * mask).detach()
-            R = Hm.flip(-1).cumsum(-1).flip(-1) - Hm  # sum_{j>k} H_j
-            if normalize == "per_token":
-                R = R - H_hat * (mask.flip(-1).cumsum(-1).flip(-1) - mask)
-            objective = ((ent + logp * R) * mask).sum() / denominator
-            grads = torch.autograd.grad(objective, list(leaves.values()), allow_unused=True)
+            if scorer._split is not None:
+                grads = _split_gradient(scorer, mb, leaves, H_hat, denominator, normalize)
+            else:  # a head the split cannot reproduce: the model's full forward
+                logp, ent = scorer._forward(mb, leaves)
+                mask = mb.response_mask.to(logp.device, torch.float64)
+                R = _remainders(ent.detach(), mask, H_hat, normalize)
+                objective = ((ent + logp * R) * mask).sum() / denominator
+                grads = torch.autograd.grad(objective, list(leaves.values()), allow_unused=True)
         for (name, _), g in zip(leaves.items(), grads, strict=True):
             if g is not None:
                 total[name] += g.to(torch.float64)
     return total
+
+
+def _remainders(ent: torch.Tensor, mask: torch.Tensor, H_hat: float, normalize: str):
+    """R_ik = sum_{j>k} (H_ij - H_hat) per token, sum_{j>k} H_ij per sequence; [b, L]."""
+    Hm = ent * mask
+    R = Hm.flip(-1).cumsum(-1).flip(-1) - Hm
+    if normalize == "per_token":
+        R = R - H_hat * (mask.flip(-1).cumsum(-1).flip(-1) - mask)
+    return R
+
+
+def _split_gradient(scorer: Scorer, mb, leaves, H_hat, denominator, normalize) -> tuple:
+    """The surrogate's gradient with the LM head applied per chunk of positions (memory bounded
+    by the chunk, as in scoring): the head's backward per chunk gives d/d(hidden) (and the head's
+    own parameters' part), then one backward through the body."""
+    split, device = scorer._split, scorer.device
+    mask = mb.response_mask.to(device)
+    targets = mb.response_ids.to(device)[mask]
+    hidden, _ = scorer._hidden(mb, leaves)  # [N, d], with the body's graph
+    head_leaves = {k: v for k, v in leaves.items() if k in split.head_names}
+    fixed = {k: v.detach() for k, v in head_leaves.items()}
+    ent_rows = scorer._head_rows(hidden.detach(), None, targets, fixed, None)[1]
+    ent = torch.zeros(mask.shape, dtype=torch.float64, device=device)
+    ent[mask] = ent_rows
+    R_rows = _remainders(ent, mask.to(torch.float64), H_hat, normalize)[mask]
+    rows = chunk_rows(split.vocab, scorer.chunk_size, device)
+    d_hidden = torch.zeros_like(hidden)
+    d_head = {k: torch.zeros_like(v) for k, v in head_leaves.items()}
+    for start in range(0, hidden.shape[0], rows):
+        stop = start + rows
+        h = hidden[start:stop].detach().requires_grad_(True)
+        z = (functional_call(split, _prefixed(head_leaves), args=(h,), kwargs={"part": "head"},
+                             strict=False) if head_leaves else split.logits(h))
+        logp, en = logp_and_entropy_rows(z, targets[start:stop], scorer.temperature)
+        objective = (en + logp * R_rows[start:stop]).sum() / denominator
+        grads = torch.autograd.grad(objective, [h, *head_leaves.values()], allow_unused=True)
+        d_hidden[start:stop] = grads[0]
+        for (name, _), g in zip(head_leaves.items(), grads[1:], strict=True):
+            if g is not None:
+                d_head[name] += g
+    body = (torch.autograd.grad(hidden, list(leaves.values()), grad_outputs=d_hidden,
+                                allow_unused=True)
+            if hidden.requires_grad else (None,) * len(leaves))  # LoRA on the head alone
+    return tuple(g if name not in d_head else (d_head[name] if g is None else g + d_head[name])
+                 for name, g in zip(leaves, body, strict=True))
 
 
 class _Bound(torch.nn.Module):
