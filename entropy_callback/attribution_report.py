@@ -208,14 +208,6 @@ DDP_UNSUPPORTED = (
 )
 
 
-def keep_consumed(inputs: dict[str, Any], params: Mapping[str, torch.nn.Parameter]) -> None:
-    """After the step (engine's after_step, p.grad as the optimizer read it): copies."""
-    inputs["consumed"] = {
-        n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
-        for n, p in params.items()
-    }
-
-
 def attach(probe, pending, rollouts: list[Rollouts], per_token_loss, loss_scale: float) -> None:
     """Run the attribution of a finished probe and store it as ``result.attribution``.
 
@@ -235,13 +227,16 @@ def attach(probe, pending, rollouts: list[Rollouts], per_token_loss, loss_scale:
         if reasons:
             raise ValueError("; ".join(reasons) + " (see docs/attribution.md)")
         inputs = pending.attribution
+        # the engine's copies of p.grad as the optimizer read it (None: no gradient, no update)
+        consumed = {n: torch.zeros_like(pending.theta[n]) if g is None else g
+                    for n, g in pending.grads.items()}
         denominator = result.T_E if cfg.normalize == "per_token" else result.B_E
         result.attribution = build_section(
             model=probe.model, scorer=probe.scorer,
             microbatches=probe._microbatches(pending.batch), tokenizer=probe.tokenizer,
             per_token_loss=per_token_loss, rollouts=rollouts, theta=pending.theta,
             states=inputs["states"], raw_grads=inputs["raw"],
-            consumed_grads=inputs["consumed"], H_hat=result.H_orig,
+            consumed_grads=consumed, H_hat=result.H_orig,
             denominator=float(denominator), normalize=cfg.normalize, deltaH1=result.deltaH1,
             learning_rate=result.learning_rate, loss_scale=loss_scale,
             detailed=cfg.log_level in ("detailed", "debug"))

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from . import records
-from .attribution_report import attach, keep_consumed, keep_inputs
+from .attribution_report import attach, keep_inputs
 from .config import ProbeConfig, ProbeConfigError, check_step
 from .distributed import any_rank_failed, gather_vectors, make_gather, shard, stack_vectors
 from .observer import EntropyProbeWarning, PhaseRunner, preserved_state
@@ -185,8 +185,6 @@ class EntropyProbe:
         pending, self._pending = self._pending, None
         if pending is None:
             return None
-        if pending.attribution is not None and not pending.runner.failed:
-            keep_consumed(pending.attribution, self.params)
         result, runner, cfg = pending.result, pending.runner, self.config
         skipped = None
         with preserved_state(self.model):
