@@ -38,8 +38,9 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
-from torch.func import functional_call, jvp
+from torch.func import functional_call
 
+from .forward_mode import jvp
 from .scoring import (
     Scorer,
     _prefixed,
