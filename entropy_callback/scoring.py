@@ -5,10 +5,11 @@ at a time (``head.py``), its logits in the model's dtype, their log-softmax and 
 Nothing of size batch x length x vocab is ever built: the working set is a few buffers of
 chunk x vocab float64, about ``CHUNK_BYTES`` each when the chunk is sized automatically.
 
-The forward-mode pass (``Scorer.score_with_tangent``) runs forward-mode AD (``forward_mode.jvp``)
-through the body only, then pushes the hidden-state tangent dh through the head per chunk (dz = W dh, plus the
-head's own parameter tangent when it is trained, e.g. LoRA on lm_head), and takes the
-derivatives of log-softmax and entropy in closed form in the logit tangent dx = dz / tau:
+The forward-mode pass (``Scorer.score_with_tangent``) runs forward-mode AD
+(``forward_mode.jvp``) through the body only, then pushes the hidden-state tangent dh through the
+head per chunk (dz = W dh, plus the head's own parameter tangent when it is trained, e.g. LoRA on
+lm_head), and takes the derivatives of log-softmax and entropy in closed form in the logit
+tangent dx = dz / tau:
 
     d l_y = dx_y - sum_v p_v dx_v,        d H = -sum_v p_v (log p_v + H) dx_v.
 
