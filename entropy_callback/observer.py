@@ -30,19 +30,22 @@ def preserved_state(model: torch.nn.Module):
     stream (torch CPU and CUDA, numpy, python), the precision settings (torch's
     ``fp32_precision`` API and the legacy one alike), the checkpointing flags and the hooks are
     restored exactly."""
-    modes = [(m, m.training) for m in model.modules()]
+    modules = list(model.modules())
+    modes = [(m, m.training) for m in modules]
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     np_rng = np.random.get_state()
     py_rng = random.getstate()
     try:
-        with full_fp32_precision(), without_autocast(model), without_training_hooks(model):
-            model.eval()
+        with full_fp32_precision(), without_autocast(model), without_training_hooks(modules):
+            if any(training for _, training in modes):
+                model.eval()
             with torch.no_grad():
                 yield
     finally:
         for m, training in modes:
-            m.training = training
+            if m.training != training:
+                m.training = training
         torch.set_rng_state(cpu_rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
@@ -108,14 +111,16 @@ def without_autocast(model: torch.nn.Module):
 
 
 @contextmanager
-def without_training_hooks(model: torch.nn.Module):
+def without_training_hooks(modules: list[torch.nn.Module]):
     """Gradient checkpointing flags off and the input-require-grads forward hooks (transformers'
     ``enable_input_require_grads``, peft's ``make_inputs_require_grad``) detached inside: they
     exist for backward passes and call ``requires_grad_`` on activations, which forward-mode AD
-    refuses. Each module's flag and hook dict (same dict, same order) restored on exit."""
-    flags = [m for m in model.modules() if getattr(m, "gradient_checkpointing", None) is True]
-    hooked = [(m, dict(m._forward_hooks)) for m in model.modules()
-              if any(_requires_grads_hook(h) for h in m._forward_hooks.values())]
+    refuses. Each module's flag and hook dict (same dict, same order) restored on exit.
+    ``modules``: the model's ``modules()``, listed once by the caller."""
+    flags = [m for m in modules if getattr(m, "gradient_checkpointing", None) is True]
+    hooked = [(m, dict(m._forward_hooks)) for m in modules
+              if m._forward_hooks and any(_requires_grads_hook(h)
+                                          for h in m._forward_hooks.values())]
     try:
         for m in flags:
             m.gradient_checkpointing = False
