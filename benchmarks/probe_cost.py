@@ -122,6 +122,7 @@ def _floor(model, tok, batch, params, args) -> dict[str, float]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from entropy_callback.forward_mode import jvp as dual_jvp
+    from entropy_callback.sampling import cache_keyword, returned_cache
 
     out = {}
     P, L = batch.prompt_width, batch.response_mask.shape[1]
@@ -131,15 +132,15 @@ def _floor(model, tok, batch, params, args) -> dict[str, float]:
         gen = torch.Generator().manual_seed(0)
         o = model(input_ids=ids, attention_mask=mask, position_ids=batch.position_ids[:, :P],
                   use_cache=True, logits_to_keep=1)
-        past, m, pos = o.past_key_values, mask, batch.position_ids[:, P - 1]
+        past, m, pos = returned_cache(o), mask, batch.position_ids[:, P - 1]
         for k in range(L):
             tok_k = torch.multinomial(torch.softmax(o.logits[:, -1].float(), -1), 1, generator=gen)
             if k == L - 1:
                 break
             m = torch.cat([m, torch.ones_like(tok_k)], 1)
             o = model(input_ids=tok_k, attention_mask=m, position_ids=pos[:, None] + k + 1,
-                      past_key_values=past, use_cache=True)
-            past = o.past_key_values
+                      use_cache=True, **{cache_keyword(model): past})
+            past = returned_cache(o)
         loop = time.perf_counter() - start
         start = time.perf_counter()
         model.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=0, top_p=1.0,

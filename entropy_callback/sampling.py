@@ -165,19 +165,32 @@ def _next_tokens(logits, uniforms, temperature, chunk_bytes):
     return torch.cat(out)
 
 
-def _accepts_logits_to_keep(model) -> bool:
+def forward_accepts(model, name: str) -> bool:
+    """Whether the model's forward (the base model's, under peft) names the argument ``name``."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     try:
-        return "logits_to_keep" in inspect.signature(base.forward).parameters
+        return name in inspect.signature(base.forward).parameters
     except (TypeError, ValueError):
         return False
+
+
+def cache_keyword(model) -> str:
+    """The forward's name for the KV cache: ``cache`` where the model has it (transformers 5
+    deprecates ``past_key_values``, to be removed in 5.40), else ``past_key_values``."""
+    return "cache" if forward_accepts(model, "cache") else "past_key_values"
+
+
+def returned_cache(out):
+    """The KV cache a forward returned, under either name."""
+    cache = out.get("cache") if hasattr(out, "get") else None
+    return cache if cache is not None else out.past_key_values
 
 
 def _prefill(model, prompts, prompt_ids, prompt_mask, share=True):
     """KV cache and last-position logits [B, V] of the left-padded prompts. Rows sharing a
     prompt share its prefill: each distinct prompt runs once, and its cache rows are repeated
     (where the model's cache can select rows)."""
-    last_only = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+    last_only = {"logits_to_keep": 1} if forward_accepts(model, "logits_to_keep") else {}
     first: dict[tuple[int, ...], int] = {}
     inverse = [first.setdefault(tuple(p), len(first)) for p in prompts]
     shared = share and len(first) < len(prompts)
@@ -185,7 +198,7 @@ def _prefill(model, prompts, prompt_ids, prompt_mask, share=True):
     ids, mask = (prompt_ids[rows], prompt_mask[rows]) if shared else (prompt_ids, prompt_mask)
     out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
                 use_cache=True, **last_only)
-    past, logits = out.past_key_values, out.logits[:, -1, :]
+    past, logits = returned_cache(out), out.logits[:, -1, :]
     if shared:
         if not hasattr(past, "reorder_cache"):  # a cache that cannot select rows: no sharing
             return _prefill(model, prompts, prompt_ids, prompt_mask, share=False)
@@ -204,6 +217,7 @@ def _sample_rows(
     B = prompt_ids.shape[0]
     prompt_lengths = prompt_mask.sum(-1)
     past, logits = _prefill(model, prompts, prompt_ids, prompt_mask)
+    cache_name = cache_keyword(model)
     mask = prompt_mask
     alive = torch.ones(B, dtype=torch.bool, device=device)
     lengths = torch.zeros(B, dtype=torch.long, device=device)
@@ -224,10 +238,10 @@ def _sample_rows(
             input_ids=tok.unsqueeze(-1),
             attention_mask=mask,
             position_ids=(prompt_lengths + k).unsqueeze(-1),
-            past_key_values=past,
             use_cache=True,
+            **{cache_name: past},
         )
-        past = out.past_key_values
+        past = returned_cache(out)
         logits = out.logits[:, -1, :]
         del out
     del past

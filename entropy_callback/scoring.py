@@ -19,7 +19,6 @@ logits of a microbatch at once), with one warning.
 
 from __future__ import annotations
 
-import inspect
 import warnings
 from contextlib import contextmanager
 
@@ -28,7 +27,7 @@ from torch.func import functional_call
 
 from .forward_mode import jvp
 from .head import SplitModel, split_model
-from .sampling import EBatch
+from .sampling import EBatch, forward_accepts
 
 CHUNK_BYTES = {"cpu": 10_000_000, "accelerator": 256 << 20}
 """Bytes per chunk x vocab float64 buffer when ``chunk_size`` is None: small enough to stay in a
@@ -102,14 +101,6 @@ def token_logp_and_entropy(
     return torch.cat(logps).reshape(b, L), torch.cat(entropies).reshape(b, L)
 
 
-def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    try:
-        return "logits_to_keep" in inspect.signature(base.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 class Scorer:
     """Scores E microbatches with a fixed model, at the live or at substituted parameters.
 
@@ -120,7 +111,7 @@ class Scorer:
         self.model = model
         self.temperature = temperature
         self.chunk_size = chunk_size
-        self._keep = _accepts_logits_to_keep(model)
+        self._keep = forward_accepts(model, "logits_to_keep")
         self._split: SplitModel | None = split_model(model)
         self._verified = self._split is None
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -122,3 +124,41 @@ def test_sequence_terms_match_their_definitions():
         torch.testing.assert_close(terms["C"][i], C)
         torch.testing.assert_close(terms["A"][i], dh[i, :T].sum())
         torch.testing.assert_close(terms["S"][i], logp[i, :T].sum())
+
+
+def test_decode_steps_pass_the_cache_under_the_models_own_name():
+    """transformers 5 renamed the forward's KV-cache argument to ``cache`` (``past_key_values``
+    is deprecated, to be removed in 5.40): the probe's sampler and the demo's pass the name the
+    model's forward declares, and the decode steps do receive the cache."""
+    from entropy_callback.demos.grpo import sample_responses
+    from entropy_callback.sampling import cache_keyword
+
+    model, tok = _tiny()
+    name = cache_keyword(model)
+    base = model.get_base_model()
+    declared = inspect.signature(base.forward).parameters
+    assert name == ("cache" if "cache" in declared else "past_key_values")
+    seen = []
+    handle = base.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(
+            {k for k in ("cache", "past_key_values") if kwargs.get(k) is not None}),
+        with_kwargs=True)
+    ids = [tok(p)["input_ids"] for p in PROMPTS]
+    index, uniforms = draw_randomness(len(ids), 4, 4, torch.Generator().manual_seed(1))
+    try:
+        with preserved_state(model):
+            sample_batch(model, ids, index, uniforms, temperature=1.0,
+                         eos_token_ids=(tok.eos_token_id,), pad_token_id=tok.pad_token_id,
+                         device=torch.device("cpu"))
+        probe_calls = len(seen)
+        enc = tok(PROMPTS, return_tensors="pt", padding=True)
+        torch.manual_seed(0)
+        sample_responses(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=4,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    finally:
+        handle.remove()
+    assert probe_calls >= 2 and len(seen) > probe_calls + 1
+    assert seen[0] == set()  # the prefill starts a cache
+    # every decode step of both samplers gets the cache, under the model's name only
+    decode = seen[1:probe_calls] + seen[probe_calls + 1:]
+    assert decode and all(s == {name} for s in decode)

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from transformers import PreTrainedTokenizerBase
 
 from entropy_callback.demos.tiny import EOS_TOKEN
+from entropy_callback.sampling import cache_keyword, returned_cache
 
 _PROMPT = re.compile(r"^(\d)\+(\d)=$")
 _DIGITS = "0123456789"
@@ -173,7 +174,8 @@ def sample_responses(
     ``pad_token_id``.
 
     Args:
-        model: a causal LM taking ``input_ids, attention_mask, position_ids, past_key_values``.
+        model: a causal LM taking ``input_ids, attention_mask, position_ids`` and a KV cache
+            (``cache``, or ``past_key_values`` before transformers 5).
         prompt_ids: [N, P] token ids, left-padded.
         prompt_mask: [N, P] attention mask (1 = token, 0 = padding).
 
@@ -182,6 +184,7 @@ def sample_responses(
         response stopped early), and [N] response lengths T_i (EOS counted).
     """
     n = prompt_ids.shape[0]
+    cache_name = cache_keyword(model)
     mask = prompt_mask
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     out = model(
@@ -206,8 +209,8 @@ def sample_responses(
             input_ids=y[:, None],
             attention_mask=mask,
             position_ids=position_ids,
-            past_key_values=out.past_key_values,
             use_cache=True,
+            **{cache_name: returned_cache(out)},
         )
     return torch.stack(tokens, dim=1), lengths
 
