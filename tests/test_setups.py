@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -28,7 +29,13 @@ from lightning.pytorch.plugins import MixedPrecision
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from entropy_callback import EntropyProbe, EntropyProbeCallback, ProbeConfig
-from entropy_callback.demos.grpo import GRPOModule, make_prompts, sample_responses, score_responses
+from entropy_callback.demos.grpo import (
+    GRPOModule,
+    make_prompts,
+    sample_responses,
+    score_responses,
+    warmup_cosine,
+)
 from entropy_callback.demos.tiny import build_policy
 from entropy_callback.observer import EntropyProbeWarning
 from entropy_callback.runlog import load_run, load_step
@@ -261,9 +268,31 @@ def _grad_scaler() -> MixedPrecision:
     return MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
 
 
+def _fused(module_cls):
+    """``module_cls`` with fused AdamW: under GradScaler the scaler does not unscale p.grad
+    before the step; it hands the scale to the fused kernel (``optimizer.grad_scale``), which
+    unscales inside, writes the unscaled gradients back, and skips the step on inf/NaN."""
+
+    class Fused(module_cls):
+        def configure_optimizers(self):
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay,
+                                          fused=True)
+            schedule = partial(warmup_cosine, warmup_steps=self.warmup_steps,
+                               total_steps=self.total_steps)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+            return {"optimizer": optimizer,
+                    "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    Fused.__name__ = f"Fused{module_cls.__name__}"
+    return Fused
+
+
 SKIPS = {
     # name: (module, trainer options, reason in the record)
     "grad-scaler": (InfiniteLossAt, dict(plugins=[_grad_scaler()]), "step count did not advance"),
+    "grad-scaler-fused-adamw": (_fused(InfiniteLossAt), dict(plugins=[_grad_scaler()]),
+                                "step count did not advance"),
     "training-step-none": (NoLossAt, dict(), "no probed parameter had a gradient"),
 }
 
