@@ -532,9 +532,25 @@ def setup_csv_loggers(root: Path) -> str:
 
 
 def setup_two_callbacks(root: Path) -> str:
-    """Two probes in one Trainer (an in-distribution and an out-of-distribution pool)."""
-    other = EntropyProbeCallback(make_prompts(16, seed=999), every=2, **PROBE)
-    return standard("two", root, callbacks=[other])
+    """Two probes in one Trainer (an in-distribution and an out-of-distribution pool); the
+    second is named, so its tags (``ood/*``) and checkpoint state are its own. Each probe's run
+    directory is judged on its own (the log_dir holds two runs)."""
+    other = EntropyProbeCallback(make_prompts(16, seed=999), every=3, name="ood", **PROBE)
+    probed = fit(root / "with", callbacks=[other])
+    plain = fit(root / "without", probe=False)
+    log_dir = Path(probed.trainer.logger.log_dir)
+    issues = []
+    for callback, due, tag in ((probed.probe, [0, 2, 4], "entropy_probe/deltaH1"),
+                               (other, [0, 3], "ood/deltaH1")):
+        records = load_run(callback.json.root)
+        issues += judge_records(records, due)
+        if tb_steps(log_dir, tag) != due:
+            issues.append(f"{tag} at steps {tb_steps(log_dir, tag)} != {due}")
+    if not same_weights(probed.weights, plain.weights):
+        issues.append("TRAJECTORY CHANGED (final weights differ)")
+    if probed.warnings:
+        issues.append(f"warnings: {sorted(set(w[:160] for w in probed.warnings))}")
+    return "; ".join(issues) or "ok"
 
 
 def setup_cli_parent(root: Path) -> str:
@@ -648,8 +664,8 @@ EXPECTED = {
     "SGD momentum (not Adam)": "true warning",
     "gpt2 n_positions=64, probe max_new_tokens=80": "the intended ProbeConfigError at setup",
     "cli on a parent of two runs": "exit 2 naming both runs (compare could list them: open)",
-    "two probe callbacks, one Trainer": "open: Lightning refuses two callbacks with one "
-                                        "state_key; TensorBoard tags would collide too",
+    "two probe callbacks, one Trainer": "the second named (name='ood'); unnamed, Lightning "
+                                        "refuses two callbacks with one state_key",
 }
 
 

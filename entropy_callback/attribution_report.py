@@ -27,7 +27,6 @@ from .attribution import (
 from .observer import PhaseRunner, preserved_state
 from .scoring import Scorer
 
-PREFIX = "entropy_probe/attribution"
 TOP_K = 8
 
 
@@ -146,16 +145,16 @@ def top(
     return {"top_rollouts": [rollout(i) for i in by_rollout], "top_tokens": top_tokens}
 
 
-def scalars(section: dict[str, Any] | None) -> dict[str, float]:
-    """TensorBoard tags ``entropy_probe/attribution/<part>`` of a record's attribution section
-    (missing values left out)."""
+def scalars(section: dict[str, Any] | None, prefix: str = "entropy_probe") -> dict[str, float]:
+    """TensorBoard tags ``<prefix>/attribution/<part>`` of a record's attribution section
+    (missing values left out; ``prefix``: the probe's name)."""
     if not section:
         return {}
     names = ("momentum", "weight_decay", "rollouts", "rollouts_pos_adv", "rollouts_neg_adv",
              "tokens_pos_adv_high_p", "tokens_pos_adv_low_p", "tokens_neg_adv_high_p",
              "tokens_neg_adv_low_p", "residual", "cui_proxy", "cui_proxy_lr")
     values = section.get("parts", {})
-    return {f"{PREFIX}/{n}": float(values[n]) for n in names
+    return {f"{prefix}/attribution/{n}": float(values[n]) for n in names
             if isinstance(values.get(n), (int, float)) and math.isfinite(values[n])}
 
 

@@ -9,6 +9,7 @@ import json
 import math
 import numbers
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -210,6 +211,20 @@ def name_of_attribute(name: str, value: Any) -> str:
         raise ProbeConfigError(
             f"{name} must be an attribute name (a non-empty identifier string), got {value!r}; "
             f"e.g. {name}='policy'."
+        )
+    return value
+
+
+_PROBE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def probe_name(value: Any) -> str:
+    """A probe's name (its TensorBoard tag prefix): 1-64 letters, digits, ``_ . -``, starting
+    with a letter or digit."""
+    if not isinstance(value, str) or not _PROBE_NAME.match(value):
+        raise ProbeConfigError(
+            f"name must be 1-64 letters, digits, '_', '.' or '-' starting with a letter or digit "
+            f"(it prefixes the probe's TensorBoard tags), got {value!r}; e.g. name='ood_probe'."
         )
     return value
 

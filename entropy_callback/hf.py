@@ -28,11 +28,12 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, TrainerCallback
 
-from .config import ProbeConfig, ProbeConfigError
+from .config import ProbeConfig, ProbeConfigError, probe_name
 from .observer import EntropyProbeWarning
 from .probe import EntropyProbe
 from .result import ProbeResult
 from .sinks import RunLogger
+from .tensorboard import PREFIX
 
 # GRPOConfig fields that make TRL's rollouts differ from softmax(logits / temperature); the
 # probe always samples E from the exact distribution.
@@ -62,6 +63,8 @@ class EntropyProbeTrainerCallback(TrainerCallback):
         every: probe every this many optimizer steps.
         model, tokenizer: the policy and its tokenizer; by default the ``model`` and
             ``processing_class`` the Trainer passes to its callbacks (the PeftModel under LoRA).
+        name: the probe's name, the prefix of its TensorBoard tags (``<name>/deltaH1``); two
+            probes on one Trainer need two names.
         config: a ``ProbeConfig``; any of its fields may also be given as keywords
             (batch_size, max_new_tokens, temperature, normalize, log_level, strict, log_dir...).
             When neither ``config`` nor the keyword is given, ``temperature`` follows
@@ -86,9 +89,11 @@ class EntropyProbeTrainerCallback(TrainerCallback):
         *,
         model: torch.nn.Module | None = None,
         tokenizer: Any = None,
+        name: str = PREFIX,
         config: ProbeConfig | None = None,
         **config_fields: Any,
     ):
+        self.name = probe_name(name)
         if not isinstance(every, int) or isinstance(every, bool) or every < 1:
             raise ProbeConfigError(
                 f"every must be an integer >= 1 (probe every N optimizer steps), got {every!r}."
@@ -234,6 +239,7 @@ class EntropyProbeTrainerCallback(TrainerCallback):
             json_dir,
             tensorboard=tb_dir,
             metadata={"framework": "hf", "every": self.every},
+            name=self.name,
         ).open()
         self.run_dir = self.run_logger.run_dir
 

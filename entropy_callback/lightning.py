@@ -13,13 +13,14 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from .attribution_report import DDP_UNSUPPORTED
-from .config import ProbeConfig, ProbeConfigError, integer, name_of_attribute
+from .config import ProbeConfig, ProbeConfigError, integer, name_of_attribute, probe_name
 from .observer import EntropyProbeWarning
 from .probe import EntropyProbe
 from .progress import lightning_postfix
 from .prompts import check_prompts
 from .result import ProbeResult
 from .sinks import RunLogger
+from .tensorboard import PREFIX
 
 UNSUPPORTED_STRATEGIES = ("FSDP", "DeepSpeed", "ModelParallel")
 
@@ -48,6 +49,10 @@ class EntropyProbeCallback(Callback):
             ``pl_module.<model_attr>`` and ``pl_module.<tokenizer_attr>``.
         model_attr, tokenizer_attr: attribute names on the LightningModule.
         prompts_attr: attribute name of the prompt pool on the LightningModule or DataModule.
+        name: the probe's name: the prefix of its TensorBoard tags (``<name>/deltaH1``) and,
+            when not the default, part of its checkpoint ``state_key``. Two probes in one
+            Trainer (e.g. two prompt pools) need two names; each gets its own JSON run
+            directory either way.
         config: a ``ProbeConfig`` or a mapping of its fields; any field may also be a keyword
             (batch_size, max_new_tokens, temperature, normalize, log_level, strict...).
 
@@ -68,10 +73,12 @@ class EntropyProbeCallback(Callback):
         model_attr: str = "model",
         tokenizer_attr: str = "tokenizer",
         prompts_attr: str = "probe_prompts",
+        name: str = PREFIX,
         config: ProbeConfig | Mapping[str, Any] | None = None,
         **config_fields: Any,
     ):
         self.every = integer("every", every)
+        self.name = probe_name(name)
         self.config = ProbeConfig.resolve(config, config_fields, "EntropyProbeCallback")
         self.prompts = None if prompts is None else check_prompts(prompts)
         if model is not None and not isinstance(model, torch.nn.Module):
@@ -159,6 +166,7 @@ class EntropyProbeCallback(Callback):
                             if not isinstance(lg, TensorBoardLogger)],
             metadata={"framework": "lightning", "every": self.every,
                       "logger_version": None if first is None else first.version},
+            name=self.name,
         )
         self.run_logger.open(resume_state=resume, start_step=trainer.global_step)
 
@@ -276,6 +284,14 @@ class EntropyProbeCallback(Callback):
         self.probed_steps = [t for t in self.probed_steps if t < step]
 
     # ------------------------------------------------------------------ checkpointing
+    @property
+    def state_key(self) -> str:
+        """``EntropyProbeCallback`` (as before names existed), or with the name when one is
+        given, so that two probes in one Trainer keep their own checkpoint state."""
+        if self.name == PREFIX:
+            return super().state_key
+        return self._generate_state_key(name=self.name)
+
     def state_dict(self) -> dict[str, Any]:
         run = self.run_logger.state_dict() if self.run_logger is not None else None
         return {"every": self.every, "probed_steps": list(self.probed_steps),

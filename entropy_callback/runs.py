@@ -77,10 +77,13 @@ class RunInfo:
     start_time: str | None
     logger_version: Any
     probes: int  # complete lines in probes.jsonl
+    name: str | None = None  # the probe's name (its TensorBoard prefix), when recorded
 
     def describe(self) -> str:
-        """``<path> (run <id>, started <time>, <n> probes)``."""
+        """``<path> (run <id>[, probe '<name>'], started <time>, <n> probes)``."""
         parts = [f"run {self.run_id or 'without id'}"]
+        if self.name and self.name != RUN_DIR_NAME:
+            parts.append(f"probe {self.name!r}")
         if self.start_time:
             parts.append(f"started {self.start_time}")
         if self.logger_version is not None:
@@ -110,6 +113,7 @@ def read_run_info(directory: Path) -> RunInfo:
         start_time=str(meta["start_time"]) if meta.get("start_time") else None,
         logger_version=meta.get("logger_version"),
         probes=_count_lines(directory / JSONL_NAME),
+        name=meta["probe_name"] if isinstance(meta.get("probe_name"), str) else None,
     )
 
 

@@ -29,12 +29,12 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-from .config import ProbeConfig
+from .config import ProbeConfig, probe_name
 from .jsonlog import JSONL_NAME, JsonLogWriter, StepWriteError, step_filename
 from .observer import EntropyProbeWarning, ProbeFailure
 from .result import ProbeResult
 from .runs import RunBusyError, RunClaim, claim_run_dir, new_run_id, utc_now
-from .tensorboard import TensorBoardSink, scalars
+from .tensorboard import PREFIX, TensorBoardSink, scalars
 
 MetricLogger = Callable[[dict[str, float], int], Any]
 """``(scalars, step) -> None``: e.g. a Lightning logger's ``log_metrics``, a wandb ``log``."""
@@ -57,14 +57,15 @@ class Sink(Protocol):
 
 
 class MetricLoggerSink:
-    """Hands each probe's ``entropy_probe/*`` scalars to a ``(scalars, step)`` callable."""
+    """Hands each probe's ``<prefix>/*`` scalars to a ``(scalars, step)`` callable."""
 
-    def __init__(self, log: MetricLogger, name: str = "logger") -> None:
+    def __init__(self, log: MetricLogger, name: str = "logger", prefix: str = PREFIX) -> None:
         self._log = log
         self.name = name
+        self.prefix = prefix
 
     def log(self, result: ProbeResult) -> None:
-        self._log(scalars(result), int(result.step))
+        self._log(scalars(result, self.prefix), int(result.step))
 
     def flush(self) -> None:
         """Nothing buffered here."""
@@ -90,6 +91,10 @@ class RunLogger:
             scalars as TensorBoard (e.g. a Lightning logger's ``log_metrics``).
         metadata: facts about the run for ``config.yaml`` and every record's ``run_metadata``,
             e.g. ``{"framework": "lightning", "every": 20, "logger_version": 3}``.
+        name: the probe's name, the prefix of its TensorBoard and metric-logger tags
+            (``<name>/deltaH1``) and of its Custom Scalars layout directory; recorded in
+            ``run_metadata`` as ``probe_name``. Two probes writing to one TensorBoard run need
+            two names.
 
     After ``open()``: ``run_id``, ``run_dir`` (None without JSON), ``json``, ``tensorboard``.
     """
@@ -102,13 +107,15 @@ class RunLogger:
         tensorboard: Any = None,
         metric_loggers: Iterable[MetricLogger] = (),
         metadata: Mapping[str, Any] | None = None,
+        name: str = PREFIX,
     ) -> None:
         if not isinstance(config, ProbeConfig):
             raise TypeError(f"RunLogger needs a ProbeConfig, got {type(config).__name__}.")
         chosen = log_dir if log_dir is not None else config.log_dir
         self.config = config
         self.log_dir: Path | None = None if chosen is None else Path(chosen)
-        self.metadata = dict(metadata or {})
+        self.name = probe_name(name)
+        self.metadata = {**(metadata or {}), "probe_name": self.name}
         self._tb_arg = tensorboard
         self._metric_loggers = list(metric_loggers)
         self.run_id: str | None = None
@@ -147,7 +154,7 @@ class RunLogger:
         self.run_id = resumed_id or new_run_id()
         self.start_time = str(state.get("start_time") or utc_now())
         self._open_tensorboard()
-        self.sinks += [MetricLoggerSink(log) for log in self._metric_loggers]
+        self.sinks += [MetricLoggerSink(log, prefix=self.name) for log in self._metric_loggers]
         if self.log_dir is not None:
             self._open_json(resumed_id is not None, int(start_step))
         return self
@@ -158,11 +165,12 @@ class RunLogger:
             return
         try:
             if isinstance(arg, (str, Path)):  # an own writer there, with the layout beside it
-                self.tensorboard = TensorBoardSink(log_dir=Path(arg))
+                self.tensorboard = TensorBoardSink(log_dir=Path(arg), prefix=self.name)
                 self.tensorboard.write_layout(Path(arg))
             else:
                 self.tensorboard = TensorBoardSink(
-                    experiment=arg, log_dir=self.log_dir if arg is None else None)
+                    experiment=arg, log_dir=self.log_dir if arg is None else None,
+                    prefix=self.name)
         except Exception as exc:
             self._failed_to_open("tensorboard", exc, "no TensorBoard scalars for this run")
             return

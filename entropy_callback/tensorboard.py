@@ -15,6 +15,7 @@ Adapters do not use it directly: ``sinks.RunLogger`` opens it with the other sin
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -27,26 +28,32 @@ MULTILINE_CHART = "predicted vs true ΔH"
 MARGIN_CHART = "ΔH_true ± 2 SE"
 
 
-def layout() -> dict[str, dict[str, list[Any]]]:
+def layout(prefix: str = PREFIX) -> dict[str, dict[str, list[Any]]]:
     """The Custom Scalars layout, in ``SummaryWriter.add_custom_scalars`` form.
 
     Multiline tags are regexes (anchored with ``$`` so that ``deltaH1`` does not also match
     ``deltaH1_se``); the margin chart takes exact tags (value, lower, upper).
     """
-    true = f"{PREFIX}/deltaH_true"
+    true = f"{prefix}/deltaH_true"
+    quoted = re.escape(prefix)
     return {
-        PREFIX: {
-            MULTILINE_CHART: ["Multiline", [rf"{PREFIX}/deltaH1$", rf"{PREFIX}/deltaH_true$"]],
+        prefix: {
+            MULTILINE_CHART: ["Multiline", [rf"{quoted}/deltaH1$", rf"{quoted}/deltaH_true$"]],
             MARGIN_CHART: ["Margin", [true, f"{true}_lo2se", f"{true}_hi2se"]],
         }
     }
 
 
-def scalars(result: ProbeResult) -> dict[str, float]:
+def layout_subdir(prefix: str = PREFIX) -> str:
+    """The run subdirectory holding the layout of the probe named ``prefix``."""
+    return f"{prefix}_layout"
+
+
+def scalars(result: ProbeResult, prefix: str = PREFIX) -> dict[str, float]:
     """The tag -> value pairs one probe writes (missing and non-finite values left out).
 
-    One ``entropy_probe/<name>`` per quantity declared with ``scalar=True`` in
-    ``result.QUANTITIES``.
+    One ``<prefix>/<name>`` per quantity declared with ``scalar=True`` in ``result.QUANTITIES``
+    (``prefix``: the probe's name, ``entropy_probe`` by default).
 
     ``deltaH_true_lo2se`` / ``deltaH_true_hi2se`` are ΔH_true ∓ 2 SE (nats per token), written
     only when both ΔH_true and its standard error are known; ``time/<phase>`` are seconds.
@@ -55,16 +62,16 @@ def scalars(result: ProbeResult) -> dict[str, float]:
     for name in SCALAR_FIELDS:
         value = finite_float(result.get(name))
         if value is not None:
-            out[f"{PREFIX}/{name}"] = value
+            out[f"{prefix}/{name}"] = value
     true, se = finite_float(result.deltaH_true), finite_float(result.deltaH_true_se)
     if true is not None and se is not None:
-        out[f"{PREFIX}/deltaH_true_lo2se"] = true - 2.0 * se
-        out[f"{PREFIX}/deltaH_true_hi2se"] = true + 2.0 * se
-    out.update(attribution_scalars(result.attribution))
+        out[f"{prefix}/deltaH_true_lo2se"] = true - 2.0 * se
+        out[f"{prefix}/deltaH_true_hi2se"] = true + 2.0 * se
+    out.update(attribution_scalars(result.attribution, prefix))
     for phase, seconds in (result.timing or {}).items():
         value = finite_float(seconds)
         if value is not None:
-            out[f"{PREFIX}/time/{phase}"] = value
+            out[f"{prefix}/time/{phase}"] = value
     return out
 
 
@@ -76,6 +83,7 @@ class TensorBoardSink:
             ``add_scalar(tag, value, global_step=...)``), e.g. Lightning's
             ``TensorBoardLogger.experiment``. The sink never closes a writer it was given.
         log_dir: where to create its own ``SummaryWriter`` when no ``experiment`` is given.
+        prefix: the tags' prefix, the probe's name (``entropy_probe`` by default).
 
     Example::
 
@@ -87,7 +95,9 @@ class TensorBoardSink:
 
     name = "tensorboard"  # the phase named in warnings and error records
 
-    def __init__(self, experiment: Any | None = None, log_dir: str | Path | None = None) -> None:
+    def __init__(self, experiment: Any | None = None, log_dir: str | Path | None = None,
+                 prefix: str = PREFIX) -> None:
+        self.prefix = prefix
         self._owns_writer = experiment is None
         if experiment is None:
             from torch.utils.tensorboard import SummaryWriter
@@ -108,11 +118,11 @@ class TensorBoardSink:
 
     def log(self, result: ProbeResult) -> None:
         """Write the probe's scalars at ``step=result.step``; None / non-finite are skipped."""
-        for tag, value in scalars(result).items():
+        for tag, value in scalars(result, self.prefix).items():
             self.writer.add_scalar(tag, value, global_step=int(result.step))
 
     def write_layout(self, run_dir: str | Path | None = None) -> Path | None:
-        """Write the Custom Scalars layout once, into ``<run_dir>/entropy_probe_layout/``.
+        """Write the Custom Scalars layout once, into ``<run_dir>/<prefix>_layout/``.
 
         The layout gets its own run subdirectory so that it never replaces a layout the user
         wrote in their own run (TensorBoard merges the layouts of all runs). ``run_dir``
@@ -124,7 +134,7 @@ class TensorBoardSink:
         base = Path(run_dir) if run_dir is not None else self.log_dir
         if base is None:
             return None
-        target = base / LAYOUT_SUBDIR
+        target = base / layout_subdir(self.prefix)
         self._layout_written = True
         if target.is_dir() and any(target.glob("events.out.tfevents.*")):
             return None
@@ -132,7 +142,7 @@ class TensorBoardSink:
 
         writer = SummaryWriter(log_dir=str(target))
         try:
-            writer.add_custom_scalars(layout())
+            writer.add_custom_scalars(layout(self.prefix))
         finally:
             writer.close()
         return target

@@ -29,7 +29,7 @@ from entropy_callback.demos.grpo import (
 )
 from entropy_callback.demos.tiny import build_policy
 from entropy_callback.jsonlog import step_filename
-from entropy_callback.runlog import load_run, load_step
+from entropy_callback.runlog import RunLogError, load_run, load_step
 from entropy_callback.tensorboard import LAYOUT_SUBDIR
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -303,3 +303,54 @@ def test_a_missing_attribute_fails_at_setup_naming_it(make_module, options, miss
     # Raised at setup, before any training step.
     assert all(torch.equal(p, before[n]) for n, p in module.named_parameters())
     assert probe.probe is None
+
+
+# ------------------------------------------------------------------ two probes, one Trainer
+def test_two_named_probes_in_one_trainer_keep_their_own_tags_records_and_state(
+        make_grpo, make_probe, fit, tmp_path):
+    """Two prompt pools, two probes: the second is named. Each writes its own TensorBoard
+    tags, layout and JSON run directory, and its own checkpoint state; the default-named one is
+    unchanged (tags ``entropy_probe/*``, state key ``EntropyProbeCallback``)."""
+    first = make_probe(2)
+    second = EntropyProbeCallback(make_prompts(16, seed=99), every=3, name="ood",
+                                  batch_size=4, max_new_tokens=4, microbatch_size=4)
+    trainer = fit(make_grpo(seed=0), tmp_path, max_steps=6, callbacks=(first, second))
+    log_dir = Path(trainer.logger.log_dir)
+    assert first.probed_steps == [0, 2, 4] and second.probed_steps == [0, 3]
+    # JSON: one run directory each, recorded with the probe's name
+    assert first.json.root != second.json.root
+    assert [r["step"] for r in load_run(first.json.root)] == [0, 2, 4]
+    assert [r["step"] for r in load_run(second.json.root)] == [0, 3]
+    assert load_step(second.json.root, 3)["run_metadata"]["probe_name"] == "ood"
+    assert load_step(first.json.root, 2)["run_metadata"]["probe_name"] == "entropy_probe"
+    with pytest.raises(RunLogError, match="holds 2 probe runs.*probe 'ood'"):
+        load_run(log_dir)  # the parent directory: which one? the listing names the probe
+    # TensorBoard: each probe's scalars under its own name, at its own steps
+    acc = _scalars(log_dir)
+    tags = set(acc.Tags()["scalars"])
+    assert [e.step for e in acc.Scalars("entropy_probe/deltaH1")] == [0, 2, 4]
+    assert [e.step for e in acc.Scalars("ood/deltaH1")] == [0, 3]
+    ood = {r["step"]: r for r in load_run(second.json.root)}
+    assert acc.Scalars("ood/deltaH1")[1].value == pytest.approx(ood[3]["deltaH1"], rel=1e-6)
+    assert not any(t.startswith("entropy_probe/") and "ood" in t for t in tags)
+    for name in ("entropy_probe", "ood"):
+        layout_dir = log_dir / f"{name}_layout"
+        proto = _scalars(layout_dir).Tensors("custom_scalars__config__")[0].tensor_proto
+        (category,) = layout_pb2.Layout.FromString(proto.string_val[0]).category
+        assert category.title == name
+        assert {tag for chart in category.chart for tag in chart.multiline.tag} == {
+            f"{name}/deltaH1$", f"{name}/deltaH_true$"}
+    # checkpoint state: two keys, the default one as before names existed
+    assert first.state_key == "EntropyProbeCallback"
+    assert second.state_key != first.state_key and "ood" in second.state_key
+    checkpoint = tmp_path / "two.ckpt"
+    trainer.save_checkpoint(checkpoint)
+    saved = torch.load(checkpoint, weights_only=False)["callbacks"]
+    assert saved[first.state_key]["probed_steps"] == [0, 2, 4]
+    assert saved[second.state_key]["probed_steps"] == [0, 3]
+
+
+@pytest.mark.parametrize("name", ["", "has space", "a/b", "-lead", 7, None, "x" * 65])
+def test_a_bad_probe_name_is_refused_at_construction(name):
+    with pytest.raises(ProbeConfigError, match="name must be 1-64 letters"):
+        EntropyProbeCallback(make_prompts(4, seed=1), every=2, name=name)

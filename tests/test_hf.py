@@ -300,6 +300,11 @@ def test_a_bos_written_by_the_chat_template_is_not_doubled():
     assert list(trl_ids).count(tokenizer.bos_token_id) == 1
 
 
+def test_a_bad_probe_name_is_refused():
+    with pytest.raises(ProbeConfigError, match="name must be 1-64"):
+        EntropyProbeTrainerCallback(["1+1="], name="two words")
+
+
 def test_dataset_without_a_prompt_column_is_refused():
     with pytest.raises(ProbeConfigError, match="'prompt' column"):
         EntropyProbeTrainerCallback(Dataset.from_dict({"text": ["1+1="]}))

@@ -34,7 +34,7 @@ from probe_harness import (
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
 
-from entropy_callback import EntropyProbeWarning, ProbeFailure, fileio, jsonlog
+from entropy_callback import EntropyProbeWarning, ProbeConfigError, ProbeFailure, fileio, jsonlog
 from entropy_callback.cli import main, pearson
 from entropy_callback.config import ProbeConfig
 from entropy_callback.jsonlog import (
@@ -662,3 +662,22 @@ def test_tensorboard_may_go_to_its_own_directory(tmp_path):
     assert (tmp_path / "tb" / LAYOUT_SUBDIR).is_dir()
     assert not (tmp_path / "out" / LAYOUT_SUBDIR).exists()
     assert not list((tmp_path / "out").glob("events.out.tfevents.*"))
+
+
+def test_a_named_run_logger_prefixes_every_tag_and_its_layout(tmp_path):
+    """RunLogger(name=...): TensorBoard, metric loggers and the layout all use the name, and
+    ``run_metadata.probe_name`` records it."""
+    seen = []
+    run = RunLogger(ProbeConfig(), tmp_path / "out", tensorboard=tmp_path / "tb",
+                    metric_loggers=[lambda s, t: seen.append(s)], name="ood").open()
+    run.emit(make_result(20))
+    run.close()
+    tags = set(accumulator(tmp_path / "tb").Tags()["scalars"])
+    assert "ood/deltaH1" in tags and not any(t.startswith("entropy_probe/") for t in tags)
+    assert "ood/deltaH1" in seen[0] and all(t.startswith("ood/") for t in seen[0])
+    assert (tmp_path / "tb" / "ood_layout").is_dir() and not (tmp_path / "tb" /
+                                                              LAYOUT_SUBDIR).exists()
+    meta = yaml.safe_load((run.run_dir / "config.yaml").read_text())["run_metadata"]
+    assert meta["probe_name"] == "ood"
+    with pytest.raises(ProbeConfigError, match="name must be 1-64"):
+        RunLogger(ProbeConfig(), tmp_path, name="a b")
