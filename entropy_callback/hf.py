@@ -19,6 +19,7 @@ kernels replace layers outright and are refused at ``on_train_begin``.
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from collections.abc import Sequence
@@ -27,8 +28,10 @@ from typing import Any
 
 import torch
 from transformers import PreTrainedModel, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .config import ProbeConfig, ProbeConfigError, probe_name
+from .fileio import atomic_write
 from .observer import EntropyProbeWarning
 from .probe import EntropyProbe
 from .result import ProbeResult
@@ -138,7 +141,7 @@ class EntropyProbeTrainerCallback(TrainerCallback):
             return
         if self.probe is not None:  # a second train() call: a new run of the same probe
             if state.is_world_process_zero:
-                self._open(args)
+                self._open(args, state)
             return
         sharded = sharding(args)
         if sharded is not None:
@@ -187,7 +190,7 @@ class EntropyProbeTrainerCallback(TrainerCallback):
         if args.world_size > 1:
             self.probe.set_distributed(args.process_index, args.world_size)
         if state.is_world_process_zero:
-            self._open(args)
+            self._open(args, state)
 
     def _resolve_tokenizer(self, processing_class: Any, tokenizer: Any) -> Any:
         tok = next((t for t in (self._tokenizer, processing_class, tokenizer) if t is not None),
@@ -224,24 +227,74 @@ class EntropyProbeTrainerCallback(TrainerCallback):
             )
         return out
 
-    def _open(self, args: Any) -> None:
+    def _open(self, args: Any, state: Any) -> None:
         """The run logger of this ``train()`` call (main process only): TensorBoard events and
         the Custom Scalars layout under the logging directory, JSON under ``args.output_dir``
-        (all under ``config.log_dir`` when set). A resumed ``train()`` is logged as a new run
-        with a directory of its own."""
+        (all under ``config.log_dir`` when set). A ``train(resume_from_checkpoint=...)`` from
+        a checkpoint this callback saved beside (``on_save``) continues that run, its records
+        from the resumed step on replaced; any other ``train()`` is a new run with a directory
+        of its own."""
         self._close()  # a train() that raised never reached on_train_end
         if self.config.log_dir is not None:
             json_dir = tb_dir = Path(self.config.log_dir)
         else:
             json_dir, tb_dir = Path(args.output_dir), logging_dir(args)
+        start = int(getattr(state, "global_step", 0) or 0)
+        resume = self._saved_run(args, start) if start > 0 else None
         self.run_logger = RunLogger(
             self.config,
             json_dir,
             tensorboard=tb_dir,
             metadata={"framework": "hf", "every": self.every},
             name=self.name,
-        ).open()
+        ).open(resume_state=resume, start_step=start)
         self.run_dir = self.run_logger.run_dir
+
+    @property
+    def state_file(self) -> str:
+        """The file this callback writes into each checkpoint directory."""
+        return f"{self.name}.probe_state.json"
+
+    def _saved_run(self, args: Any, step: int) -> dict[str, Any] | None:
+        """The run saved beside ``<output_dir>/checkpoint-<step>`` by ``on_save``, if it was
+        made with this probe's ``every`` and config; else None (a new run)."""
+        path = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{step}" / self.state_file
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        run = saved.get("run") if isinstance(saved, dict) else None
+        if not isinstance(run, dict):
+            return None
+        if saved.get("every") != self.every or saved.get("config_hash") != (
+                self.config.config_hash()):
+            warnings.warn(
+                f"the checkpoint's probe run {run.get('run_id')} was made with another every or "
+                "probe config than this callback's: this train() logs a new run (a directory of "
+                "its own); the checkpoint's run keeps its records.",
+                EntropyProbeWarning,
+                stacklevel=3,
+            )
+            return None
+        self.probed_steps = [t for t in saved.get("probed_steps", []) if isinstance(t, int)
+                             and t < step]
+        return run
+
+    def on_save(self, args, state, control, **kwargs) -> None:
+        """Beside the checkpoint the Trainer just wrote, the probe run's identity (main process
+        only), so that resuming from that checkpoint continues this run."""
+        if self.run_logger is None or not state.is_world_process_zero:
+            return
+        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if not folder.is_dir():
+            return
+        payload = {"every": self.every, "config_hash": self.config.config_hash(),
+                   "probed_steps": list(self.probed_steps), "run": self.run_logger.state_dict()}
+        try:
+            atomic_write(folder / self.state_file, json.dumps(payload).encode())
+        except OSError as exc:  # the observer contract: a checkpoint is never lost to us
+            self.probe.warn_once("save", f"could not write {folder / self.state_file} ({exc}); "
+                                 "a resume from this checkpoint will log a new probe run.")
 
     # ------------------------------------------------------------------ the step
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs) -> None:

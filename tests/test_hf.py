@@ -34,6 +34,7 @@ from entropy_callback.demos.tiny import (  # noqa: E402
     build_tiny_llama,
 )
 from entropy_callback.hf import EntropyProbeTrainerCallback, format_prompts  # noqa: E402
+from entropy_callback.runlog import load_run  # noqa: E402
 from entropy_callback.scoring import Scorer  # noqa: E402
 from entropy_callback.tensorboard import PREFIX  # noqa: E402
 
@@ -226,7 +227,7 @@ def test_failure_inside_the_probe_is_a_warning_and_an_error_record(grpo_run, tmp
     assert all(torch.equal(w, clean[n]) for n, w in lora_weights(trainer).items())
 
 
-def plain_trainer(out: Path, probe: EntropyProbeTrainerCallback, steps: int):
+def plain_trainer(out: Path, probe: EntropyProbeTrainerCallback, steps: int, **arg_options):
     """transformers.Trainer on a causal-LM loss with gradient accumulation; the policy is
     already a PeftModel."""
     model, tokenizer = build_policy(seed=0, lora_r=4, dtype=torch.float64, **TINY)
@@ -235,7 +236,8 @@ def plain_trainer(out: Path, probe: EntropyProbeTrainerCallback, steps: int):
     args = transformers.TrainingArguments(
         output_dir=str(out), use_cpu=True, report_to=[], max_steps=steps, seed=0,
         per_device_train_batch_size=2, gradient_accumulation_steps=2, learning_rate=1e-2,
-        max_grad_norm=MAX_GRAD_NORM, save_strategy="no", disable_tqdm=True, logging_steps=1,
+        max_grad_norm=MAX_GRAD_NORM, disable_tqdm=True, logging_steps=1,
+        **{"save_strategy": "no", **arg_options},
     )
     return transformers.Trainer(model=model, args=args, processing_class=tokenizer,
                                 train_dataset=Dataset.from_dict({"input_ids": ids,
@@ -267,6 +269,43 @@ def test_each_train_call_is_a_run_of_its_own(tmp_path):
     train(trainer)
     assert probe.run_dir != first and probe.run_dir.parent == first.parent
     assert step_files(first) == step_files(probe.run_dir) == [0, 1]
+
+
+def test_a_resume_from_a_checkpoint_continues_the_probe_run(tmp_path):
+    """train() saving checkpoints at steps 2 and 4, then a new Trainer and callback resuming
+    from checkpoint-2: one run directory, the steps run again (2, 3) logged again once each,
+    the probed steps continued; a resume with another probe config is a new run."""
+    options = dict(save_strategy="steps", save_steps=2)
+    probe = EntropyProbeTrainerCallback(make_prompts(8, seed=123), every=1, max_new_tokens=3,
+                                        **PROBE)
+    train(plain_trainer(tmp_path, probe, steps=4, **options))
+    first = probe.run_dir
+    assert (tmp_path / "checkpoint-2" / probe.state_file).is_file()
+    before = {r["step"]: r for r in load_run(first)}
+    assert sorted(before) == [0, 1, 2, 3]
+
+    again = EntropyProbeTrainerCallback(make_prompts(8, seed=123), every=1, max_new_tokens=3,
+                                        **PROBE)
+    trainer = plain_trainer(tmp_path, again, steps=4, **options)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert again.run_dir == first
+    assert again.probed_steps == [0, 1, 2, 3]
+    after = load_run(first)
+    assert [r["step"] for r in after] == [0, 1, 2, 3]  # one record per step, none doubled
+    assert {r["step"]: r["deltaH1"] for r in after if r["step"] < 2} == {
+        t: before[t]["deltaH1"] for t in (0, 1)}  # the steps before the resume untouched
+    assert any("resumes at step 2" in str(w.message) for w in caught)
+    assert len(list(first.parent.glob("entropy_probe*"))) == 1
+
+    changed = EntropyProbeTrainerCallback(make_prompts(8, seed=123), every=1, max_new_tokens=3,
+                                          **{**PROBE, "batch_size": 4, "microbatch_size": 4})
+    trainer = plain_trainer(tmp_path, changed, steps=4, **options)
+    with pytest.warns(EntropyProbeWarning, match="another every or probe config"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert changed.run_dir != first and [r["step"] for r in load_run(changed.run_dir)] == [2, 3]
+    assert [r["step"] for r in load_run(first)] == [0, 1, 2, 3]
 
 
 def test_conversational_prompts_are_rendered_like_trl():
