@@ -663,7 +663,8 @@ EXPECTED = {
                                      "per_token_loss: parts 2x, protocol_error 1 (attribution.md)",
     "SGD momentum (not Adam)": "true warning",
     "gpt2 n_positions=64, probe max_new_tokens=80": "the intended ProbeConfigError at setup",
-    "cli on a parent of two runs": "exit 2 naming both runs (compare could list them: open)",
+    "cli on a parent of two runs": "summary and export exit 2 naming both runs; compare "
+                                   "compares both",
     "two probe callbacks, one Trainer": "the second named (name='ood'); unnamed, Lightning "
                                         "refuses two callbacks with one state_key",
 }

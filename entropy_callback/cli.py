@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .result import CORE_FIELDS, finite_float
-from .runlog import describe_run, load_run
+from .runlog import describe_run, list_runs, load_run
 
 PROG = "entropy-probe"
 UNITS = {"per_token": "nats per token", "per_sequence": "nats per response"}
@@ -145,10 +145,21 @@ def cmd_summary(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+def _each_run(paths: Sequence[str | Path]) -> list[Path]:
+    """The runs the arguments name: a directory holding several runs (two fits on one
+    log_dir, two probes in one Trainer) stands for all of them, in order."""
+    out: list[Path] = []
+    for path in paths:
+        runs = list_runs(Path(path)) if Path(path).is_dir() else []
+        out += [run.path for run in runs] if len(runs) > 1 else [Path(path)]
+    return out
+
+
 def cmd_compare(args: argparse.Namespace, out: TextIO) -> int:
-    """One row per run: probes, mean δH₁, mean ΔH_true, correlation, mean ESS/B."""
+    """One row per run: probes, mean δH₁, mean ΔH_true, correlation, mean ESS/B. A directory
+    holding several runs gives a row for each."""
     rows = [["run", "probes", "mean δH₁", "mean ΔH_true", "r", "mean ESS/B"]]
-    for run_dir in args.run_dirs:
+    for run_dir in _each_run(args.run_dirs):
         records = load_run(run_dir)
         r, _ = pearson([x.get("deltaH1") for x in records], [x.get("deltaH_true") for x in records])
         rows.append(
@@ -294,7 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("-o", "--output", type=Path, default=Path("entropy_probe.png"))
     plot.set_defaults(func=cmd_plot)
 
-    compare = sub.add_parser("compare", help="one row per run")
+    compare = sub.add_parser("compare", help="one row per run (every run of a directory "
+                             "holding several)")
     compare.add_argument("run_dirs", nargs="+", metavar="run_dir", help=run_help)
     compare.set_defaults(func=cmd_compare)
 

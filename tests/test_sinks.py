@@ -499,6 +499,23 @@ def test_cli_compare_prints_one_row_per_run(run_dir, tmp_path, capsys):
     assert lines[2].split()[:2] == [str(other), "2"]
 
 
+def test_cli_compare_on_a_directory_of_several_runs_compares_them_all(tmp_path, capsys):
+    """Two runs on one log_dir (e.g. two probes in one Trainer): summary asks which one,
+    compare takes both."""
+    for steps in ((0, 10, 20), (0, 10)):
+        run = RunLogger(ProbeConfig(), tmp_path, tensorboard=False).open()
+        for t in steps:
+            run.emit(make_result(t))
+        run.close()
+    assert main(["summary", str(tmp_path)]) == 2
+    assert "holds 2 probe runs" in capsys.readouterr().err
+    assert main(["compare", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3
+    assert lines[1].split()[:2] == [str(tmp_path / "entropy_probe"), "3"]
+    assert lines[2].split()[1] == "2" and "entropy_probe-" in lines[2].split()[0]
+
+
 def test_cli_exits_2_with_one_line_for_unreadable_logs(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     corrupt = tmp_path / "corrupt"
