@@ -226,6 +226,11 @@ def probe_name(value: Any) -> str:
             f"name must be 1-64 letters, digits, '_', '.' or '-' starting with a letter or digit "
             f"(it prefixes the probe's TensorBoard tags), got {value!r}; e.g. name='ood_probe'."
         )
+    if value.startswith("entropy_probe-"):
+        raise ProbeConfigError(
+            f"name must not start with 'entropy_probe-' (that is how run directories are named), "
+            f"got {value!r}; e.g. name='ood_probe'."
+        )
     return value
 
 

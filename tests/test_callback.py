@@ -350,7 +350,8 @@ def test_two_named_probes_in_one_trainer_keep_their_own_tags_records_and_state(
     assert saved[second.state_key]["probed_steps"] == [0, 3]
 
 
-@pytest.mark.parametrize("name", ["", "has space", "a/b", "-lead", 7, None, "x" * 65])
+@pytest.mark.parametrize("name", ["", "has space", "a/b", "-lead", 7, None, "x" * 65,
+                                  "entropy_probe-2"])
 def test_a_bad_probe_name_is_refused_at_construction(name):
-    with pytest.raises(ProbeConfigError, match="name must be 1-64 letters"):
+    with pytest.raises(ProbeConfigError, match="name must"):
         EntropyProbeCallback(make_prompts(4, seed=1), every=2, name=name)
