@@ -64,10 +64,16 @@ class _ConstantOperands(TorchFunctionMode):
             primal, tangent = pa / pb, ta / pb
         else:  # c / a: torch's rule
             return func(*args)
-        if tangent.dtype != primal.dtype:
-            tangent = tangent.to(primal.dtype)
+        # the output gets a tangent of its own, as torch's rule gives it: never an input's
+        # tangent itself or a broadcast view of one (an in-place op on the output would write
+        # through to the input)
+        shared = tangent is ta or tangent is tb
         if tangent.shape != primal.shape:
-            tangent = tangent.expand(primal.shape)
+            tangent, shared = tangent.expand(primal.shape), True
+        if tangent.dtype != primal.dtype:
+            tangent = tangent.to(primal.dtype, memory_format=torch.contiguous_format)
+        elif shared:
+            tangent = tangent.clone(memory_format=torch.contiguous_format)
         return fwAD.make_dual(primal, tangent)
 
 
@@ -77,7 +83,8 @@ def jvp(fn: Callable, primals: tuple, tangents: tuple):
     tangents mirror them); the output is a tensor or a tuple of tensors. An output that does not
     depend on the primals gets a zero tangent."""
     with fwAD.dual_level():
-        duals = tree_map(lambda p, t: fwAD.make_dual(p, t.to(p.dtype)), primals, tangents)
+        duals = tree_map(lambda p, t: fwAD.make_dual(p, t.to(p.dtype, copy=True)), primals,
+                         tangents)  # copies: nothing done inside reaches the caller's tangents
         with _ConstantOperands():
             out = fn(*duals)
         flat = out if isinstance(out, tuple) else (out,)

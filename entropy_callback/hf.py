@@ -240,7 +240,9 @@ class EntropyProbeTrainerCallback(TrainerCallback):
         else:
             json_dir, tb_dir = Path(args.output_dir), logging_dir(args)
         start = int(getattr(state, "global_step", 0) or 0)
-        resume = self._saved_run(args, start) if start > 0 else None
+        resume = self._saved_run(args, state, start) if start > 0 else None
+        if resume is None:
+            self.probed_steps = []
         self.run_logger = RunLogger(
             self.config,
             json_dir,
@@ -255,16 +257,21 @@ class EntropyProbeTrainerCallback(TrainerCallback):
         """The file this callback writes into each checkpoint directory."""
         return f"{self.name}.probe_state.json"
 
-    def _saved_run(self, args: Any, step: int) -> dict[str, Any] | None:
-        """The run saved beside ``<output_dir>/checkpoint-<step>`` by ``on_save``, if it was
-        made with this probe's ``every`` and config; else None (a new run)."""
+    def _saved_run(self, args: Any, state: Any, step: int) -> dict[str, Any] | None:
+        """The run saved beside ``<output_dir>/checkpoint-<step>`` by ``on_save``, if that is
+        the checkpoint this train() resumed from (the trainer state it restored is the one saved
+        with it) and it was made with this probe's ``every`` and config; else None (a new run).
+
+        HF does not tell callbacks which checkpoint it resumed from: a checkpoint elsewhere, or
+        another run's ``checkpoint-<step>`` in the same output_dir, is told apart by the trainer
+        state's fingerprint."""
         path = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{step}" / self.state_file
         try:
             saved = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None
         run = saved.get("run") if isinstance(saved, dict) else None
-        if not isinstance(run, dict):
+        if not isinstance(run, dict) or saved.get("trainer_state") != _fingerprint(state):
             return None
         if saved.get("every") != self.every or saved.get("config_hash") != (
                 self.config.config_hash()):
@@ -289,7 +296,8 @@ class EntropyProbeTrainerCallback(TrainerCallback):
         if not folder.is_dir():
             return
         payload = {"every": self.every, "config_hash": self.config.config_hash(),
-                   "probed_steps": list(self.probed_steps), "run": self.run_logger.state_dict()}
+                   "probed_steps": list(self.probed_steps), "run": self.run_logger.state_dict(),
+                   "trainer_state": _fingerprint(state)}
         try:
             atomic_write(folder / self.state_file, json.dumps(payload).encode())
         except OSError as exc:  # the observer contract: a checkpoint is never lost to us
@@ -344,6 +352,16 @@ class EntropyProbeTrainerCallback(TrainerCallback):
             if state.epoch is not None:
                 extra["epoch"] = int(state.epoch)
             self.run_logger.emit(result, extra)
+
+
+def _fingerprint(state: Any) -> Any:
+    """What identifies a checkpoint's trainer state (as saved, and as a resume restores it
+    from ``trainer_state.json``): the step, the FLOs and the last log entry, JSON round-trip
+    exact."""
+    history = getattr(state, "log_history", None) or [None]
+    return json.loads(json.dumps({"global_step": getattr(state, "global_step", None),
+                                  "total_flos": getattr(state, "total_flos", None),
+                                  "last_log": history[-1]}, default=str))
 
 
 def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:

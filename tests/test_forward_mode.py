@@ -61,6 +61,33 @@ def test_matches_torch_func_jvp(name):
     torch.testing.assert_close(got_t, want_t, rtol=1e-15, atol=1e-15)
 
 
+# in-place ops on the output of a fast-path op: they must not reach the input's tangent (the
+# input is used again afterwards) nor the caller's tangent
+IN_PLACE = {
+    "(a + c).mul_(5) + a": lambda a: (a + C).mul_(5.0) + a,
+    "(a - c).relu_() + a": lambda a: (a - C).relu_() + a,
+    "(c - a) item set + a": lambda a: _set0(C - a) + a,
+    "(a[:1] + c).mul_(2)": lambda a: (a[:1] + C).mul_(2.0),
+    "(a + 0).add_(a)": lambda a: (a + 0.0).add_(a),
+}
+
+
+def _set0(x):
+    x[..., 0] = 0.0
+    return x
+
+
+@pytest.mark.parametrize("name", list(IN_PLACE))
+def test_in_place_ops_on_the_output_leave_inputs_and_caller_alone(name):
+    fn = IN_PLACE[name]
+    tangent = TA.clone()
+    want_p, want_t = func_jvp(fn, (A,), (tangent,))
+    got_p, got_t = jvp(fn, (A,), (tangent,))
+    torch.testing.assert_close(got_p, want_p, rtol=0, atol=0)
+    torch.testing.assert_close(got_t, want_t, rtol=1e-15, atol=1e-15)
+    assert torch.equal(tangent, TA)  # the caller's tangent is untouched
+
+
 def test_dicts_tuples_and_independent_outputs():
     params = {"w": A, "b": ROW}
     tangents = {"w": TA, "b": torch.ones_like(ROW)}

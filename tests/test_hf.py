@@ -233,12 +233,11 @@ def plain_trainer(out: Path, probe: EntropyProbeTrainerCallback, steps: int, **a
     model, tokenizer = build_policy(seed=0, lora_r=4, dtype=torch.float64, **TINY)
     texts = [p + str(sum(int(c) for c in p[::2]) % 10) for p in make_prompts(16, seed=0)]
     ids = [tokenizer(t)["input_ids"] for t in texts]
-    args = transformers.TrainingArguments(
-        output_dir=str(out), use_cpu=True, report_to=[], max_steps=steps, seed=0,
-        per_device_train_batch_size=2, gradient_accumulation_steps=2, learning_rate=1e-2,
-        max_grad_norm=MAX_GRAD_NORM, disable_tqdm=True, logging_steps=1,
-        **{"save_strategy": "no", **arg_options},
-    )
+    options = dict(output_dir=str(out), use_cpu=True, report_to=[], max_steps=steps, seed=0,
+                   per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                   learning_rate=1e-2, max_grad_norm=MAX_GRAD_NORM, disable_tqdm=True,
+                   logging_steps=1, save_strategy="no")
+    args = transformers.TrainingArguments(**{**options, **arg_options})
     return transformers.Trainer(model=model, args=args, processing_class=tokenizer,
                                 train_dataset=Dataset.from_dict({"input_ids": ids,
                                                                  "labels": ids}),
@@ -269,6 +268,8 @@ def test_each_train_call_is_a_run_of_its_own(tmp_path):
     train(trainer)
     assert probe.run_dir != first and probe.run_dir.parent == first.parent
     assert step_files(first) == step_files(probe.run_dir) == [0, 1]
+    assert probe.probed_steps == [0, 1]  # this run's steps, not both runs'
+    assert [r["step"] for r in load_run(probe.run_dir)] == [0, 1]
 
 
 def test_a_resume_from_a_checkpoint_continues_the_probe_run(tmp_path):
@@ -305,7 +306,30 @@ def test_a_resume_from_a_checkpoint_continues_the_probe_run(tmp_path):
     with pytest.warns(EntropyProbeWarning, match="another every or probe config"):
         trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
     assert changed.run_dir != first and [r["step"] for r in load_run(changed.run_dir)] == [2, 3]
+    assert changed.probed_steps == [2, 3]
     assert [r["step"] for r in load_run(first)] == [0, 1, 2, 3]
+
+
+def test_a_resume_from_another_runs_checkpoint_is_a_new_run(tmp_path):
+    """HF does not tell callbacks which checkpoint it resumed from. Resuming from another
+    training's checkpoint-2 while output_dir holds this run's checkpoint-2 (with its probe
+    state) must not continue, and rewind, this run: the trainer states differ."""
+    options = dict(save_strategy="steps", save_steps=2)
+    prompts = make_prompts(8, seed=123)
+    mine = EntropyProbeTrainerCallback(prompts, every=1, max_new_tokens=3, **PROBE)
+    train(plain_trainer(tmp_path / "mine", mine, steps=2, **options))
+    other = EntropyProbeTrainerCallback(prompts, every=1, max_new_tokens=3, **PROBE)
+    train(plain_trainer(tmp_path / "other", other, steps=2, learning_rate=3e-2, **options))
+    assert (tmp_path / "mine" / "checkpoint-2" / mine.state_file).is_file()
+
+    resumed = EntropyProbeTrainerCallback(prompts, every=1, max_new_tokens=3, **PROBE)
+    trainer = plain_trainer(tmp_path / "mine", resumed, steps=3, **options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train(resume_from_checkpoint=str(tmp_path / "other" / "checkpoint-2"))
+    assert resumed.run_dir != mine.run_dir
+    assert [r["step"] for r in load_run(resumed.run_dir)] == [2]
+    assert [r["step"] for r in load_run(mine.run_dir)] == [0, 1]  # untouched
 
 
 def test_conversational_prompts_are_rendered_like_trl():
