@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from .runs import RUN_DIR_NAME
+
 NORMALIZATIONS = ("per_token", "per_sequence")
 SEED_LIMIT = 2**32  # seed * 1_000_003 + step stays below 2**64 (torch's seed range) for any step
                     # below 1.8e19
@@ -226,10 +228,10 @@ def probe_name(value: Any) -> str:
             f"name must be 1-64 letters, digits, '_', '.' or '-' starting with a letter or digit "
             f"(it prefixes the probe's TensorBoard tags), got {value!r}; e.g. name='ood_probe'."
         )
-    if value.startswith("entropy_probe-"):
+    if value.startswith(f"{RUN_DIR_NAME}-"):
         raise ProbeConfigError(
-            f"name must not start with 'entropy_probe-' (that is how run directories are named), "
-            f"got {value!r}; e.g. name='ood_probe'."
+            f"name must not start with '{RUN_DIR_NAME}-' (that is how run directories are "
+            f"named), got {value!r}; e.g. name='ood_probe'."
         )
     return value
 

@@ -23,7 +23,6 @@ from .attribution_report import scalars as attribution_scalars
 from .result import SCALAR_FIELDS, ProbeResult, finite_float
 
 PREFIX = "entropy_probe"
-LAYOUT_SUBDIR = "entropy_probe_layout"
 MULTILINE_CHART = "predicted vs true ΔH"
 MARGIN_CHART = "ΔH_true ± 2 SE"
 
@@ -47,6 +46,9 @@ def layout(prefix: str = PREFIX) -> dict[str, dict[str, list[Any]]]:
 def layout_subdir(prefix: str = PREFIX) -> str:
     """The run subdirectory holding the layout of the probe named ``prefix``."""
     return f"{prefix}_layout"
+
+
+LAYOUT_SUBDIR = layout_subdir()
 
 
 def scalars(result: ProbeResult, prefix: str = PREFIX) -> dict[str, float]:

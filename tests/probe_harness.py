@@ -15,6 +15,7 @@ from typing import Any
 import lightning
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from entropy_callback import EntropyProbeCallback, EntropyProbeWarning
 from entropy_callback.demos import GRPOModule, build_policy, make_prompts
@@ -110,3 +111,32 @@ class StepClock(lightning.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.step = None
+
+
+class Collect(EntropyProbeCallback):
+    """The probe callback, keeping every result it emits, in order."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.results = []
+
+    def _emit(self, trainer, result):
+        self.results.append(result)
+        super()._emit(trainer, result)
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the element count of the largest tensor any op produces among those ``counts``
+    accepts (e.g. float64 only)."""
+
+    def __init__(self, counts=torch.Tensor.is_floating_point):
+        super().__init__()
+        self.counts = counts
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if torch.is_tensor(t) and self.counts(t):
+                self.largest = max(self.largest, t.numel())
+        return out

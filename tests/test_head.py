@@ -11,7 +11,7 @@ from __future__ import annotations
 import peft
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from probe_harness import LargestTensor
 from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from entropy_callback.demos.tiny import build_char_tokenizer
@@ -102,21 +102,6 @@ def test_byte_sized_chunks_inside_larger_head_blocks_score_the_same(monkeypatch)
         torch.testing.assert_close(a[mask], b[mask], rtol=1e-12, atol=1e-12)
 
 
-class LargestFloat(TorchDispatchMode):
-    """Records the element count of the largest floating-point tensor any op produces."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if torch.is_tensor(t) and t.is_floating_point():
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 def test_no_pass_builds_logits_for_the_whole_microbatch():
     model = _policy("lora_head", dtype=torch.float32, vocab=2000)
     chunk = 4
@@ -126,7 +111,7 @@ def test_no_pass_builds_logits_for_the_whole_microbatch():
         tangents = {n: torch.ones_like(t) for n, t in theta.items()}
         scorer = Scorer(model, 1.0, chunk)
         scorer.score(batch.slice(0, 1))  # the one-row check against the full forward, done once
-        with LargestFloat() as sizes:
+        with LargestTensor() as sizes:
             scorer.score(batch)
             scorer.score_with_tangent(batch, theta, tangents)
     b, L = batch.response_mask.shape

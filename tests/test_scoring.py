@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from probe_harness import LargestTensor
 
 from entropy_callback.demos import build_policy
 from entropy_callback.observer import preserved_state
@@ -14,21 +14,6 @@ from entropy_callback.scoring import Scorer, sequence_terms, token_logp_and_entr
 from entropy_callback.testing import randomize_lora_b
 
 PROMPTS = ["1+2=", "33+44=", "5=", "7+8+9+0="]  # different lengths: left padding matters
-
-
-class Float64Sizes(TorchDispatchMode):
-    """Records the element count of every float64 tensor an op produces."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if torch.is_tensor(t) and t.dtype == torch.float64:
-                self.largest = max(self.largest, t.numel())
-        return out
 
 
 def test_chunked_float64_scoring_equals_one_chunk():
@@ -50,7 +35,7 @@ def test_float64_memory_is_bounded_by_the_chunk_not_the_batch():
     batch, length, vocab, chunk = 8, 16, 50, 4
     logits = torch.randn(batch, length, vocab)
     targets = torch.randint(vocab, (batch, length))
-    with Float64Sizes() as sizes:
+    with LargestTensor(lambda t: t.dtype == torch.float64) as sizes:
         token_logp_and_entropy(logits, targets, 1.0, chunk_size=chunk)
     # the largest float64 tensor is one chunk of rows x the vocabulary, never batch x length x V
     assert sizes.largest == chunk * vocab

@@ -26,9 +26,10 @@ import torch
 from jsonschema import Draft202012Validator
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins import MixedPrecision
+from probe_harness import Collect
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from entropy_callback import EntropyProbe, EntropyProbeCallback, ProbeConfig
+from entropy_callback import EntropyProbe, ProbeConfig
 from entropy_callback.demos.grpo import (
     GRPOModule,
     make_prompts,
@@ -55,18 +56,6 @@ def length_reward(prompt: str, response: str) -> float:
 
 GRPO = dict(group_size=4, prompts_per_step=2, max_new_tokens=4, lr=3e-3, warmup_steps=4,
             total_steps=20, reward_fn=length_reward)
-
-
-class Collect(EntropyProbeCallback):
-    """The probe callback, keeping every result it emits, in order."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.results = []
-
-    def _emit(self, trainer, result):
-        self.results.append(result)
-        super()._emit(trainer, result)
 
 
 def run(module_cls, root: Path, prompts, *, every: int | None, max_steps: int = 4,

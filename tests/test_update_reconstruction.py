@@ -25,8 +25,8 @@ from functools import partial
 import lightning
 import pytest
 import torch
+from probe_harness import Collect
 
-from entropy_callback import EntropyProbeCallback
 from entropy_callback.demos.grpo import GRPOModule, make_prompts, warmup_cosine
 from entropy_callback.demos.tiny import build_policy
 
@@ -65,18 +65,6 @@ class OptimizerModule(GRPOModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-
-class Collect(EntropyProbeCallback):
-    """The probe callback, keeping every result it emits."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.results = []
-
-    def _emit(self, trainer, result):
-        self.results.append(result)
-        super()._emit(trainer, result)
 
 
 class Gradients(lightning.Callback):
