@@ -1,0 +1,364 @@
+"""The reverse-mode derivative pass: delta H_1 from backward passes, no forward-mode rule needed.
+
+delta H_1 = g_E . u, where g_E is the gradient at theta of the estimator's surrogate over E,
+
+    L(theta) = sum_ik [ H_ik(theta) + l_ik(theta) stopgrad(R_ik) ]      (docs/estimators.md)
+
+and u = Delta theta. The standard error needs more than the sum: per sequence i, the two
+scalars of ``scoring.sequence_terms`` that the estimator combines once H_hat is known,
+
+    P_i = A_i + Bsum_i = D_u sum_k [ H_ik + l_ik stopgrad(sum_{j>k} H_ij) ]
+    C_i = D_u sum_k l_ik stopgrad(T_i - k)          (per_token only: the plug-in H_hat in R)
+
+A directional derivative per sequence is not a gradient: one backward of sum_i P_i gives
+sum_i P_i only. The per-sequence values come from the same backward by *tangent injection*:
+every module that owns a probed parameter gets a forward hook that adds eps_i * (D_u out)_i to
+its output, where (D_u out) is the module's own derivative along u with its input held fixed
+(``F.linear(x, U)`` for a linear layer, ``U[ids]`` for an embedding, forward-mode AD of that one
+module otherwise) and eps [b] is a zero leaf, one entry per sequence (per row of the head's
+chunk). The output is unchanged (eps = 0) and by the chain rule d(sum_i f_i)/d eps_i = D_u f_i:
+rows of a causal LM do not interact, so the gradient at row i is f_i's alone. One backward per
+objective (P, and C per token) gives every per-sequence value *and* g_E; the engine checks that
+sum_i P_i equals <g_P, u> (float64) so a use of a parameter the hooks did not see (a module that
+reads another module's weight directly) fails loudly instead of biasing delta H_1.
+
+The attention kernel, fused kernels, and everything else in the model only run forward and
+backward: no forward-mode rule is needed except in the modules that own probed parameters
+(LoRA's linear layers, embeddings, norms). The LM head is applied per chunk of positions, as in
+scoring (no [mb, L, V] tensor); ``attribution.surrogate_gradient`` is this pass with one
+objective and no injection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+from torch.utils._pytree import tree_map
+
+from .forward_mode import jvp
+from .scoring import Scorer, _prefixed, chunk_rows, logp_and_entropy_rows
+
+Weights = Callable[[torch.Tensor, torch.Tensor], list[tuple[float, torch.Tensor]]]
+"""(H [b, L] float64 at theta, mask [b, L] float64) -> one (alpha, w [b, L]) per objective:
+objective_j = sum_ik (alpha H_ik + w_ik l_ik), w held fixed (stopgrad)."""
+
+# sum_i P_i against <g_P, u>: relative gap allowed per dtype of the model's parameters (rounding
+# of the two float orders of summation; a missed parameter use is a gap of order one)
+CHECK_RTOL = {torch.float64: 1e-8, torch.float32: 1e-3}
+HALF_RTOL = 5e-2
+
+
+class Injector:
+    """Forward hooks adding eps_row * (D_u output) to the output of every module that owns a
+    probed parameter (module docstring). Inactive (the hooks return None) outside ``rows``.
+
+    Args:
+        model: the model whose modules are hooked.
+        params: the probed parameters by name (``update.probed_parameters``).
+        tangents: u by the same names (any float dtype; cast to each parameter's dtype).
+    """
+
+    def __init__(self, model: nn.Module, params: Mapping[str, torch.Tensor],
+                 tangents: Mapping[str, torch.Tensor]):
+        names = {id(p): n for n, p in params.items()}
+        self.tangents = tangents
+        self.eps: torch.Tensor | None = None
+        self._busy = False
+        self.owners: dict[nn.Module, list[tuple[str, str]]] = {}
+        for module in model.modules():
+            own = [(local, names[id(p)]) for local, p in module._parameters.items()
+                   if p is not None and id(p) in names]
+            if own:
+                self.owners[module] = own
+        self._handles = []
+
+    def __enter__(self) -> Injector:
+        for module in self.owners:
+            self._handles.append(module.register_forward_hook(self._hook, with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    @contextmanager
+    def rows(self, eps: torch.Tensor | None) -> Iterator[None]:
+        """Inject along the leading dimension with ``eps`` [n] (None: no injection)."""
+        self.eps = eps
+        try:
+            yield
+        finally:
+            self.eps = None
+
+    def _hook(self, module, args, kwargs, output):
+        if self.eps is None or self._busy:
+            return None
+        if not torch.is_tensor(output) or output.shape[:1] != self.eps.shape:
+            raise RuntimeError(
+                f"the reverse derivative pass needs the output of {type(module).__name__} (it "
+                f"owns probed parameters) as a tensor with one row per sequence or position "
+                f"(leading dimension {self.eps.shape[0]}); got "
+                f"{tuple(output.shape) if torch.is_tensor(output) else type(output).__name__}. "
+                "Use derivative='forward' for this model.")
+        own = self.owners[module]
+        d = self._local_tangent(module, own, args, kwargs).to(output.dtype)
+        eps = self.eps.to(output.dtype).reshape(-1, *([1] * (output.dim() - 1)))
+        return output + eps * d
+
+    def _local_tangent(self, module, own, args, kwargs) -> torch.Tensor:
+        """D_u of the module's output along its own probed parameters, its input held fixed."""
+        u = {local: self.tangents[full].to(getattr(module, local).dtype) for local, full in own}
+        x = args[0].detach() if args and torch.is_tensor(args[0]) else None
+        if type(module) is nn.Linear and x is not None:
+            if "weight" in u:
+                return F.linear(x, u["weight"], u.get("bias"))
+            return u["bias"].expand(*x.shape[:-1], module.out_features)
+        if type(module) is nn.Embedding and set(u) == {"weight"} and module.max_norm is None:
+            return F.embedding(args[0], u["weight"])
+        primals = {local: getattr(module, local).detach() for local in u}
+        args_, kwargs_ = tree_map(lambda t: t.detach() if torch.is_tensor(t) else t,
+                                  (args, kwargs))
+        self._busy = True
+        try:
+            with torch.no_grad():
+                _, d = jvp(lambda p: functional_call(module, p, args_, kwargs_, strict=False),
+                           (primals,), (u,))
+        finally:
+            self._busy = False
+        return d
+
+
+@dataclass
+class Backward:
+    """One microbatch's reverse pass: l and H [b, L] float64 at theta (0 past each stop), then
+    per objective j the gradient of objective_j by name (float64) and, with an injector, the
+    per-sequence directional derivatives D_u objective_j restricted to sequence i, [b] float64."""
+
+    logp: torch.Tensor
+    ent: torch.Tensor
+    grads: list[dict[str, torch.Tensor]]
+    rows: list[torch.Tensor] | None
+
+
+def surrogate_backward(scorer: Scorer, mb, leaves: Mapping[str, torch.Tensor], weights: Weights,
+                       injector: Injector | None = None) -> Backward:
+    """The gradients of the objectives ``weights`` defines over microbatch ``mb`` at ``leaves``
+    (tensors that require grad, substituted by ``functional_call``; nothing live is written),
+    one backward each. The head runs per chunk of positions on the split path."""
+    scorer._check_split(mb)
+    with torch.enable_grad():
+        if scorer.split is None:
+            return _full_backward(scorer, mb, leaves, weights, injector)
+        return _split_backward(scorer, mb, leaves, weights, injector)
+
+
+def _zeros(leaves: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: torch.zeros_like(v, dtype=torch.float64) for k, v in leaves.items()}
+
+
+def _add(total: dict[str, torch.Tensor], names, grads) -> None:
+    for name, g in zip(names, grads, strict=True):
+        if g is not None:
+            total[name] += g.to(torch.float64)
+
+
+def _eps(n: int, injector: Injector | None, device) -> torch.Tensor | None:
+    if injector is None:
+        return None
+    return torch.zeros(n, dtype=torch.float64, device=device, requires_grad=True)
+
+
+@contextmanager
+def _injecting(injector: Injector | None, eps: torch.Tensor | None) -> Iterator[None]:
+    if injector is None:
+        yield
+        return
+    with injector.rows(eps):
+        yield
+
+
+def _split_backward(scorer, mb, leaves, weights, injector) -> Backward:
+    """Body once with its graph; the head per chunk (its backward gives d/d hidden and the head's
+    own parameters' part); one backward through the body per objective."""
+    split, device = scorer.split, scorer.device
+    mask = mb.response_mask.to(device)
+    b = mask.shape[0]
+    targets = mb.response_ids.to(device)[mask]
+    sequence = torch.arange(b, device=device).unsqueeze(1).expand_as(mask)[mask]  # row -> i
+    eps_body = _eps(b, injector, device)
+    with _injecting(injector, eps_body):
+        hidden, _ = scorer._hidden(mb, leaves)  # [N, d], with the body's graph
+    head_leaves = {k: v for k, v in leaves.items() if k in split.head_names}
+    fixed = {k: v.detach() for k, v in head_leaves.items()}
+    logp_rows, ent_rows = scorer._head_rows(hidden.detach(), None, targets, fixed, None)
+    logp = torch.zeros(mask.shape, dtype=torch.float64, device=device)
+    ent = torch.zeros_like(logp)
+    logp[mask], ent[mask] = logp_rows, ent_rows
+    objectives = weights(ent, mask.to(torch.float64))
+    w_rows = [w[mask] for _, w in objectives]
+    d_hidden = [torch.zeros_like(hidden) for _ in objectives]
+    grads = [_zeros(leaves) for _ in objectives]
+    rows = [torch.zeros(b, dtype=torch.float64, device=device) for _ in objectives]
+    step = chunk_rows(split.vocab, scorer.chunk_size, device)
+    for start in range(0, hidden.shape[0], step):
+        stop = min(start + step, hidden.shape[0])
+        h = hidden[start:stop].detach().requires_grad_(True)
+        eps_tok = _eps(stop - start, injector if head_leaves else None, device)
+        with _injecting(injector, eps_tok):
+            z = (functional_call(split, _prefixed(head_leaves), args=(h,),
+                                 kwargs={"part": "head"}, strict=False)
+                 if head_leaves else split.logits(h))
+        lp, en = logp_and_entropy_rows(z, targets[start:stop], scorer.temperature)
+        inputs = [h, *head_leaves.values(), *([eps_tok] if eps_tok is not None else [])]
+        for j, (alpha, _) in enumerate(objectives):
+            objective = (alpha * en + lp * w_rows[j][start:stop]).sum()
+            g = torch.autograd.grad(objective, inputs, retain_graph=j + 1 < len(objectives),
+                                    allow_unused=True)
+            d_hidden[j][start:stop] = g[0]
+            _add(grads[j], head_leaves, g[1 : 1 + len(head_leaves)])
+            if eps_tok is not None and g[-1] is not None:
+                rows[j].index_add_(0, sequence[start:stop], g[-1].to(torch.float64))
+        del z, lp, en
+    if hidden.requires_grad:  # False with LoRA on the head alone
+        inputs = [*leaves.values(), *([eps_body] if eps_body is not None else [])]
+        for j in range(len(objectives)):
+            g = torch.autograd.grad(hidden, inputs, grad_outputs=d_hidden[j],
+                                    retain_graph=j + 1 < len(objectives), allow_unused=True)
+            _add(grads[j], leaves, g[: len(leaves)])
+            if eps_body is not None and g[-1] is not None:
+                rows[j] += g[-1].to(torch.float64)
+    return Backward(logp, ent, grads, rows if injector is not None else None)
+
+
+def _full_backward(scorer, mb, leaves, weights, injector) -> Backward:
+    """A head the split cannot reproduce: the model's full forward (its logits at once)."""
+    device = scorer.device
+    eps = _eps(mb.response_mask.shape[0], injector, device)
+    with _injecting(injector, eps):
+        logp, ent = scorer._forward(mb, leaves)
+    mask = mb.response_mask.to(device, torch.float64)
+    objectives = weights(ent.detach(), mask)
+    inputs = [*leaves.values(), *([eps] if eps is not None else [])]
+    grads, rows = [], []
+    for j, (alpha, w) in enumerate(objectives):
+        objective = ((alpha * ent + logp * w) * mask).sum()
+        g = torch.autograd.grad(objective, inputs, retain_graph=j + 1 < len(objectives),
+                                allow_unused=True)
+        total = _zeros(leaves)
+        _add(total, leaves, g[: len(leaves)])
+        grads.append(total)
+        rows.append(torch.zeros_like(mask[:, 0]) if eps is None or g[-1] is None
+                    else g[-1].to(torch.float64))
+    mask_b = mb.response_mask.to(device)
+    return Backward(logp.detach() * mask_b, ent.detach() * mask_b, grads,
+                    rows if injector is not None else None)
+
+
+def after_and_count(ent: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """sum_{j>k} H_j and T - k (the tokens after k) per token, [b, L] float64, 0 past the stop."""
+    Hm = ent * mask
+    after = Hm.flip(-1).cumsum(-1).flip(-1) - Hm
+    count = mask.flip(-1).cumsum(-1).flip(-1) - mask
+    return after * mask, count * mask
+
+
+def estimator_weights(normalize: str) -> Weights:
+    """The objectives of the per-sequence terms: P (alpha 1, w = sum_{j>k} H_j) and, per token,
+    C (alpha 0, w = T - k)."""
+
+    def weights(ent: torch.Tensor, mask: torch.Tensor) -> list[tuple[float, torch.Tensor]]:
+        after, count = after_and_count(ent, mask)
+        return [(1.0, after), (0.0, count)] if normalize == "per_token" else [(1.0, after)]
+
+    return weights
+
+
+@dataclass
+class Check:
+    """sum_i of the injected per-sequence values against <g_j, u> in float64, per objective."""
+
+    rows: list[float]
+    dots: list[float]
+
+    def add(self, backward: Backward, u: Mapping[str, torch.Tensor]) -> None:
+        for j, (r, g) in enumerate(zip(backward.rows, backward.grads, strict=True)):
+            self.rows[j] += float(r.sum())
+            self.dots[j] += float(sum((g[n] * u[n].to(g[n].device, torch.float64)).sum()
+                                      for n in g))
+
+    def gap(self) -> float:
+        """Largest relative gap |sum_i - dot| / max(|sum_i|, |dot|) over the objectives."""
+        gaps = [abs(r - d) / max(abs(r), abs(d)) for r, d in zip(self.rows, self.dots,
+                                                                 strict=True) if r or d]
+        return max(gaps, default=0.0)
+
+
+def check_rtol(dtype: torch.dtype) -> float:
+    return CHECK_RTOL.get(dtype, HALF_RTOL)
+
+
+def reverse_terms(backward: Backward, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``scoring.sequence_terms`` from one reverse pass: T, S, h from l and H; A holds
+    P_i = A_i + Bsum_i (Bsum 0), C the injected C_i (0 per sequence, where it is not used)."""
+    from .scoring import sequence_terms
+
+    terms = sequence_terms(backward.logp, backward.ent, mask)
+    terms["A"] = backward.rows[0]
+    terms["Bsum"] = torch.zeros_like(terms["A"])
+    terms["C"] = backward.rows[1] if len(backward.rows) > 1 else torch.zeros_like(terms["A"])
+    return terms
+
+
+def choose_derivative(model: nn.Module, requested: str) -> tuple[str, str]:
+    """("forward" | "reverse", why). ``auto`` takes the reverse pass where forward-mode AD cannot
+    run or would cost too much: sharded (DTensor) parameters, layers replaced by Hub kernels
+    (``kernels``: no forward-mode rules), or fused SDPA/flash attention on an accelerator (the
+    forward pass would fall back to the math kernel, O(L^2) memory per head)."""
+    if requested != "auto":
+        return requested, "requested"
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        return "reverse", "auto: sharded (DTensor) parameters"
+    kernels = [n for n, m in model.named_modules() if "_kernel_repo" in m.__dict__]
+    if kernels:
+        return "reverse", f"auto: {len(kernels)} layers run Hub kernels (e.g. {kernels[0]})"
+    device = next(model.parameters()).device
+    config = getattr(model, "config", None)
+    attention = getattr(config, "_attn_implementation", None) or "eager"
+    if device.type != "cpu" and attention != "eager":
+        return "reverse", f"auto: {attention} attention on {device.type}"
+    return "forward", "auto: every op has a forward-mode rule"
+
+
+def reverse_pass(scorer: Scorer, params: Mapping[str, torch.Tensor], microbatches, theta,
+                 direction: Mapping[str, torch.Tensor], normalize: str, diagnostics: dict):
+    """Per microbatch (l, H, terms) as ``scoring.sequence_terms`` gives them, from backward passes
+    of the estimator's objectives with tangent injection, at a substituted copy of theta (never
+    the live parameters, never ``.grad``). At the end, checks sum_i P_i (and C_i) against the
+    float64 dot product of the gradient with ``direction`` (``reverse_check_gap`` in
+    ``diagnostics``) and raises when they differ by more than rounding."""
+    leaves = {n: t.detach().requires_grad_(True) for n, t in theta.items()}
+    weights = estimator_weights(normalize)
+    check = Check([0.0, 0.0], [0.0, 0.0])
+    with Injector(scorer.model, params, direction) as injector:
+        for mb in microbatches:
+            backward = surrogate_backward(scorer, mb, leaves, weights, injector)
+            check.add(backward, direction)
+            mask = mb.response_mask.to(backward.logp.device)
+            yield backward.logp, backward.ent, reverse_terms(backward, mask)
+    gap, rtol = check.gap(), check_rtol(next(iter(theta.values())).dtype)
+    diagnostics["reverse_check_gap"] = gap
+    if not gap <= rtol:
+        raise RuntimeError(
+            f"reverse derivative pass: the per-sequence derivatives sum to {check.rows} but the "
+            f"gradient gives {check.dots} (relative gap {gap:.2g} > {rtol:g}): a probed "
+            "parameter is used outside the module that owns it (e.g. DoRA's weight norm). Use "
+            "derivative='forward' for this model.")
