@@ -15,12 +15,16 @@ sum_i P_i only. The per-sequence values come from the same backward by *tangent 
 every module that owns a probed parameter gets a forward hook that adds eps_i * (D_u out)_i to
 its output, where (D_u out) is the module's own derivative along u with its input held fixed
 (``F.linear(x, U)`` for a linear layer, ``U[ids]`` for an embedding, forward-mode AD of that one
-module otherwise) and eps [b] is a zero leaf, one entry per sequence (per row of the head's
+module otherwise) and eps is a zero leaf, one entry per sequence (per row of the head's
 chunk). The output is unchanged (eps = 0) and by the chain rule d(sum_i f_i)/d eps_i = D_u f_i:
 rows of a causal LM do not interact, so the gradient at row i is f_i's alone. One backward per
 objective (P, and C per token) gives every per-sequence value *and* g_E; the engine checks that
 sum_i P_i equals <g_P, u> (float64) so a use of a parameter the hooks did not see (a module that
-reads another module's weight directly) fails loudly instead of biasing delta H_1.
+reads another module's weight directly) fails loudly instead of biasing delta H_1. One use is
+real but invisible to autograd's gradient: the ``padding_idx`` row of an embedding (its value is
+looked up, its gradient is defined as zero; AdamW's weight decay still moves it). Its tangent is
+injected through a second row of eps, so the per-sequence values keep it (as forward mode does)
+and the check leaves it out (as the gradient does).
 
 The attention kernel, fused kernels, and everything else in the model only run forward and
 backward: no forward-mode rule is needed except in the modules that own probed parameters
@@ -90,7 +94,8 @@ class Injector:
 
     @contextmanager
     def rows(self, eps: torch.Tensor | None) -> Iterator[None]:
-        """Inject along the leading dimension with ``eps`` [n] (None: no injection)."""
+        """Inject along the leading dimension with ``eps`` [2, n] (None: no injection): row 0
+        for the uses autograd's gradient sees, row 1 for those it does not (module docstring)."""
         self.eps = eps
         try:
             yield
@@ -100,21 +105,29 @@ class Injector:
     def _hook(self, module, args, kwargs, output):
         if self.eps is None or self._busy:
             return None
-        if not torch.is_tensor(output) or output.shape[:1] != self.eps.shape:
+        if not torch.is_tensor(output) or output.shape[:1] != self.eps.shape[1:]:
             raise RuntimeError(
                 f"the reverse derivative pass needs the output of {type(module).__name__} (it "
                 f"owns probed parameters) as a tensor with one row per sequence or position "
-                f"(leading dimension {self.eps.shape[0]}); got "
+                f"(leading dimension {self.eps.shape[1]}); got "
                 f"{tuple(output.shape) if torch.is_tensor(output) else type(output).__name__}. "
                 "Use derivative='forward' for this model.")
         own = self.owners[module]
-        d = self._local_tangent(module, own, args, kwargs).to(output.dtype)
-        eps = self.eps.to(output.dtype).reshape(-1, *([1] * (output.dim() - 1)))
-        return output + eps * d
-
-    def _local_tangent(self, module, own, args, kwargs) -> torch.Tensor:
-        """D_u of the module's output along its own probed parameters, its input held fixed."""
         u = {local: self.tangents[full].to(getattr(module, local).dtype) for local, full in own}
+        eps = self.eps.to(output.dtype).reshape(2, -1, *([1] * (output.dim() - 1)))
+        pad = getattr(module, "padding_idx", None)
+        if type(module) is nn.Embedding and pad is not None and "weight" in u:
+            unseen = torch.zeros_like(u["weight"])
+            unseen[pad] = u["weight"][pad]
+            seen = u["weight"] - unseen  # the rows autograd's gradient covers
+            output = output + eps[1] * F.embedding(args[0], unseen).to(output.dtype)
+            u = {**u, "weight": seen}
+        d = self._local_tangent(module, u, args, kwargs).to(output.dtype)
+        return output + eps[0] * d
+
+    def _local_tangent(self, module, u, args, kwargs) -> torch.Tensor:
+        """D_u of the module's output along its own probed parameters ``u`` (by local name),
+        its input held fixed."""
         x = args[0].detach() if args and torch.is_tensor(args[0]) else None
         if type(module) is nn.Linear and x is not None:
             if "weight" in u:
@@ -139,12 +152,19 @@ class Injector:
 class Backward:
     """One microbatch's reverse pass: l and H [b, L] float64 at theta (0 past each stop), then
     per objective j the gradient of objective_j by name (float64) and, with an injector, the
-    per-sequence directional derivatives D_u objective_j restricted to sequence i, [b] float64."""
+    per-sequence directional derivatives D_u objective_j restricted to sequence i, [2, b]
+    float64: row 0 the part autograd's gradient sees, row 1 the rest (padding rows); their
+    sum is the derivative."""
 
     logp: torch.Tensor
     ent: torch.Tensor
     grads: list[dict[str, torch.Tensor]]
-    rows: list[torch.Tensor] | None
+    parts: list[torch.Tensor] | None
+
+    @property
+    def rows(self) -> list[torch.Tensor]:
+        """Per objective, the per-sequence derivatives [b] float64."""
+        return [p.sum(0) for p in self.parts]
 
 
 def surrogate_backward(scorer: Scorer, mb, leaves: Mapping[str, torch.Tensor], weights: Weights,
@@ -172,7 +192,7 @@ def _add(total: dict[str, torch.Tensor], names, grads) -> None:
 def _eps(n: int, injector: Injector | None, device) -> torch.Tensor | None:
     if injector is None:
         return None
-    return torch.zeros(n, dtype=torch.float64, device=device, requires_grad=True)
+    return torch.zeros(2, n, dtype=torch.float64, device=device, requires_grad=True)
 
 
 @contextmanager
@@ -197,7 +217,8 @@ def _split_backward(scorer, mb, leaves, weights, injector) -> Backward:
         hidden, _ = scorer._hidden(mb, leaves)  # [N, d], with the body's graph
     head_leaves = {k: v for k, v in leaves.items() if k in split.head_names}
     fixed = {k: v.detach() for k, v in head_leaves.items()}
-    logp_rows, ent_rows = scorer._head_rows(hidden.detach(), None, targets, fixed, None)
+    with torch.no_grad():  # l and H at theta (a head weight may be trainable, not probed)
+        logp_rows, ent_rows = scorer._head_rows(hidden.detach(), None, targets, fixed, None)
     logp = torch.zeros(mask.shape, dtype=torch.float64, device=device)
     ent = torch.zeros_like(logp)
     logp[mask], ent[mask] = logp_rows, ent_rows
@@ -205,7 +226,7 @@ def _split_backward(scorer, mb, leaves, weights, injector) -> Backward:
     w_rows = [w[mask] for _, w in objectives]
     d_hidden = [torch.zeros_like(hidden) for _ in objectives]
     grads = [_zeros(leaves) for _ in objectives]
-    rows = [torch.zeros(b, dtype=torch.float64, device=device) for _ in objectives]
+    rows = [torch.zeros(2, b, dtype=torch.float64, device=device) for _ in objectives]
     step = chunk_rows(split.vocab, scorer.chunk_size, device)
     for start in range(0, hidden.shape[0], step):
         stop = min(start + step, hidden.shape[0])
@@ -224,7 +245,7 @@ def _split_backward(scorer, mb, leaves, weights, injector) -> Backward:
             d_hidden[j][start:stop] = g[0]
             _add(grads[j], head_leaves, g[1 : 1 + len(head_leaves)])
             if eps_tok is not None and g[-1] is not None:
-                rows[j].index_add_(0, sequence[start:stop], g[-1].to(torch.float64))
+                rows[j].index_add_(1, sequence[start:stop], g[-1].to(torch.float64))
         del z, lp, en
     if hidden.requires_grad:  # False with LoRA on the head alone
         inputs = [*leaves.values(), *([eps_body] if eps_body is not None else [])]
@@ -240,7 +261,8 @@ def _split_backward(scorer, mb, leaves, weights, injector) -> Backward:
 def _full_backward(scorer, mb, leaves, weights, injector) -> Backward:
     """A head the split cannot reproduce: the model's full forward (its logits at once)."""
     device = scorer.device
-    eps = _eps(mb.response_mask.shape[0], injector, device)
+    b = mb.response_mask.shape[0]
+    eps = _eps(b, injector, device)
     with _injecting(injector, eps):
         logp, ent = scorer._forward(mb, leaves)
     mask = mb.response_mask.to(device, torch.float64)
@@ -254,8 +276,8 @@ def _full_backward(scorer, mb, leaves, weights, injector) -> Backward:
         total = _zeros(leaves)
         _add(total, leaves, g[: len(leaves)])
         grads.append(total)
-        rows.append(torch.zeros_like(mask[:, 0]) if eps is None or g[-1] is None
-                    else g[-1].to(torch.float64))
+        rows.append(torch.zeros(2, b, dtype=torch.float64, device=device)
+                    if eps is None or g[-1] is None else g[-1].to(torch.float64))
     mask_b = mb.response_mask.to(device)
     return Backward(logp.detach() * mask_b, ent.detach() * mask_b, grads,
                     rows if injector is not None else None)
@@ -282,14 +304,15 @@ def estimator_weights(normalize: str) -> Weights:
 
 @dataclass
 class Check:
-    """sum_i of the injected per-sequence values against <g_j, u> in float64, per objective."""
+    """sum_i of the injected per-sequence values autograd's gradient sees against <g_j, u> in
+    float64, per objective."""
 
     rows: list[float]
     dots: list[float]
 
     def add(self, backward: Backward, u: Mapping[str, torch.Tensor]) -> None:
-        for j, (r, g) in enumerate(zip(backward.rows, backward.grads, strict=True)):
-            self.rows[j] += float(r.sum())
+        for j, (r, g) in enumerate(zip(backward.parts, backward.grads, strict=True)):
+            self.rows[j] += float(r[0].sum())
             self.dots[j] += float(sum((g[n] * u[n].to(g[n].device, torch.float64)).sum()
                                       for n in g))
 
