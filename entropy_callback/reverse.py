@@ -46,7 +46,7 @@ from torch.func import functional_call
 from torch.utils._pytree import tree_map
 
 from .forward_mode import jvp
-from .scoring import Scorer, _prefixed, chunk_rows, logp_and_entropy_rows
+from .scoring import Scorer, _prefixed, chunk_rows, head_block_rows, logp_and_entropy_rows
 
 Weights = Callable[[torch.Tensor, torch.Tensor], list[tuple[float, torch.Tensor]]]
 """(H [b, L] float64 at theta, mask [b, L] float64) -> one (alpha, w [b, L]) per objective:
@@ -217,18 +217,26 @@ def _split_backward(scorer, mb, leaves, weights, injector) -> Backward:
         hidden, _ = scorer._hidden(mb, leaves)  # [N, d], with the body's graph
     head_leaves = {k: v for k, v in leaves.items() if k in split.head_names}
     fixed = {k: v.detach() for k, v in head_leaves.items()}
+    closed_form = split.plain and not head_leaves
     with torch.no_grad():  # l and H at theta (a head weight may be trainable, not probed)
-        logp_rows, ent_rows = scorer._head_rows(hidden.detach(), None, targets, fixed, None)
+        if closed_form:
+            logp_rows, ent_rows, d_ent, d_logp = _plain_head(scorer, hidden.detach(), targets)
+        else:
+            logp_rows, ent_rows = scorer._head_rows(hidden.detach(), None, targets, fixed, None)
     logp = torch.zeros(mask.shape, dtype=torch.float64, device=device)
     ent = torch.zeros_like(logp)
     logp[mask], ent[mask] = logp_rows, ent_rows
     objectives = weights(ent, mask.to(torch.float64))
     w_rows = [w[mask] for _, w in objectives]
-    d_hidden = [torch.zeros_like(hidden) for _ in objectives]
     grads = [_zeros(leaves) for _ in objectives]
     rows = [torch.zeros(2, b, dtype=torch.float64, device=device) for _ in objectives]
+    if closed_form:  # d objective_j / d hidden = alpha_j dH/dh + w_j dl/dh, row by row
+        d_hidden = [alpha * d_ent + w.unsqueeze(-1).to(hidden.dtype) * d_logp
+                    for (alpha, _), w in zip(objectives, w_rows, strict=True)]
+    else:
+        d_hidden = [torch.zeros_like(hidden) for _ in objectives]
     step = chunk_rows(split.vocab, scorer.chunk_size, device)
-    for start in range(0, hidden.shape[0], step):
+    for start in range(0, 0 if closed_form else hidden.shape[0], step):
         stop = min(start + step, hidden.shape[0])
         h = hidden[start:stop].detach().requires_grad_(True)
         eps_tok = _eps(stop - start, injector if head_leaves else None, device)
@@ -256,6 +264,47 @@ def _split_backward(scorer, mb, leaves, weights, injector) -> Backward:
             if eps_body is not None and g[-1] is not None:
                 rows[j] += g[-1].to(torch.float64)
     return Backward(logp, ent, grads, rows if injector is not None else None)
+
+
+def _plain_head(scorer: Scorer, hidden: torch.Tensor, targets: torch.Tensor):
+    """A plain linear head whose parameters are not probed, in one pass and closed form:
+    l, H [N] float64 and their gradients with respect to the hidden states, dH/dh and dl/dh
+    [N, d] (hidden's dtype). In the logits x = z / tau (after the model's scaling and
+    soft-capping, whose chain rule is applied), dl_y/dx = onehot(y) - p and
+    dH/dx = -p (log p + H); then one matmul with the head's weight per block of positions."""
+    split, device, tau = scorer.split, scorer.device, scorer.temperature
+    weight, bias = split.head.weight, split.head.bias
+    n = hidden.shape[0]
+    rows = chunk_rows(split.vocab, scorer.chunk_size, device)
+    block = head_block_rows(split.vocab, rows, scorer.chunk_size, device)
+    out = torch.empty((2, n), dtype=torch.float64, device=device)
+    grads = torch.empty((2, *hidden.shape), dtype=hidden.dtype, device=device)
+    for first in range(0, n, block):
+        z = F.linear(hidden[first : first + block], weight, bias)
+        factor = None
+        if split.scale is not None:
+            z, factor = z * split.scale, split.scale
+        if split.softcap is not None:
+            t = torch.tanh(z / split.softcap)
+            z, factor = t * split.softcap, (1 - t * t) * (1.0 if factor is None else factor)
+        g = torch.empty((2, *z.shape), dtype=z.dtype, device=device)  # dH/dz, dl/dz
+        for start in range(0, z.shape[0], rows):
+            stop = min(start + rows, z.shape[0])
+            logp = torch.log_softmax(z[start:stop].to(torch.float64) / tau, dim=-1)
+            p = logp.exp()
+            idx = targets[first + start : first + stop].unsqueeze(-1)
+            out[0, first + start : first + stop] = logp.gather(-1, idx).squeeze(-1)
+            ent = -(p * logp).sum(-1)
+            out[1, first + start : first + stop] = ent
+            g[0, start:stop] = (p * (logp + ent.unsqueeze(-1))).neg_().div_(tau)
+            g[1, start:stop] = p.neg_().scatter_add_(-1, idx, torch.ones_like(idx, dtype=p.dtype)
+                                                     ).div_(tau)
+            del logp, p
+        if factor is not None:
+            g = g * factor
+        grads[:, first : first + z.shape[0]] = g @ weight  # [2, r, V] @ [V, d]
+        del z, g
+    return out[0], out[1], grads[0], grads[1]
 
 
 def _full_backward(scorer, mb, leaves, weights, injector) -> Backward:

@@ -228,3 +228,20 @@ def test_auto_picks_forward_on_a_cpu_model_and_the_config_checks_the_name():
     with pytest.raises(ProbeConfigError, match="derivative must be one of"):
         ProbeConfig(derivative="backward")
     assert math.isfinite(_one_step(model, tokenizer, "per_token")["reverse"].deltaH1)
+
+
+def test_gpu_check_runs_on_a_cpu_sized_model(capsys):
+    """benchmarks/gpu_check.py (the one command for a GPU machine) runs end to end with --tiny:
+    both probes succeed on one fused-or-not AdamW step, agree, and the rebuild is exact."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    out = gpu_check.main(["--tiny", "--cpu"])
+    assert "| probe, reverse derivative |" in capsys.readouterr().out
+    # float32 model: the two differentiation orders agree to float32 rounding, far inside 1 SE
+    assert out["agreement"]["deltaH1_diff_over_se"] < 0.05
+    assert out["forward"]["update_cosine"] > 1 - 1e-6
