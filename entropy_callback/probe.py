@@ -23,7 +23,14 @@ import torch
 from . import records
 from .attribution_report import attach, keep_inputs
 from .config import ProbeConfig, ProbeConfigError, check_step
-from .distributed import any_rank_failed, gather_vectors, make_gather, shard, stack_vectors
+from .distributed import (
+    any_rank_failed,
+    gather_vectors,
+    make_gather,
+    refuse_sharded,
+    shard,
+    stack_vectors,
+)
 from .observer import EntropyProbeWarning, PhaseRunner, preserved_state
 from .progress import ProgressHook, log_phase, log_probe, logger
 from .prompts import check_model, check_prompts, prompt_texts, prompt_token_ids, special_ids
@@ -113,6 +120,7 @@ class EntropyProbe:
                 "model has no trainable parameters to probe: the probe measures the step of the "
                 "trainable (LoRA) parameters; add adapters (peft.get_peft_model) or unfreeze some."
             )
+        refuse_sharded(self.params)
         self.scorer = Scorer(model, config.temperature, config.chunk_size)
         self.rank, self.world_size = 0, 1
         self.gather: Gather = lambda x: x

@@ -390,15 +390,12 @@ def reverse_terms(backward: Backward, mask: torch.Tensor) -> dict[str, torch.Ten
 
 def choose_derivative(model: nn.Module, requested: str) -> tuple[str, str]:
     """("forward" | "reverse", why). ``auto`` takes the reverse pass where forward-mode AD cannot
-    run or would cost too much: sharded (DTensor) parameters, layers replaced by Hub kernels
-    (``kernels``: no forward-mode rules), or fused SDPA/flash attention on an accelerator (the
-    forward pass would fall back to the math kernel, O(L^2) memory per head)."""
+    run or would cost too much: layers replaced by Hub kernels (``kernels``: no forward-mode
+    rules), or fused SDPA/flash attention on an accelerator (the forward pass would fall back to
+    the math kernel, O(L^2) memory per head). (Sharded models are refused at construction:
+    ``distributed.refuse_sharded``.)"""
     if requested != "auto":
         return requested, "requested"
-    from torch.distributed.tensor import DTensor
-
-    if any(isinstance(p, DTensor) for p in model.parameters()):
-        return "reverse", "auto: sharded (DTensor) parameters"
     kernels = [n for n, m in model.named_modules() if "_kernel_repo" in m.__dict__]
     if kernels:
         return "reverse", f"auto: {len(kernels)} layers run Hub kernels (e.g. {kernels[0]})"
