@@ -276,7 +276,8 @@ def _plain_head(scorer: Scorer, hidden: torch.Tensor, targets: torch.Tensor):
     weight, bias = split.head.weight, split.head.bias
     n = hidden.shape[0]
     rows = chunk_rows(split.vocab, scorer.chunk_size, device)
-    block = head_block_rows(split.vocab, rows, scorer.chunk_size, device)
+    # half scoring's block: the two gradients of a block live beside its logits
+    block = max(rows, head_block_rows(split.vocab, rows, scorer.chunk_size, device) // 2)
     out = torch.empty((2, n), dtype=torch.float64, device=device)
     grads = torch.empty((2, *hidden.shape), dtype=hidden.dtype, device=device)
     for first in range(0, n, block):
@@ -300,10 +301,12 @@ def _plain_head(scorer: Scorer, hidden: torch.Tensor, targets: torch.Tensor):
             g[1, start:stop] = p.neg_().scatter_add_(-1, idx, torch.ones_like(idx, dtype=p.dtype)
                                                      ).div_(tau)
             del logp, p
+        stop = first + z.shape[0]
+        del z
         if factor is not None:
-            g = g * factor
-        grads[:, first : first + z.shape[0]] = g @ weight  # [2, r, V] @ [V, d]
-        del z, g
+            g.mul_(factor)
+        grads[:, first:stop] = g @ weight  # [2, r, V] @ [V, d]
+        del g
     return out[0], out[1], grads[0], grads[1]
 
 

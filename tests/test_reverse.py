@@ -68,9 +68,10 @@ def _gemma_norm_float64(self, x):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * (1.0 + self.weight)
 
 
-def _model(kind: str, tokenizer) -> torch.nn.Module:
-    """A tiny float64 policy of the given kind, LoRA B random (the adapter moves the policy)."""
-    sizes = dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+def _model(kind: str, tokenizer, vocab: int | None = None) -> torch.nn.Module:
+    """A tiny float64 policy of the given kind, LoRA B random (the adapter moves the policy);
+    ``vocab`` ids (default: the tokenizer's)."""
+    sizes = dict(vocab_size=vocab or len(tokenizer), hidden_size=16, intermediate_size=32,
                  num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
                  max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id,
                  eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
@@ -245,3 +246,32 @@ def test_gpu_check_runs_on_a_cpu_sized_model(capsys):
     # float32 model: the two differentiation orders agree to float32 rounding, far inside 1 SE
     assert out["agreement"]["deltaH1_diff_over_se"] < 0.05
     assert out["forward"]["update_cosine"] > 1 - 1e-6
+
+
+@pytest.mark.parametrize("kind", ["llama_untied", "llama_lora_head"])
+def test_reverse_pass_builds_no_logits_for_the_whole_microbatch(kind):
+    """The head runs per chunk of 4 positions (closed form for a plain head, autograd for LoRA
+    on it): no tensor is larger than two chunks x the vocabulary, or the head's weight (vocab x
+    hidden 16), while the full forward would build microbatch x (P + L) x V."""
+    from probe_harness import LargestTensor
+
+    from entropy_callback.reverse import Injector, estimator_weights, surrogate_backward
+    from entropy_callback.scoring import Scorer
+
+    tokenizer = build_char_tokenizer()
+    vocab, chunk = 2000, 4  # a vocabulary far above the hidden size, so V-sized tensors show
+    model = _model(kind, tokenizer, vocab)
+    probe = EntropyProbe(model, tokenizer, PROMPTS, batch_size=32, microbatch_size=32,
+                         max_new_tokens=8)
+    theta = snapshot(probe.params)
+    u = {n: torch.ones_like(t) for n, t in theta.items()}
+    with preserved_state(model):
+        batch = probe._sample(0)
+        scorer = Scorer(model, 1.0, chunk)
+        scorer.score(batch.slice(0, 1))  # the one-row check against the full forward, done once
+        leaves = {n: t.detach().requires_grad_(True) for n, t in theta.items()}
+        with Injector(model, probe.params, u) as injector, LargestTensor() as sizes:
+            surrogate_backward(scorer, batch, leaves, estimator_weights("per_token"), injector)
+    b, L = batch.response_mask.shape
+    assert b * (batch.prompt_width + L) * vocab > 10 * sizes.largest  # the bound means something
+    assert sizes.largest <= 2 * max(chunk, 16) * vocab, sizes.largest
