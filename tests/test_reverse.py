@@ -221,14 +221,19 @@ def test_reverse_pass_is_unbiased_for_the_exact_derivative(reverse_pool, exact, 
     assert abs(z_score(est["d1"], D)) < 4, (mean_and_se(est["d1"]), D)
 
 
-def test_auto_picks_forward_on_a_cpu_model_and_the_config_checks_the_name():
+def test_auto_picks_forward_on_a_cpu_model_and_the_config_checks_the_name(caplog):
     tokenizer = build_char_tokenizer()
     model = _model("llama_untied", tokenizer)
     assert choose_derivative(model, "auto")[0] == "forward"
     assert choose_derivative(model, "reverse") == ("reverse", "requested")
     with pytest.raises(ProbeConfigError, match="derivative must be one of"):
         ProbeConfig(derivative="backward")
-    assert math.isfinite(_one_step(model, tokenizer, "per_token")["reverse"].deltaH1)
+    with caplog.at_level("INFO", logger="entropy_callback"):
+        results = _one_step(model, tokenizer, "per_token")
+    assert math.isfinite(results["reverse"].deltaH1)
+    said = [r.getMessage() for r in caplog.records if "probe: derivative" in r.getMessage()]
+    assert said == ["entropy probe: derivative forward (requested)",
+                    "entropy probe: derivative reverse (requested)"]
 
 
 def test_gpu_check_runs_on_a_cpu_sized_model(capsys):
