@@ -280,3 +280,33 @@ def test_reverse_pass_builds_no_logits_for_the_whole_microbatch(kind):
     b, L = batch.response_mask.shape
     assert b * (batch.prompt_width + L) * vocab > 10 * sizes.largest  # the bound means something
     assert sizes.largest <= 2 * max(chunk, 16) * vocab, sizes.largest
+
+
+@pytest.mark.parametrize("kind", ["llama_lora_head", "gpt2_full"])
+def test_reverse_pass_through_the_full_forward_equals_the_forward_pass(kind):
+    """A model whose head the split cannot reproduce is scored through its full forward (the
+    logits of a microbatch at once): the reverse pass injects per sequence there too."""
+    from entropy_callback.reverse import reverse_pass
+    from entropy_callback.scoring import Scorer, sequence_terms
+
+    tokenizer = build_char_tokenizer()
+    model = _model(kind, tokenizer)
+    probe = EntropyProbe(model, tokenizer, PROMPTS, batch_size=12, max_new_tokens=6)
+    theta = snapshot(probe.params)
+    gen = torch.Generator().manual_seed(2)
+    u = {n: torch.randn(t.shape, generator=gen, dtype=t.dtype) for n, t in theta.items()}
+    with preserved_state(model):
+        batch = probe._sample(0)
+        scorer = Scorer(model, 0.9, 5)
+        scorer._split, scorer._verified = None, True  # the full forward
+        mbs = [batch.slice(0, 7), batch.slice(7, 12)]
+        diagnostics: dict = {}
+        got = [terms for _, _, terms in reverse_pass(scorer, probe.params, iter(mbs), theta, u,
+                                                     "per_token", diagnostics)]
+        want = [sequence_terms(*scorer.score_with_tangent(mb, theta, u)[:2], mb.response_mask,
+                               *scorer.score_with_tangent(mb, theta, u)[2:]) for mb in mbs]
+    assert diagnostics["reverse_check_gap"] < 1e-12
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g["A"], w["A"] + w["Bsum"], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(g["C"], w["C"], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(g["h"], w["h"], rtol=1e-12, atol=1e-12)
