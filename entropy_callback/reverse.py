@@ -24,7 +24,11 @@ reads another module's weight directly) fails loudly instead of biasing delta H_
 real but invisible to autograd's gradient: the ``padding_idx`` row of an embedding (its value is
 looked up, its gradient is defined as zero; AdamW's weight decay still moves it). Its tangent is
 injected through a second row of eps, so the per-sequence values keep it (as forward mode does)
-and the check leaves it out (as the gradient does).
+and the check leaves it out (as the gradient does). A module called on a tensor shared by every
+sequence (peft's DoRA computes its weight norm as ``lora_B(lora_A(I))``) gets one extra eps entry
+for all such calls: a non-zero gradient there means the parameters reach the outputs through a
+tensor common to all sequences, whose per-sequence parts cannot be told apart, and the pass
+refuses; a zero one (DoRA's norm is detached) means that use contributes nothing.
 
 The attention kernel, fused kernels, and everything else in the model only run forward and
 backward: no forward-mode rule is needed except in the modules that own probed parameters
@@ -94,8 +98,9 @@ class Injector:
 
     @contextmanager
     def rows(self, eps: torch.Tensor | None) -> Iterator[None]:
-        """Inject along the leading dimension with ``eps`` [2, n] (None: no injection): row 0
-        for the uses autograd's gradient sees, row 1 for those it does not (module docstring)."""
+        """Inject along the leading dimension with ``eps`` [2, n + 1] (None: no injection): row
+        0 for the uses autograd's gradient sees, row 1 for those it does not; column n for the
+        calls on a tensor shared by all rows (module docstring)."""
         self.eps = eps
         try:
             yield
@@ -105,16 +110,18 @@ class Injector:
     def _hook(self, module, args, kwargs, output):
         if self.eps is None or self._busy:
             return None
-        if not torch.is_tensor(output) or output.shape[:1] != self.eps.shape[1:]:
+        if not torch.is_tensor(output):
             raise RuntimeError(
                 f"the reverse derivative pass needs the output of {type(module).__name__} (it "
-                f"owns probed parameters) as a tensor with one row per sequence or position "
-                f"(leading dimension {self.eps.shape[1]}); got "
-                f"{tuple(output.shape) if torch.is_tensor(output) else type(output).__name__}. "
-                "Use derivative='forward' for this model.")
+                f"owns probed parameters) as a tensor, got {type(output).__name__}. Use "
+                "derivative='forward' for this model.")
         own = self.owners[module]
         u = {local: self.tangents[full].to(getattr(module, local).dtype) for local, full in own}
-        eps = self.eps.to(output.dtype).reshape(2, -1, *([1] * (output.dim() - 1)))
+        n = self.eps.shape[1] - 1
+        if output.shape[:1] != (n,):  # called on a tensor shared by every row
+            d = self._local_tangent(module, u, args, kwargs).to(output.dtype)
+            return output + self.eps[0, n].to(output.dtype) * d
+        eps = self.eps[:, :n].to(output.dtype).reshape(2, n, *([1] * (output.dim() - 1)))
         pad = getattr(module, "padding_idx", None)
         if type(module) is nn.Embedding and pad is not None and "weight" in u:
             unseen = torch.zeros_like(u["weight"])
@@ -190,9 +197,23 @@ def _add(total: dict[str, torch.Tensor], names, grads) -> None:
 
 
 def _eps(n: int, injector: Injector | None, device) -> torch.Tensor | None:
+    """The injection leaf [2, n + 1] (``Injector.rows``), or None without an injector."""
     if injector is None:
         return None
-    return torch.zeros(2, n, dtype=torch.float64, device=device, requires_grad=True)
+    return torch.zeros(2, n + 1, dtype=torch.float64, device=device, requires_grad=True)
+
+
+def _per_row(grad: torch.Tensor) -> torch.Tensor:
+    """The eps gradient [2, n + 1] -> the per-row part [2, n]; refuses a shared use that
+    reaches the objective (module docstring)."""
+    shared = float(grad[0, -1])
+    if shared != 0.0:
+        raise RuntimeError(
+            "reverse derivative pass: probed parameters reach the outputs through a tensor "
+            f"shared by every sequence (its derivative {shared:.3g}; e.g. DoRA's weight norm "
+            "without its detach), whose per-sequence parts cannot be separated. Use "
+            "derivative='forward' for this model.")
+    return grad[:, :-1].to(torch.float64)
 
 
 @contextmanager
@@ -253,7 +274,7 @@ def _split_backward(scorer, mb, leaves, weights, injector) -> Backward:
             d_hidden[j][start:stop] = g[0]
             _add(grads[j], head_leaves, g[1 : 1 + len(head_leaves)])
             if eps_tok is not None and g[-1] is not None:
-                rows[j].index_add_(1, sequence[start:stop], g[-1].to(torch.float64))
+                rows[j].index_add_(1, sequence[start:stop], _per_row(g[-1]))
         del z, lp, en
     if hidden.requires_grad:  # False with LoRA on the head alone
         inputs = [*leaves.values(), *([eps_body] if eps_body is not None else [])]
@@ -262,7 +283,7 @@ def _split_backward(scorer, mb, leaves, weights, injector) -> Backward:
                                     retain_graph=j + 1 < len(objectives), allow_unused=True)
             _add(grads[j], leaves, g[: len(leaves)])
             if eps_body is not None and g[-1] is not None:
-                rows[j] += g[-1].to(torch.float64)
+                rows[j] += _per_row(g[-1])
     return Backward(logp, ent, grads, rows if injector is not None else None)
 
 
@@ -329,7 +350,7 @@ def _full_backward(scorer, mb, leaves, weights, injector) -> Backward:
         _add(total, leaves, g[: len(leaves)])
         grads.append(total)
         rows.append(torch.zeros(2, b, dtype=torch.float64, device=device)
-                    if eps is None or g[-1] is None else g[-1].to(torch.float64))
+                    if eps is None or g[-1] is None else _per_row(g[-1]))
     mask_b = mb.response_mask.to(device)
     return Backward(logp.detach() * mask_b, ent.detach() * mask_b, grads,
                     rows if injector is not None else None)
