@@ -312,21 +312,25 @@ def _plain_head(scorer: Scorer, hidden: torch.Tensor, targets: torch.Tensor):
         g = torch.empty((2, *z.shape), dtype=z.dtype, device=device)  # dH/dz, dl/dz
         for start in range(0, z.shape[0], rows):
             stop = min(start + rows, z.shape[0])
-            logp = torch.log_softmax(z[start:stop].to(torch.float64) / tau, dim=-1)
+            x = z[start:stop].to(torch.float64)
+            logp = torch.log_softmax(x if tau == 1.0 else x / tau, dim=-1)
+            del x
             p = logp.exp()
             idx = targets[first + start : first + stop].unsqueeze(-1)
             out[0, first + start : first + stop] = logp.gather(-1, idx).squeeze(-1)
-            ent = -(p * logp).sum(-1)
+            ent = -torch.linalg.vecdot(p, logp)
             out[1, first + start : first + stop] = ent
-            g[0, start:stop] = (p * (logp + ent.unsqueeze(-1))).neg_().div_(tau)
-            g[1, start:stop] = p.neg_().scatter_add_(-1, idx, torch.ones_like(idx, dtype=p.dtype)
-                                                     ).div_(tau)
+            # in place, one float64 buffer each: p (log p + H) and p - onehot; the common
+            # factor -1/tau is applied after the matmul, on [r, d]
+            g[0, start:stop] = logp.add_(ent.unsqueeze(-1)).mul_(p)
+            g[1, start:stop] = p.scatter_add_(-1, idx, torch.full(idx.shape, -1.0, dtype=p.dtype,
+                                                                  device=device))
             del logp, p
         stop = first + z.shape[0]
         del z
         if factor is not None:
             g.mul_(factor)
-        grads[:, first:stop] = g @ weight  # [2, r, V] @ [V, d]
+        grads[:, first:stop] = (g @ weight).mul_(-1.0 / tau)  # [2, r, V] @ [V, d]
         del g
     return out[0], out[1], grads[0], grads[1]
 
