@@ -256,9 +256,11 @@ class Scorer:
         self, mb: EBatch, primals: dict[str, torch.Tensor], tangents: dict[str, torch.Tensor]
     ):
         """(l, H, D_u l, D_u H), each [b, L] float64, from one forward-mode pass along u
-        (through what peft's LoRA variants detach, e.g. DoRA's weight norm: ``variants.py``)."""
+        (through what peft's LoRA variants detach, e.g. DoRA's weight norm: ``variants.py``).
+        No autograd graph: forward mode does not need one (and a variant's norm, undetached, may
+        hang on a leaf peft creates, e.g. ``transpose`` of an embedding's weight)."""
         self._check_split(mb)
-        with exact_variant_derivatives(self.model):
+        with exact_variant_derivatives(self.model), torch.no_grad():
             if self._split is not None:
                 return self._split_score(mb, primals, tangents)
             with no_flash_attention():
