@@ -218,7 +218,7 @@ def test_dora_derivatives_match_finite_differences_of_the_exact_entropy(variant,
     """The probe's per-token tangents (D l, D H) and the oracle's D_u H against central
     differences of values, which do not depend on any detach: equal to ~1e-9 with the norm
     differentiated (DoRA on linear layers, and on the embedding, whose norm peft takes of a
-    fresh ``nn.Parameter``); 8% to 22% off with peft's forward as it is."""
+    fresh ``nn.Parameter``); 14% to 37% off with peft's forward as it is."""
     model, tokenizer = _policy(variant)
     params = probed_parameters(model)
     theta = {n: p.detach().clone() for n, p in params.items()}
@@ -249,7 +249,7 @@ def test_dora_derivatives_match_finite_differences_of_the_exact_entropy(variant,
     assert rel(dl, fd_l) < 1e-6 and rel(dh, fd_h) < 1e-6  # measured 5e-10, 1.2e-9
     monkeypatch.setattr(scoring, "exact_variant_derivatives", lambda m: nullcontext())
     logp0, ent0, dl0, dh0 = scorer.score_with_tangent(batch, theta, u)
-    assert rel(dl0, fd_l) > 0.05 and rel(dh0, fd_h) > 0.05  # peft's detach: 8% to 22%
+    assert rel(dl0, fd_l) > 0.05 and rel(dh0, fd_h) > 0.05  # peft's detach: 14% to 37%
     # the values of the pass are bitwise the same with and without the context
     assert torch.equal(logp, logp0) and torch.equal(ent, ent0)
 
