@@ -179,7 +179,8 @@ def surrogate_gradient(
 
     R_ik = sum_{j>k} (H_ij - H_hat) per token (denominator T_E), sum_{j>k} H_ij per sequence
     (denominator B), so that g_E . u is delta H_1 along any u (docs/estimators.md). The true
-    gradient: through what peft's variants detach (DoRA's weight norm, ``variants.py``).
+    gradient: through what the forward hides from autograd (DoRA's weight norm, an embedding's
+    padding row: ``variants.exact_variant_derivatives``).
     """
     leaves = {n: t.detach().clone().requires_grad_(True) for n, t in theta.items()}
     total = {n: torch.zeros_like(t, dtype=torch.float64) for n, t in leaves.items()}
@@ -378,7 +379,12 @@ def attribute_step(
     """
     step = linear_step(theta, states, consumed_grads)
     names = list(step.scale)
-    u = {n: step.scale[n] * g_E[n].to(step.scale[n].device) for n in names}
+    # u only where the consumed gradient is non-zero: u . g is the same, and where torch's
+    # backward gives every token's loss a zero gradient by construction (an embedding's
+    # padding row), the forward-mode D_u loss_it below would otherwise count the true
+    # derivative that the step's gradient never had
+    u = {n: torch.where(consumed_grads[n].to(step.scale[n].device) != 0,
+                        step.scale[n] * g_E[n].to(step.scale[n].device), 0.0) for n in names}
     c_clip, clip_offset = clip_coefficient(
         {n: raw_grads[n] for n in names}, {n: consumed_grads[n] for n in names}
     )

@@ -31,7 +31,7 @@ import torch.autograd.forward_ad as fwAD
 import entropy_callback.scoring as scoring
 import entropy_callback.testing as oracle
 from entropy_callback import EntropyProbe
-from entropy_callback.attribution import surrogate_gradient
+from entropy_callback.attribution import attribute_step, snapshot_adam, surrogate_gradient
 from entropy_callback.demos.tiny import build_char_tokenizer, build_tiny_llama
 from entropy_callback.estimators import delta_h1
 from entropy_callback.observer import ProbeFailure
@@ -330,3 +330,45 @@ def test_tied_trainable_tokens_leave_the_live_parameters_in_place():
     exact_delta(model, tokenizer, PROMPTS, {name: torch.ones_like(param)}, max_new_tokens=2)
     assert dict(model.named_parameters())[name] is param
     assert model.base_model.model.lm_head.token_adapter.trainable_tokens_delta["default"] is param
+
+
+def test_rollout_split_is_exact_with_a_trained_padding_row():
+    """LoRA on the embedding, whose padding row torch's backward leaves without gradient while
+    the forward reads it: a response holding ``<pad>`` as a token. The attribution's parts still
+    sum to g_E . Δθ and the rollouts' forward-mode derivatives reproduce the consumed gradient
+    (protocol_error ~ 0): u is taken only where that gradient is non-zero."""
+    model, tokenizer = _policy("dora_embedding")
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    ids = torch.tensor([[3, 4, pad, 5], [6, pad, 7, eos]])  # prompt token 3 / 6, 3 responses
+    rollouts = {"input_ids": ids, "response_mask": torch.ones(2, 3, dtype=torch.bool),
+                "advantages": torch.tensor([1.0, -0.5], dtype=torch.float64),
+                "token_logp": torch.zeros(2, 3, dtype=torch.float64)}
+
+    def per_token_loss(r):  # -A log pi(y_k) of the three response tokens of each row
+        logp = torch.log_softmax(model(input_ids=r["input_ids"]).logits[:, :-1], dim=-1)
+        token = logp.gather(-1, r["input_ids"][:, 1:, None]).squeeze(-1)
+        return -r["advantages"][:, None] * token
+
+    params = probed_parameters(model)
+    theta = {n: p.detach().clone() for n, p in params.items()}
+    optimizer = torch.optim.AdamW(list(params.values()), lr=LR, weight_decay=0.01)
+    per_token_loss(rollouts).sum().backward()
+    grads = {n: p.grad.detach().clone() for n, p in params.items()}
+    pad_rows = grads["base_model.model.model.embed_tokens.lora_embedding_A.default"][:, pad]
+    assert bool((pad_rows == 0).all())  # torch's backward: no gradient for the padding row
+    states = snapshot_adam(optimizer, params)
+    probe = _probe(model, tokenizer, batch_size=64, microbatch_size=64)
+    batch = probe._sample(0)
+    t = sequence_terms(*probe.scorer.score(batch, theta), batch.response_mask)
+    g_E = surrogate_gradient(probe.scorer, [batch], theta, float(t["h"].sum() / t["T"].sum()),
+                             float(t["T"].sum()))
+    att = attribute_step(model=model, per_token_loss=per_token_loss, rollouts=[rollouts],
+                         theta=theta, states=states, raw_grads=grads, consumed_grads=grads,
+                         g_E=g_E)
+    for p in params.values():
+        p.grad = None
+    # float64 round-off only (measured 3.7e-16); with u left at the padding row (where Adam's
+    # denominator is eps) the rollouts' derivatives counted a gradient the step never had
+    # (protocol_error 3.8e11)
+    assert att.protocol_error < 1e-9, att.protocol_error
+    assert att.parts_sum == pytest.approx(att.total, rel=1e-9)
