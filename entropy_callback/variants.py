@@ -24,8 +24,8 @@ thread's forward is unaffected), and leaving the block, by an exception too, res
 **Embeddings' padding rows.** ``F.embedding(..., padding_idx=p)`` gives row p no gradient in
 reverse mode, although the forward reads it when a token is p (a sampled ``<pad>`` is an
 ordinary token) and the row may be trained: reverse-mode derivatives of the entropy missed it
-(the oracle's D_u H was 30% off a finite difference with LoRA on the embedding). Inside the
-same block, in grad mode, embeddings run without ``padding_idx`` for the backward's sake.
+(the oracle's D_u H was 15% off a finite difference with LoRA on the embedding). Inside the
+same block embeddings run without ``padding_idx`` (the same values; forward mode is unchanged).
 
 **Shared parameter containers.** ``torch.func.functional_call`` substitutes a tied parameter
 under every name it has. peft's ``trainable_token_indices`` on a tied embedding shares one
@@ -112,15 +112,15 @@ def exact_variant_derivatives(model: torch.nn.Module):
     - peft's DoRA layers detach their weight norm (forward and reverse mode);
     - an embedding's ``padding_idx`` (and ``scale_grad_by_freq``) changes its backward only:
       reverse mode gives the padding row no gradient although a sampled token may be that id
-      and the row may be trained (LoRA on the embedding, an unfrozen embedding). Handled when
-      grad mode is on as the block is entered (forward mode already includes the row).
+      and the row may be trained (LoRA on the embedding, an unfrozen embedding); inside the
+      block embeddings run without it (forward mode includes the row either way).
 
     Forward values are bitwise unchanged. Use it around derivative passes only; sampling and
     rescoring need nothing. Nothing is patched: a per-thread ``TorchFunctionMode``, gone when
     the block is left (by an exception too); re-entrant. A no-op when none of this applies.
     docs/usage.md, "LoRA variants", lists what was checked."""
     codes = _dora_forward_codes(model)
-    embeddings = torch.is_grad_enabled() and _has_padded_embedding(model)
+    embeddings = _has_padded_embedding(model)
     return _TrueDerivatives(codes, embeddings) if codes or embeddings else nullcontext()
 
 
