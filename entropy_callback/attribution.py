@@ -379,10 +379,8 @@ def attribute_step(
     """
     step = linear_step(theta, states, consumed_grads)
     names = list(step.scale)
-    # u only where the consumed gradient is non-zero: u . g is the same, and where torch's
-    # backward gives every token's loss a zero gradient by construction (an embedding's
-    # padding row), the forward-mode D_u loss_it below would otherwise count the true
-    # derivative that the step's gradient never had
+    # u only where g != 0: u . g is unchanged, and where torch's backward gave every token a zero
+    # gradient (an embedding's padding row) forward mode would count a derivative g never had
     u = {n: torch.where(consumed_grads[n].to(step.scale[n].device) != 0,
                         step.scale[n] * g_E[n].to(step.scale[n].device), 0.0) for n in names}
     c_clip, clip_offset = clip_coefficient(
