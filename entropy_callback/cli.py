@@ -32,7 +32,7 @@ from typing import Any, TextIO
 
 from .result import CORE_FIELDS, finite_float
 from .runlog import describe_run, find_run, find_runs, load_run, run_records, segment_records
-from .runs import Run, RunInfo
+from .runs import RUN_DIR_NAME, Run, RunInfo
 
 PROG = "entropy-probe"
 UNITS = {"per_token": "nats per token", "per_sequence": "nats per response"}
@@ -334,7 +334,7 @@ def cmd_runs(args: argparse.Namespace, out: TextIO) -> int:
             per_segment.append((segment, records, problem))
         first = run.segments[0]
         out.write(("\n" if index else "") + f"run {run.run_id or 'without id'}"
-                  + (f", probe {first.name!r}" if first.name else "")
+                  + (f", probe {first.name!r}" if first.name not in (None, RUN_DIR_NAME) else "")
                   + (f", started {first.start_time}" if first.start_time else "")
                   + f": {len(joined)} probes in {len(run.segments)} "
                   + f"segment{'s' * (len(run.segments) != 1)}\n")

@@ -83,12 +83,13 @@ class RunInfo:
     resumed_at_step: int | None = None  # the first step of a resumed segment
     problem: str | None = None  # why config.yaml was not read, when it was not
 
-    def describe(self) -> str:
-        """``<path> (run <id>[, probe '<name>'], started <time>, <n> probes)``."""
-        parts = [f"run {self.run_id or 'without id'}"]
-        if self.name and self.name != RUN_DIR_NAME:
+    def describe(self, segment: bool = False) -> str:
+        """``<path> (run <id>[, probe '<name>'], started <time>, <n> probes)``; with
+        ``segment``, only what differs between the segments of one run."""
+        parts = [] if segment else [f"run {self.run_id or 'without id'}"]
+        if self.name and self.name != RUN_DIR_NAME and not segment:
             parts.append(f"probe {self.name!r}")
-        if self.start_time:
+        if self.start_time and not segment:
             parts.append(f"started {self.start_time}")
         if self.logger_version is not None:
             parts.append(f"logger version {self.logger_version}")
@@ -198,7 +199,8 @@ class Run:
         if first.start_time:
             head.append(f"started {first.start_time}")
         head.append(f"{len(self.segments)} segments joined")
-        return f"{', '.join(head)}: " + "; ".join(seg.describe() for seg in self.segments)
+        return f"{', '.join(head)}: " + "; ".join(seg.describe(segment=True)
+                                                  for seg in self.segments)
 
 
 def _natural(text: str) -> tuple:
