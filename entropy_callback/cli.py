@@ -155,14 +155,17 @@ def cmd_summary(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
-def _each_run(paths: Sequence[str | Path]) -> list[Run]:
-    """The runs the arguments name: a directory holding several runs (two fits on one
-    log_dir, two probes in one Trainer) stands for all of them, in order; the directories of
-    one run id (a resume into a new logger version) are one run."""
-    out: list[Run] = []
+def _each_run(paths: Sequence[str | Path]) -> list[tuple[str, Run]]:
+    """The runs the arguments name, each with its label: a directory holding several runs
+    (two fits on one log_dir, two probes in one Trainer) stands for all of them, in order; the
+    directories of one run id (a resume into a new logger version) are one run."""
+    out: list[tuple[str, Run]] = []
     for path in paths:
         runs = find_runs(Path(path)) if Path(path).is_dir() else []
-        out += runs if len(runs) > 1 else [find_run(path)]
+        if len(runs) > 1:
+            out += [(str(run.path), run) for run in runs]
+        else:
+            out.append((str(path), find_run(path)))
     return out
 
 
@@ -170,11 +173,11 @@ def cmd_compare(args: argparse.Namespace, out: TextIO) -> int:
     """One row per run: probes, mean δH₁, mean ΔH_true, correlation, mean ESS/B. A directory
     holding several runs gives a row for each."""
     rows = [["run", "probes", "mean δH₁", "mean ΔH_true", "r", "mean ESS/B"]]
-    for run in _each_run(args.run_dirs):
+    for label, run in _each_run(args.run_dirs):
         records = run_records(run)
         r, _ = pearson([x.get("deltaH1") for x in records], [x.get("deltaH_true") for x in records])
-        label = str(run.path) if len(run.segments) == 1 else (
-            f"{run.path} (+{len(run.segments) - 1} segment{'s' * (len(run.segments) > 2)})")
+        if len(run.segments) > 1:
+            label += f" ({len(run.segments)} segments)"
         rows.append(
             [
                 label,

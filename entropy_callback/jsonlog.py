@@ -21,6 +21,7 @@ token_data and raw_tensors.
 from __future__ import annotations
 
 import contextlib
+import errno
 import gzip
 import json
 import re
@@ -169,7 +170,16 @@ class JsonLogWriter:
 
     def ensure_root(self) -> str | None:
         """Recreate the directory, or its ``config.yaml``, if it was removed; returns what was
-        recreated (``"directory"`` or ``"config.yaml"``), or None."""
+        recreated (``"directory"`` or ``"config.yaml"``), or None.
+
+        Raises:
+            OSError: ``root`` is a symbolic link (e.g. planted in place of the run directory
+                mid-run): it is never followed, nothing is written.
+        """
+        if self.root.is_symlink():
+            raise OSError(errno.ELOOP, f"{self.root} is a symbolic link, not the run's "
+                          "directory; a run directory is never followed through a link, so "
+                          "nothing was written")
         if not self.root.is_dir():
             self.write_config()
             return "directory"

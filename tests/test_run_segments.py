@@ -105,7 +105,7 @@ def test_another_run_under_the_same_root_stays_a_run_of_its_own(resumed, capsys)
         load_run(resumed)
     assert main(["compare", str(resumed)]) == 0
     rows = capsys.readouterr().out.splitlines()
-    assert len(rows) == 3 and "(+1 segment)" in rows[1] and rows[1].split()[3] == "4"
+    assert len(rows) == 3 and "(2 segments)" in rows[1] and rows[1].split()[3] == "4"
 
 
 def test_summary_reads_the_joined_run_and_says_so(resumed, capsys):
