@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .result import CORE_FIELDS, finite_float
-from .runlog import describe_run, find_run, find_runs, load_run, run_records, segment_records
-from .runs import RUN_DIR_NAME, Run, RunInfo
+from .runlog import describe_run, find_run, find_runs, load_run, run_records, segment_views
+from .runs import RUN_DIR_NAME, Run
 
 PROG = "entropy-probe"
 UNITS = {"per_token": "nats per token", "per_sequence": "nats per response"}
@@ -309,8 +309,7 @@ def cmd_attribution(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
-def _steps(records: list[dict[str, Any]]) -> str:
-    steps = [r["step"] for r in records]
+def _steps(steps: list[int]) -> str:
     if not steps:
         return "-"
     shown = ", ".join(map(str, steps[:4])) + (", ..." if len(steps) > 5 else "")
@@ -324,35 +323,24 @@ def cmd_runs(args: argparse.Namespace, out: TextIO) -> int:
     if not runs:
         find_run(args.directory)  # the reason: no such directory, or no probe log in it
     for index, run in enumerate(runs):
-        joined: dict[int, str] = {}  # step -> the segment whose record is current
-        per_segment: list[tuple[RunInfo, list[dict[str, Any]], str]] = []
-        for segment in run.segments:
-            try:
-                records, problem = segment_records(segment.path), ""
-            except (OSError, ValueError) as exc:  # shown in the listing, not fatal
-                records, problem = [], " ".join(str(exc).split())[:200]
-            if segment.resumed_at_step is not None:
-                joined = {t: p for t, p in joined.items() if t < segment.resumed_at_step}
-            joined.update((r["step"], str(segment.path)) for r in records)
-            per_segment.append((segment, records, problem))
-        first = run.segments[0]
+        views, first = segment_views(run), run.segments[0]
+        n = len(run.segments)
         out.write(("\n" if index else "") + f"run {run.run_id or 'without id'}"
                   + (f", probe {first.name!r}" if first.name not in (None, RUN_DIR_NAME) else "")
                   + (f", started {first.start_time}" if first.start_time else "")
-                  + f": {len(joined)} probes in {len(run.segments)} "
-                  + f"segment{'s' * (len(run.segments) != 1)}\n")
+                  + f": {sum(len(v.kept) for v in views)} probes in {n} segment{'s' * (n != 1)}\n")
         rows = [["segment", "logger version", "resumed at", "probes", "steps kept", "note"]]
-        for segment, records, problem in per_segment:
-            kept = [r for r in records if joined.get(r["step"]) == str(segment.path)]
-            note = problem or segment.problem or (
-                f"{len(records) - len(kept)} superseded by a later segment"
-                if len(kept) < len(records) else "")
-            rows.append([str(segment.path), "-" if segment.logger_version is None
-                         else str(segment.logger_version),
-                         "-" if segment.resumed_at_step is None else str(segment.resumed_at_step),
-                         str(len(records)), _steps(kept), note])
+        for v in views:
+            dropped = len(v.steps) - len(v.kept)
+            note = v.problem or (f"{dropped} superseded by a later segment" if dropped else "")
+            rows.append([str(v.info.path), _or_dash(v.info.logger_version),
+                         _or_dash(v.info.resumed_at_step), str(len(v.steps)), _steps(v.kept), note])
         _table(rows, out)
     return 0
+
+
+def _or_dash(value: Any) -> str:
+    return "-" if value is None else str(value)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -176,22 +176,9 @@ class ProbeConfig:
         Raises:
             ProbeConfigError: the file is missing, unreadable, refused, or not such a mapping.
         """
-        from .yamlsafe import read_yaml
+        from .yamlsafe import read_options
 
-        where = f"{owner} config={os.fspath(path)!r}"
-        try:
-            body = read_yaml(path)
-        except (OSError, ValueError) as exc:
-            raise ProbeConfigError(
-                f"{where}: cannot read it as a YAML file of probe options "
-                f"({' '.join(str(exc).split())[:300]}); config= takes a ProbeConfig, a mapping "
-                "of its fields or the path of such a YAML file.") from exc
-        if isinstance(body, Mapping) and isinstance(body.get("config"), Mapping):
-            body = body["config"]  # a run's config.yaml: {config: ..., run_metadata: ...}
-        if not isinstance(body, Mapping):
-            raise ProbeConfigError(f"{where}: the file holds a {type(body).__name__}, not a "
-                                   "mapping of probe options (e.g. 'batch_size: 64').")
-        return cls.from_dict(dict(body))
+        return cls.from_dict(read_options(path, f"{owner} config={os.fspath(path)!r}"))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ProbeConfig:

@@ -18,6 +18,7 @@ import json
 import sys
 import zlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -277,6 +278,35 @@ def run_records(run: Run) -> list[dict[str, Any]]:
         where = ", ".join(str(seg.path) for seg in run.segments)
         raise RunLogError(f"{where} holds no complete probe record; expected {EXPECTED}.")
     return [by_step[step] for step in sorted(by_step)]
+
+
+@dataclass(frozen=True)
+class SegmentView:
+    """One segment of a run as ``entropy-probe runs`` lists it."""
+
+    info: RunInfo
+    steps: list[int]  # the steps its records hold
+    kept: list[int]  # those whose record is the joined run's (not superseded)
+    problem: str = ""  # why its records could not be read ("" when they could)
+
+
+def segment_views(run: Run) -> list[SegmentView]:
+    """Each segment of ``run`` with its steps and the steps it keeps in the joined run; a
+    segment whose records cannot be read is listed with the reason (nothing raised)."""
+    owner: dict[int, int] = {}  # step -> index of the segment whose record is current
+    steps: list[list[int]] = []
+    problems: list[str] = []
+    for index, segment in enumerate(run.segments):
+        try:
+            held, problem = [r["step"] for r in segment_records(segment.path)], ""
+        except (OSError, ValueError) as exc:
+            held, problem = [], " ".join(str(exc).split())[:200]
+        _supersede(owner, segment)
+        owner.update((step, index) for step in held)
+        steps.append(held)
+        problems.append(problem or segment.problem or "")
+    return [SegmentView(segment, steps[i], [t for t in steps[i] if owner.get(t) == i],
+                        problems[i]) for i, segment in enumerate(run.segments)]
 
 
 def load_run(run_dir: str | Path, as_dataframe: bool = False) -> Any:

@@ -14,6 +14,7 @@ document that passes is then built by ``yaml.safe_load`` (plain types, no Python
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -71,3 +72,27 @@ def read_yaml(path: str | Path, max_bytes: int | None = None) -> Any:
     if len(raw) > limit:
         raise YamlRefused(f"{path}: larger than {limit} bytes; refused as not a probe file")
     return parse_yaml(raw, str(path))
+
+
+def read_options(path: str | os.PathLike, where: str) -> dict[str, Any]:
+    """The probe options in a YAML file: a mapping of fields, or a run's ``config.yaml`` (its
+    ``config`` section). Read with :func:`read_yaml`; errors name ``where``.
+
+    Raises:
+        ProbeConfigError: missing, unreadable, refused, or not such a mapping.
+    """
+    from .config import ProbeConfigError
+
+    try:
+        body = read_yaml(path)
+    except (OSError, ValueError) as exc:
+        raise ProbeConfigError(
+            f"{where}: cannot read it as a YAML file of probe options "
+            f"({' '.join(str(exc).split())[:300]}); config= takes a ProbeConfig, a mapping of "
+            "its fields or the path of such a YAML file.") from exc
+    if isinstance(body, dict) and isinstance(body.get("config"), dict):
+        body = body["config"]  # a run's config.yaml: {config: ..., run_metadata: ...}
+    if not isinstance(body, dict):
+        raise ProbeConfigError(f"{where}: the file holds a {type(body).__name__}, not a mapping "
+                               "of probe options (e.g. 'batch_size: 64').")
+    return body
