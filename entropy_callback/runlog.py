@@ -4,8 +4,12 @@ Example::
 
     from entropy_callback.runlog import load_run
     records = load_run("lightning_logs/version_0")      # list of dicts, sorted by step
-    # a log_dir holding several runs: pick one (the error lists them), or list_runs(...)
+    # a log_dir holding several runs: pick one (the error lists them), or find_runs(...)
     [(r["step"], r["deltaH1"], r["deltaH_true"]) for r in records]
+    whole = load_run("lightning_logs")  # one run resumed into version_0 and version_1: joined
+
+Only regular files are read (a FIFO or a device is refused, never waited on), each within a
+size bound; a run's ``config.yaml`` is read with the checks of ``yamlsafe``.
 
 Each record holds the core results of one probe (``ProbeResult.core()``): entropies in nats
 per token (``normalize="per_token"``) or nats per response, plus ``timing_total`` in seconds.
