@@ -291,8 +291,8 @@ def finite_number(name: str, value: Any, fix: str) -> float:
     return number
 
 
-MIN_TEMPERATURE = 1e-3  # below it sampling is greedy in all but name and logits / tau overflow
-                        # float16/bfloat16 (and, near 1e-310, float64: 1 / tau is inf)
+MIN_TEMPERATURE = 1e-3  # below it the float64 softmax is one-hot for any logit gap over 0.75
+                        # (exp(-750) is 0); near 1e-308, logits / tau overflows (1 / 1e-310: inf)
 
 
 def _temperature(name: str, value: Any) -> float:
@@ -304,9 +304,10 @@ def _temperature(name: str, value: Any) -> float:
         )
     if number < MIN_TEMPERATURE:
         raise ProbeConfigError(
-            f"temperature must be >= {MIN_TEMPERATURE}, got {_shown(value)}: logits / "
-            "temperature overflows there (the probe's passes would all fail) and sampling is "
-            "greedy in all but name; use the temperature the policy samples with, e.g. 1.0."
+            f"temperature must be >= {MIN_TEMPERATURE}, got {_shown(value)}: below it "
+            "softmax(logits / temperature) is one-hot to float64 precision (no entropy to "
+            "measure), and near 1e-308 logits / temperature overflows, failing every probe; "
+            "use the temperature the policy samples with, e.g. 1.0."
         )
     return number
 
