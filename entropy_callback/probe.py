@@ -32,6 +32,7 @@ from .sampling import EBatch, draw_randomness, sample_batch
 from .scoring import CHUNK_BYTES, Scorer, sequence_terms
 from .update import (
     adam_step,
+    check_moves_are_probed,
     consumed_gradients,
     is_adam,
     learning_rate,
@@ -152,6 +153,7 @@ class EntropyProbe:
         self._warn_if_half()
         with preserved_state(self.model):
             with runner.phase("update"):
+                check_moves_are_probed(optimizer, self.model, self.params)
                 result.learning_rate, mixed = learning_rate(optimizer, self.params)
                 if mixed:
                     self.warn_once("lrs", "probed parameters sit in param groups with different "
