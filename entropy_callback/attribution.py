@@ -38,11 +38,11 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
-from torch.func import functional_call
 
 from .forward_mode import jvp
 from .reverse import surrogate_backward
 from .scoring import Scorer, no_flash_attention
+from .variants import call_substituted
 
 Rollouts = Mapping[str, object]
 PerTokenLoss = Callable[[Rollouts], torch.Tensor]
@@ -173,7 +173,9 @@ def surrogate_gradient(
     over the E micro-batches, float64, by reverse mode (``torch.autograd.grad``; no ``.grad``).
 
     R_ik = sum_{j>k} (H_ij - H_hat) per token (denominator T_E), sum_{j>k} H_ij per sequence
-    (denominator B), so that g_E . u is delta H_1 along any u (docs/estimators.md).
+    (denominator B), so that g_E . u is delta H_1 along any u (docs/estimators.md). The true
+    gradient: through what the forward hides from autograd (DoRA's weight norm, an embedding's
+    padding row: ``variants.exact_variant_derivatives``).
     """
     leaves = {n: t.detach().clone().requires_grad_(True) for n, t in theta.items()}
     total = {n: torch.zeros_like(t, dtype=torch.float64) for n, t in leaves.items()}
@@ -217,13 +219,15 @@ def rollout_derivatives(
     u: Mapping[str, torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss_it, D_u loss_it), each [N, L] float64, from one forward-mode pass at ``theta``
-    (names as in ``model.named_parameters()``) along ``u``; the live parameters are untouched."""
+    (names as in ``model.named_parameters()``) along ``u``; the live parameters are untouched.
+    Through the model's forward as training runs it (DoRA's norm detached, as in the gradient
+    the optimizer consumed), so the parts add up to g_E . dtheta."""
     bound = _Bound(model, per_token_loss)
     primals = {f"model.{n}": t.detach() for n, t in theta.items()}
     tangents = {f"model.{n}": u[n].to(theta[n].device, theta[n].dtype) for n in theta}
 
     def run(p):
-        return functional_call(bound, p, (rollouts,), strict=False)
+        return call_substituted(bound, p, (rollouts,))
 
     with no_flash_attention():
         loss, dloss = jvp(run, (primals,), (tangents,))
@@ -327,7 +331,10 @@ def attribute_step(
     """
     step = linear_step(theta, states, consumed_grads)
     names = list(step.scale)
-    u = {n: step.scale[n] * g_E[n].to(step.scale[n].device) for n in names}
+    # u only where g != 0: u . g is unchanged, and where torch's backward gave every token a zero
+    # gradient (an embedding's padding row) forward mode would count a derivative g never had
+    u = {n: torch.where(consumed_grads[n].to(step.scale[n].device) != 0,
+                        step.scale[n] * g_E[n].to(step.scale[n].device), 0.0) for n in names}
     c_clip, clip_offset = clip_coefficient(
         {n: raw_grads[n] for n in names}, {n: consumed_grads[n] for n in names}
     )

@@ -20,15 +20,14 @@ chunk). The output is unchanged (eps = 0) and by the chain rule d(sum_i f_i)/d e
 rows of a causal LM do not interact, so the gradient at row i is f_i's alone. One backward per
 objective (P, and C per token) gives every per-sequence value *and* g_E; the engine checks that
 sum_i P_i equals <g_P, u> (float64) so a use of a parameter the hooks did not see (a module that
-reads another module's weight directly) fails loudly instead of biasing delta H_1. One use is
-real but invisible to autograd's gradient: the ``padding_idx`` row of an embedding (its value is
-looked up, its gradient is defined as zero; AdamW's weight decay still moves it). Its tangent is
-injected through a second row of eps, so the per-sequence values keep it (as forward mode does)
-and the check leaves it out (as the gradient does). A module called on a tensor shared by every
-sequence (peft's DoRA computes its weight norm as ``lora_B(lora_A(I))``) gets one extra eps entry
-for all such calls: a non-zero gradient there means the parameters reach the outputs through a
-tensor common to all sequences, whose per-sequence parts cannot be told apart, and the pass
-refuses; a zero one (DoRA's norm is detached) means that use contributes nothing.
+reads another module's weight directly) fails loudly instead of biasing delta H_1. The pass runs
+inside ``variants.exact_variant_derivatives``, so the gradient includes what the forward hides
+from autograd (an embedding's ``padding_idx`` row, DoRA's detached norm). A module called on a
+tensor shared by every sequence (peft's DoRA computes its weight norm from
+``lora_B(lora_A(I))``) gets one extra eps entry for all such calls: a non-zero gradient there
+means the parameters reach the outputs through a tensor common to all sequences, whose
+per-sequence parts cannot be told apart, and the pass refuses (``choose_derivative`` takes the
+forward pass for DoRA); a zero one means that use contributes nothing.
 
 The attention kernel, fused kernels, and everything else in the model only run forward and
 backward: no forward-mode rule is needed except in the modules that own probed parameters
@@ -51,6 +50,7 @@ from torch.utils._pytree import tree_map
 
 from .forward_mode import jvp
 from .scoring import Scorer, _prefixed, chunk_rows, head_block_rows, logp_and_entropy_rows
+from .variants import call_substituted, exact_variant_derivatives
 
 Weights = Callable[[torch.Tensor, torch.Tensor], list[tuple[float, torch.Tensor]]]
 """(H [b, L] float64 at theta, mask [b, L] float64) -> one (alpha, w [b, L]) per objective:
@@ -98,9 +98,8 @@ class Injector:
 
     @contextmanager
     def rows(self, eps: torch.Tensor | None) -> Iterator[None]:
-        """Inject along the leading dimension with ``eps`` [2, n + 1] (None: no injection): row
-        0 for the uses autograd's gradient sees, row 1 for those it does not; column n for the
-        calls on a tensor shared by all rows (module docstring)."""
+        """Inject along the leading dimension with ``eps`` [n + 1] (None: no injection); entry n
+        for the calls on a tensor shared by all rows (module docstring)."""
         self.eps = eps
         try:
             yield
@@ -117,20 +116,11 @@ class Injector:
                 "derivative='forward' for this model.")
         own = self.owners[module]
         u = {local: self.tangents[full].to(getattr(module, local).dtype) for local, full in own}
-        n = self.eps.shape[1] - 1
-        if output.shape[:1] != (n,):  # called on a tensor shared by every row
-            d = self._local_tangent(module, u, args, kwargs).to(output.dtype)
-            return output + self.eps[0, n].to(output.dtype) * d
-        eps = self.eps[:, :n].to(output.dtype).reshape(2, n, *([1] * (output.dim() - 1)))
-        pad = getattr(module, "padding_idx", None)
-        if type(module) is nn.Embedding and pad is not None and "weight" in u:
-            unseen = torch.zeros_like(u["weight"])
-            unseen[pad] = u["weight"][pad]
-            seen = u["weight"] - unseen  # the rows autograd's gradient covers
-            output = output + eps[1] * F.embedding(args[0], unseen).to(output.dtype)
-            u = {**u, "weight": seen}
+        n = self.eps.shape[0] - 1
         d = self._local_tangent(module, u, args, kwargs).to(output.dtype)
-        return output + eps[0] * d
+        if output.shape[:1] != (n,):  # called on a tensor shared by every row
+            return output + self.eps[n].to(output.dtype) * d
+        return output + self.eps[:n].to(output.dtype).reshape(n, *([1] * (output.dim() - 1))) * d
 
     def _local_tangent(self, module, u, args, kwargs) -> torch.Tensor:
         """D_u of the module's output along its own probed parameters ``u`` (by local name),
@@ -159,19 +149,13 @@ class Injector:
 class Backward:
     """One microbatch's reverse pass: l and H [b, L] float64 at theta (0 past each stop), then
     per objective j the gradient of objective_j by name (float64) and, with an injector, the
-    per-sequence directional derivatives D_u objective_j restricted to sequence i, [2, b]
-    float64: row 0 the part autograd's gradient sees, row 1 the rest (padding rows); their
-    sum is the derivative."""
+    per-sequence directional derivatives D_u objective_j restricted to sequence i, [b]
+    float64."""
 
     logp: torch.Tensor
     ent: torch.Tensor
     grads: list[dict[str, torch.Tensor]]
-    parts: list[torch.Tensor] | None
-
-    @property
-    def rows(self) -> list[torch.Tensor]:
-        """Per objective, the per-sequence derivatives [b] float64."""
-        return [p.sum(0) for p in self.parts]
+    rows: list[torch.Tensor] | None
 
 
 def surrogate_backward(scorer: Scorer, mb, leaves: Mapping[str, torch.Tensor], weights: Weights,
@@ -180,7 +164,7 @@ def surrogate_backward(scorer: Scorer, mb, leaves: Mapping[str, torch.Tensor], w
     (tensors that require grad, substituted by ``functional_call``; nothing live is written),
     one backward each. The head runs per chunk of positions on the split path."""
     scorer._check_split(mb)
-    with torch.enable_grad():
+    with torch.enable_grad(), exact_variant_derivatives(scorer.model):
         if scorer.split is None:
             return _full_backward(scorer, mb, leaves, weights, injector)
         return _split_backward(scorer, mb, leaves, weights, injector)
@@ -197,23 +181,23 @@ def _add(total: dict[str, torch.Tensor], names, grads) -> None:
 
 
 def _eps(n: int, injector: Injector | None, device) -> torch.Tensor | None:
-    """The injection leaf [2, n + 1] (``Injector.rows``), or None without an injector."""
+    """The injection leaf [n + 1] (``Injector.rows``), or None without an injector."""
     if injector is None:
         return None
-    return torch.zeros(2, n + 1, dtype=torch.float64, device=device, requires_grad=True)
+    return torch.zeros(n + 1, dtype=torch.float64, device=device, requires_grad=True)
 
 
 def _per_row(grad: torch.Tensor) -> torch.Tensor:
-    """The eps gradient [2, n + 1] -> the per-row part [2, n]; refuses a shared use that
-    reaches the objective (module docstring)."""
-    shared = float(grad[0, -1])
+    """The eps gradient [n + 1] -> the per-row part [n]; refuses a shared use that reaches the
+    objective (module docstring)."""
+    shared = float(grad[-1])
     if shared != 0.0:
         raise RuntimeError(
             "reverse derivative pass: probed parameters reach the outputs through a tensor "
             f"shared by every sequence (its derivative {shared:.3g}; e.g. DoRA's weight norm "
             "without its detach), whose per-sequence parts cannot be separated. Use "
             "derivative='forward' for this model.")
-    return grad[:, :-1].to(torch.float64)
+    return grad[:-1].to(torch.float64)
 
 
 @contextmanager
@@ -250,7 +234,7 @@ def _split_backward(scorer, mb, leaves, weights, injector) -> Backward:
     objectives = weights(ent, mask.to(torch.float64))
     w_rows = [w[mask] for _, w in objectives]
     grads = [_zeros(leaves) for _ in objectives]
-    rows = [torch.zeros(2, b, dtype=torch.float64, device=device) for _ in objectives]
+    rows = [torch.zeros(b, dtype=torch.float64, device=device) for _ in objectives]
     if closed_form:  # d objective_j / d hidden = alpha_j dH/dh + w_j dl/dh, row by row
         d_hidden = [alpha * d_ent + w.unsqueeze(-1).to(hidden.dtype) * d_logp
                     for (alpha, _), w in zip(objectives, w_rows, strict=True)]
@@ -262,9 +246,8 @@ def _split_backward(scorer, mb, leaves, weights, injector) -> Backward:
         h = hidden[start:stop].detach().requires_grad_(True)
         eps_tok = _eps(stop - start, injector if head_leaves else None, device)
         with _injecting(injector, eps_tok):
-            z = (functional_call(split, _prefixed(head_leaves), args=(h,),
-                                 kwargs={"part": "head"}, strict=False)
-                 if head_leaves else split.logits(h))
+            z = (call_substituted(split, _prefixed(head_leaves), args=(h,),
+                                  kwargs={"part": "head"}) if head_leaves else split.logits(h))
         lp, en = logp_and_entropy_rows(z, targets[start:stop], scorer.temperature)
         inputs = [h, *head_leaves.values(), *([eps_tok] if eps_tok is not None else [])]
         for j, (alpha, _) in enumerate(objectives):
@@ -274,7 +257,7 @@ def _split_backward(scorer, mb, leaves, weights, injector) -> Backward:
             d_hidden[j][start:stop] = g[0]
             _add(grads[j], head_leaves, g[1 : 1 + len(head_leaves)])
             if eps_tok is not None and g[-1] is not None:
-                rows[j].index_add_(1, sequence[start:stop], _per_row(g[-1]))
+                rows[j].index_add_(0, sequence[start:stop], _per_row(g[-1]))
         del z, lp, en
     if hidden.requires_grad:  # False with LoRA on the head alone
         inputs = [*leaves.values(), *([eps_body] if eps_body is not None else [])]
@@ -353,7 +336,7 @@ def _full_backward(scorer, mb, leaves, weights, injector) -> Backward:
         total = _zeros(leaves)
         _add(total, leaves, g[: len(leaves)])
         grads.append(total)
-        rows.append(torch.zeros(2, b, dtype=torch.float64, device=device)
+        rows.append(torch.zeros(b, dtype=torch.float64, device=device)
                     if eps is None or g[-1] is None else _per_row(g[-1]))
     mask_b = mb.response_mask.to(device)
     return Backward(logp.detach() * mask_b, ent.detach() * mask_b, grads,
@@ -381,15 +364,14 @@ def estimator_weights(normalize: str) -> Weights:
 
 @dataclass
 class Check:
-    """sum_i of the injected per-sequence values autograd's gradient sees against <g_j, u> in
-    float64, per objective."""
+    """sum_i of the injected per-sequence values against <g_j, u> in float64, per objective."""
 
     rows: list[float]
     dots: list[float]
 
     def add(self, backward: Backward, u: Mapping[str, torch.Tensor]) -> None:
-        for j, (r, g) in enumerate(zip(backward.parts, backward.grads, strict=True)):
-            self.rows[j] += float(r[0].sum())
+        for j, (r, g) in enumerate(zip(backward.rows, backward.grads, strict=True)):
+            self.rows[j] += float(r.sum())
             self.dots[j] += float(sum((g[n] * u[n].to(g[n].device, torch.float64)).sum()
                                       for n in g))
 
@@ -420,10 +402,15 @@ def choose_derivative(model: nn.Module, requested: str) -> tuple[str, str]:
     """("forward" | "reverse", why). ``auto`` takes the reverse pass where forward-mode AD cannot
     run or would cost too much: layers replaced by Hub kernels (``kernels``: no forward-mode
     rules), or fused SDPA/flash attention on an accelerator (the forward pass would fall back to
-    the math kernel, O(L^2) memory per head). (Sharded models are refused at construction:
-    ``distributed.refuse_sharded``.)"""
+    the math kernel, O(L^2) memory per head); but forward with DoRA layers (their weight norm
+    is a use shared by every sequence, which the reverse pass refuses). Sharded models are
+    refused at construction (``distributed.refuse_sharded``)."""
     if requested != "auto":
         return requested, "requested"
+    dora = [n for n, m in model.named_modules() if type(m).__name__ == "DoraLinearLayer"]
+    if dora:
+        return "forward", ("auto: DoRA's weight norm is shared by every sequence (the reverse "
+                           "pass cannot split it per sequence)")
     kernels = [n for n, m in model.named_modules() if "_kernel_repo" in m.__dict__]
     if kernels:
         return "reverse", f"auto: {len(kernels)} layers run Hub kernels (e.g. {kernels[0]})"

@@ -1,10 +1,12 @@
 """The reverse-mode derivative pass (``derivative="reverse"``, entropy_callback/reverse.py).
 
 It must give what the forward-mode pass gives, per sequence, in float64, on every head the
-probe handles: Llama (untied, tied, LoRA on the head, ``modules_to_save`` on the head, DoRA,
-every weight trained: embeddings, norms and linear layers), Qwen2, Gemma2 (soft-capped logits)
-and GPT-2 (tied head, Conv1D layers, every weight trained). And it must pass the exact oracle: over
-R independent E batches its delta H_1 is unbiased for the exact D_Delta theta H.
+probe handles: Llama (untied, tied, LoRA on the head, ``modules_to_save`` on the head, every
+weight trained: embeddings, norms and linear layers), Qwen2, Gemma2 (soft-capped logits) and
+GPT-2 (tied head, Conv1D layers, every weight trained). DoRA, whose weight norm is one tensor
+shared by every sequence, is refused by the reverse pass and left to the forward one. And it
+must pass the exact oracle: over R independent E batches its delta H_1 is unbiased for the exact
+D_Delta theta H.
 
 The models are float64 with SDPA attention and their RMSNorms computed in float64
 (``exact_float64``): as shipped, Llama's RMSNorm rounds through float32, which would limit the
@@ -110,7 +112,7 @@ def _model(kind: str, tokenizer, vocab: int | None = None) -> torch.nn.Module:
         targets = [*targets, "lm_head"]
     if kind == "llama_modules_to_save":
         options["modules_to_save"] = ["lm_head"]
-    if kind == "llama_dora":  # its weight norm calls lora_B(lora_A(I)), detached
+    if kind == "llama_dora":  # its weight norm: lora_B(lora_A(I)), shared by every sequence
         options["use_dora"] = True
     model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets,
                                                       **options))
@@ -118,8 +120,8 @@ def _model(kind: str, tokenizer, vocab: int | None = None) -> torch.nn.Module:
     return make_exact(model)
 
 
-KINDS = ["llama_untied", "llama_tied", "llama_lora_head", "llama_modules_to_save", "llama_dora",
-         "llama_full", "qwen2", "gemma2", "gpt2", "gpt2_full"]
+KINDS = ["llama_untied", "llama_tied", "llama_lora_head", "llama_modules_to_save", "llama_full",
+         "qwen2", "gemma2", "gpt2", "gpt2_full"]
 
 
 def _one_step(model, tokenizer, normalize: str, **options):
@@ -192,19 +194,15 @@ def test_a_parameter_used_outside_its_module_fails_the_check():
         _one_step(model, tokenizer, "per_token")
 
 
-def test_a_use_shared_by_every_sequence_that_matters_is_refused():
-    """A probed module called on a tensor common to all sequences (as DoRA's weight norm is,
-    there detached) whose output does reach the objective: its per-sequence parts cannot be
-    separated, and the pass must refuse rather than drop or misattribute them."""
+def test_dora_is_refused_by_the_reverse_pass_and_auto_takes_forward():
+    """DoRA's weight norm ||W + s B A|| is one tensor for every sequence (peft computes it from
+    lora_B(lora_A(I))) and, with its detach undone (variants.exact_variant_derivatives), it
+    moves the entropy: its per-sequence parts cannot be separated, so the reverse pass refuses
+    with the reason (not a biased delta H_1), and "auto" takes the forward pass."""
     tokenizer = build_char_tokenizer()
-    model = _model("llama_full", tokenizer)
-    norm, head = model.model.norm, model.lm_head
-    original = norm.forward
-
-    def shared(x):
-        return original(x) * head(torch.ones(1, x.shape[-1], dtype=x.dtype)).mean()
-
-    norm.forward = shared
+    model = _model("llama_dora", tokenizer)
+    mode, why = choose_derivative(model, "auto")
+    assert mode == "forward" and "DoRA" in why
     with pytest.raises(RuntimeError, match="shared by every sequence"):
         _one_step(model, tokenizer, "per_token")
 
