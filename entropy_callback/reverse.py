@@ -62,9 +62,22 @@ CHECK_RTOL = {torch.float64: 1e-8, torch.float32: 1e-3}
 HALF_RTOL = 5e-2
 
 
+_CONTAINERS = (nn.ParameterDict, nn.ParameterList)
+
+
+def _attribute(module: nn.Module, dotted: str) -> torch.Tensor:
+    """``module.a.b`` for "a.b": the tensor there now (substituted by ``functional_call`` or
+    not, which ``get_parameter`` refuses)."""
+    for part in dotted.split("."):
+        module = getattr(module, part)
+    return module
+
+
 class Injector:
     """Forward hooks adding eps_row * (D_u output) to the output of every module that owns a
-    probed parameter (module docstring). Inactive (the hooks return None) outside ``rows``.
+    probed parameter (module docstring), directly or in a ``ParameterDict``/``ParameterList``
+    child (peft's LoRA on embeddings, trainable tokens: the layer reads them in its forward).
+    Inactive (the hooks return None) outside ``rows``.
 
     Args:
         model: the model whose modules are hooked.
@@ -80,8 +93,13 @@ class Injector:
         self._busy = False
         self.owners: dict[nn.Module, list[tuple[str, str]]] = {}
         for module in model.modules():
-            own = [(local, names[id(p)]) for local, p in module._parameters.items()
-                   if p is not None and id(p) in names]
+            if isinstance(module, _CONTAINERS):  # never called: its parent reads it
+                continue
+            held = [(k, p) for k, p in module._parameters.items() if p is not None]
+            held += [(f"{c}.{k}", p) for c, child in module._modules.items()
+                     if isinstance(child, _CONTAINERS)
+                     for k, p in child._parameters.items() if p is not None]
+            own = [(local, names[id(p)]) for local, p in held if id(p) in names]
             if own:
                 self.owners[module] = own
         self._handles = []
@@ -115,7 +133,8 @@ class Injector:
                 f"owns probed parameters) as a tensor, got {type(output).__name__}. Use "
                 "derivative='forward' for this model.")
         own = self.owners[module]
-        u = {local: self.tangents[full].to(getattr(module, local).dtype) for local, full in own}
+        u = {local: self.tangents[full].to(_attribute(module, local).dtype)
+             for local, full in own}
         n = self.eps.shape[0] - 1
         d = self._local_tangent(module, u, args, kwargs).to(output.dtype)
         if output.shape[:1] != (n,):  # called on a tensor shared by every row
@@ -132,7 +151,7 @@ class Injector:
             return u["bias"].expand(*x.shape[:-1], module.out_features)
         if type(module) is nn.Embedding and set(u) == {"weight"} and module.max_norm is None:
             return F.embedding(args[0], u["weight"])
-        primals = {local: getattr(module, local).detach() for local in u}
+        primals = {local: _attribute(module, local).detach() for local in u}
         args_, kwargs_ = tree_map(lambda t: t.detach() if torch.is_tensor(t) else t,
                                   (args, kwargs))
         self._busy = True

@@ -1,7 +1,8 @@
 """The reverse-mode derivative pass (``derivative="reverse"``, entropy_callback/reverse.py).
 
 It must give what the forward-mode pass gives, per sequence, in float64, on every head the
-probe handles: Llama (untied, tied, LoRA on the head, ``modules_to_save`` on the head, every
+probe handles: Llama (untied, tied, LoRA on the head, ``modules_to_save`` on the head, LoRA on
+the embedding and trainable tokens (parameters in a ``ParameterDict`` their layer reads), every
 weight trained: embeddings, norms and linear layers), Qwen2, Gemma2 (soft-capped logits) and
 GPT-2 (tied head, Conv1D layers, every weight trained). DoRA, whose weight norm is one tensor
 shared by every sequence, is refused by the reverse pass and left to the forward one. And it
@@ -112,16 +113,25 @@ def _model(kind: str, tokenizer, vocab: int | None = None) -> torch.nn.Module:
         targets = [*targets, "lm_head"]
     if kind == "llama_modules_to_save":
         options["modules_to_save"] = ["lm_head"]
+    if kind == "llama_lora_embedding":  # peft keeps these in ParameterDicts its layer reads
+        targets = [*targets, "embed_tokens"]
+    if kind == "llama_trainable_tokens":
+        options["trainable_token_indices"] = [3, 5, 7]
     if kind == "llama_dora":  # its weight norm: lora_B(lora_A(I)), shared by every sequence
         options["use_dora"] = True
     model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets,
                                                       **options))
     randomize_lora_b(model, std=0.05, seed=3)
+    with torch.no_grad():  # the embedding's LoRA B too (randomize_lora_b covers lora_B)
+        for name, p in model.named_parameters():
+            if "lora_embedding_B" in name:
+                p.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(4))
     return make_exact(model)
 
 
-KINDS = ["llama_untied", "llama_tied", "llama_lora_head", "llama_modules_to_save", "llama_full",
-         "qwen2", "gemma2", "gpt2", "gpt2_full"]
+KINDS = ["llama_untied", "llama_tied", "llama_lora_head", "llama_modules_to_save",
+         "llama_lora_embedding", "llama_trainable_tokens", "llama_full", "qwen2", "gemma2", "gpt2",
+         "gpt2_full"]
 
 
 def _one_step(model, tokenizer, normalize: str, **options):
