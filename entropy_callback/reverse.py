@@ -417,6 +417,10 @@ def reverse_terms(backward: Backward, mask: torch.Tensor) -> dict[str, torch.Ten
     return terms
 
 
+def _has_dora(model: nn.Module) -> bool:
+    return any(type(m).__name__ == "DoraLinearLayer" for m in model.modules())
+
+
 def choose_derivative(model: nn.Module, requested: str) -> tuple[str, str]:
     """("forward" | "reverse", why). ``auto`` takes the reverse pass where forward-mode AD cannot
     run or would cost too much: layers replaced by Hub kernels (``kernels``: no forward-mode
@@ -426,8 +430,7 @@ def choose_derivative(model: nn.Module, requested: str) -> tuple[str, str]:
     refused at construction (``distributed.refuse_sharded``)."""
     if requested != "auto":
         return requested, "requested"
-    dora = [n for n, m in model.named_modules() if type(m).__name__ == "DoraLinearLayer"]
-    if dora:
+    if _has_dora(model):
         return "forward", ("auto: DoRA's weight norm is shared by every sequence (the reverse "
                            "pass cannot split it per sequence)")
     kernels = [n for n, m in model.named_modules() if "_kernel_repo" in m.__dict__]
@@ -448,6 +451,10 @@ def reverse_pass(scorer: Scorer, params: Mapping[str, torch.Tensor], microbatche
     the live parameters, never ``.grad``). At the end, checks sum_i P_i (and C_i) against the
     float64 dot product of the gradient with ``direction`` (``reverse_check_gap`` in
     ``diagnostics``) and raises when they differ by more than rounding."""
+    if _has_dora(scorer.model):  # refused up front: its identity-matrix call could pass for rows
+        raise RuntimeError(
+            "reverse derivative pass: DoRA's weight norm is one tensor shared by every sequence, "
+            "whose per-sequence parts cannot be separated. Use derivative='forward' (or 'auto').")
     leaves = {n: t.detach().requires_grad_(True) for n, t in theta.items()}
     weights = estimator_weights(normalize)
     check = Check([0.0, 0.0], [0.0, 0.0])

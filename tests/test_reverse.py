@@ -217,6 +217,23 @@ def test_dora_is_refused_by_the_reverse_pass_and_auto_takes_forward():
         _one_step(model, tokenizer, "per_token")
 
 
+def test_a_use_shared_by_every_sequence_that_matters_is_refused():
+    """A probed module called on a tensor common to all sequences, whose output reaches the
+    objective (as DoRA's undetached norm does): the extra eps entry sees it and the pass refuses
+    rather than drop or misattribute its per-sequence parts."""
+    tokenizer = build_char_tokenizer()
+    model = _model("llama_full", tokenizer)
+    norm, head = model.model.norm, model.lm_head
+    original = norm.forward
+
+    def shared(x):
+        return original(x) * head(torch.ones(1, x.shape[-1], dtype=x.dtype)).mean()
+
+    norm.forward = shared
+    with pytest.raises(RuntimeError, match="shared by every sequence"):
+        _one_step(model, tokenizer, "per_token")
+
+
 @pytest.fixture(scope="module")
 def reverse_pool(policy, step):  # noqa: F811  (pytest fixtures by name)
     """The oracle policy's pool of R·B sequences, its derivative terms by the reverse pass."""
