@@ -136,10 +136,13 @@ class Injector:
         u = {local: self.tangents[full].to(_attribute(module, local).dtype)
              for local, full in own}
         n = self.eps.shape[0] - 1
-        d = self._local_tangent(module, u, args, kwargs).to(output.dtype)
+        # at least float32: the eps gradients are sums over a row, kept out of bf16 rounding
+        wide = torch.promote_types(output.dtype, torch.float32)
+        d = self._local_tangent(module, u, args, kwargs).to(wide)
         if output.shape[:1] != (n,):  # called on a tensor shared by every row
-            return output + self.eps[n].to(output.dtype) * d
-        return output + self.eps[:n].to(output.dtype).reshape(n, *([1] * (output.dim() - 1))) * d
+            return output + (self.eps[n].to(wide) * d).to(output.dtype)
+        eps = self.eps[:n].to(wide).reshape(n, *([1] * (output.dim() - 1)))
+        return output + (eps * d).to(output.dtype)
 
     def _local_tangent(self, module, u, args, kwargs) -> torch.Tensor:
         """D_u of the module's output along its own probed parameters ``u`` (by local name),
@@ -387,17 +390,20 @@ class Check:
 
     rows: list[float]
     dots: list[float]
+    scale: list[float]  # sum_i |per-sequence value|: the size the gap is measured against
 
     def add(self, backward: Backward, u: Mapping[str, torch.Tensor]) -> None:
         for j, (r, g) in enumerate(zip(backward.rows, backward.grads, strict=True)):
             self.rows[j] += float(r.sum())
+            self.scale[j] += float(r.abs().sum())
             self.dots[j] += float(sum((g[n] * u[n].to(g[n].device, torch.float64)).sum()
                                       for n in g))
 
     def gap(self) -> float:
-        """Largest relative gap |sum_i - dot| / max(|sum_i|, |dot|) over the objectives."""
-        gaps = [abs(r - d) / max(abs(r), abs(d)) for r, d in zip(self.rows, self.dots,
-                                                                 strict=True) if r or d]
+        """Largest relative gap |sum_i - dot| / max(|sum_i|, |dot|, sum_i |value_i|) over the
+        objectives (the last term keeps a sum that cancels from magnifying rounding)."""
+        gaps = [abs(r - d) / max(abs(r), abs(d), a)
+                for r, d, a in zip(self.rows, self.dots, self.scale, strict=True) if r or d]
         return max(gaps, default=0.0)
 
 
@@ -457,7 +463,7 @@ def reverse_pass(scorer: Scorer, params: Mapping[str, torch.Tensor], microbatche
             "whose per-sequence parts cannot be separated. Use derivative='forward' (or 'auto').")
     leaves = {n: t.detach().requires_grad_(True) for n, t in theta.items()}
     weights = estimator_weights(normalize)
-    check = Check([0.0, 0.0], [0.0, 0.0])
+    check = Check([0.0, 0.0], [0.0, 0.0], [0.0, 0.0])
     with Injector(scorer.model, params, direction) as injector:
         for mb in microbatches:
             backward = surrogate_backward(scorer, mb, leaves, weights, injector)
