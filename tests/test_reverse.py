@@ -270,6 +270,12 @@ def test_auto_picks_forward_on_a_cpu_model_and_the_config_checks_the_name(caplog
     model = _model("llama_untied", tokenizer)
     assert choose_derivative(model, "auto")[0] == "forward"
     assert choose_derivative(model, "reverse") == ("reverse", "requested")
+    # off the CPU (here the meta device: no GPU in CI), SDPA would be the fused kernels that
+    # forward mode cannot enter: reverse; eager attention there: forward
+    on_device = _model("llama_untied", tokenizer).to("meta")
+    assert choose_derivative(on_device, "auto") == ("reverse", "auto: sdpa attention on meta")
+    on_device.config._attn_implementation = "eager"
+    assert choose_derivative(on_device, "auto")[0] == "forward"
     with pytest.raises(ProbeConfigError, match="derivative must be one of"):
         ProbeConfig(derivative="backward")
     with caplog.at_level("INFO", logger="entropy_callback"):
