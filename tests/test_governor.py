@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import warnings
 
+import lightning
 import numpy as np
 import pytest
 import torch
@@ -46,6 +47,10 @@ def plain_run(make_grpo, heldout, steps: int = STEPS, lr: float = FAST, spy=None
                               **{**TINY_PROBE, **governor}).attach(opt)
     if spy is not None:
         opt.register_step_pre_hook(lambda o, args, kwargs: spy(o, sched))
+    # right after each step (after the governor's post-hook): the lr Adam's group holds now
+    module.lr_after_step = []
+    opt.register_step_post_hook(
+        lambda o, args, kwargs: module.lr_after_step.append(o.param_groups[0]["lr"]))
     batches = iter(module.train_dataloader())
     steps_taken = []
     with warnings.catch_warnings():
@@ -87,8 +92,8 @@ def test_alpha_only_brakes_and_the_step_is_alpha_times_the_rebuilt_one(make_grpo
         opt.param_groups[0]["lr"] = lr
         at_step.append((lr, full))
 
-    *_, gov, taken = plain_run(make_grpo, heldout_prompts, max_drop=0.005, alpha_min=0.05,
-                               spy=spy)
+    module, _, _, gov, taken = plain_run(make_grpo, heldout_prompts, max_drop=0.005,
+                                         alpha_min=0.05, spy=spy)
     alphas = [r.alpha for r in gov.records]
     assert all(0.05 <= a <= 1.0 for a in alphas)
     assert any(a < 1.0 for a in alphas)  # steps 6-7 predict drops beyond 0.005 nats/token
@@ -101,6 +106,20 @@ def test_alpha_only_brakes_and_the_step_is_alpha_times_the_rebuilt_one(make_grpo
         for b, a, d in zip(before, after, full.values(), strict=True):
             # float32 parameters: theta + step rounds at ~1e-7 of theta
             torch.testing.assert_close((a - b).double(), r.alpha * d, rtol=1e-4, atol=1e-8)
+    # the schedule's lr is back as soon as the step is over (a chainable scheduler, e.g.
+    # ExponentialLR, would otherwise carry alpha into every later step)
+    assert module.lr_after_step == [r.lr for r in gov.records]
+
+
+class LrAfterStep(lightning.Callback):
+    """Listed after the governor: its step post-hook reads the lr right after each step."""
+
+    def __init__(self):
+        self.lrs = []
+
+    def on_train_start(self, trainer, pl_module):
+        trainer.optimizers[0].register_step_post_hook(
+            lambda o, args, kwargs: self.lrs.append(o.param_groups[0]["lr"]))
 
 
 def test_lr_restored_scheduler_and_checkpoint_unchanged(make_grpo, make_probe, fit, tmp_path):
@@ -117,7 +136,9 @@ def test_lr_restored_scheduler_and_checkpoint_unchanged(make_grpo, make_probe, f
     heldout = make_prompts(16, seed=123)
     base, base_ckpt = train(tmp_path / "base", [])
     cb = EntropyGovernorCallback(heldout, max_drop=0.005, alpha_min=0.05, **TINY_PROBE)
-    gov, gov_ckpt = train(tmp_path / "gov", [cb])
+    spy = LrAfterStep()
+    gov, gov_ckpt = train(tmp_path / "gov", [cb, spy])
+    assert spy.lrs == [r.lr for r in cb.records]  # restored before the scheduler steps
     assert [r.step for r in cb.records] == list(range(STEPS))
     assert any(r.alpha < 1 for r in cb.records)
     assert base.optimizers[0].param_groups[0]["lr"] == gov.optimizers[0].param_groups[0]["lr"]
@@ -286,6 +307,6 @@ def test_trust_region_tightens_when_the_linear_regime_breaks(make_grpo, heldout_
         if i + 1 < len(gov.records):
             nxt = gov.records[i + 1]
             assert nxt.alpha == pytest.approx(r.next_ceiling) and nxt.binding == "ceiling"
-    for prev, r in zip(gov.records, gov.records[1:]):
+    for prev in gov.records:
         if prev.in_band:
             assert prev.next_ceiling == pytest.approx(min(1.0, prev.ceiling * 2.0))
