@@ -11,6 +11,7 @@ compare governed runs with ungoverned ones where they must agree (alpha = 1; the
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 
 import lightning
@@ -192,16 +193,20 @@ def test_adam_step_is_linear_in_lr(make_grpo):
 
 
 def test_prediction_agrees_with_realized(make_grpo, heldout_prompts):
-    """Over a tiny governed run, realized Delta H_true follows alpha * delta H_1 (the realized
-    change is on the same E tokens: a paired, low-noise comparison)."""
-    *_, gov, _ = plain_run(make_grpo, heldout_prompts, steps=16, floor=1.0, batch_size=32,
-                           microbatch_size=32)
+    """Over a tiny governed run, realized Delta H_true follows alpha * delta H_1 in direction
+    and in size (the realized change is on the same E tokens: a paired, low-noise comparison).
+    """
+    *_, gov, _ = plain_run(make_grpo, heldout_prompts, steps=16, lr=3e-3, floor=1.0,
+                           batch_size=32, microbatch_size=32)
+    assert all(r.governed and r.realized is not None for r in gov.records)
     p = np.array([r.predicted for r in gov.records])
     q = np.array([r.realized for r in gov.records])
-    assert all(r.governed and r.realized is not None for r in gov.records)
-    # the tiny run's steps are in the linear regime (docs/validation.md); 0.9 leaves room for
-    # the second-order term of its largest steps (measured ~0.99 at seed 0)
-    assert np.corrcoef(p, q)[0, 1] >= 0.9
+    se = np.array([math.hypot(r.realized_se, r.alpha * r.deltaH1_se) for r in gov.records])
+    # measured at seed 0: Pearson 0.986, slope 0.96, none of 16 outside 2 SE. The bounds leave
+    # room for the second-order term; a prediction off by a factor 2 fails the slope.
+    assert np.corrcoef(p, q)[0, 1] >= 0.95
+    assert 0.8 <= (p @ q) / (p @ p) <= 1.25
+    assert np.mean(np.abs(q - p) > 2 * se) <= 0.25
     assert all(r.in_band is not None for r in gov.records)
 
 
