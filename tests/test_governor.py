@@ -315,3 +315,25 @@ def test_trust_region_tightens_when_the_linear_regime_breaks(make_grpo, heldout_
     for prev in gov.records:
         if prev.in_band:
             assert prev.next_ceiling == pytest.approx(min(1.0, prev.ceiling * 2.0))
+
+
+def test_beside_the_probe(make_grpo, make_probe, fit, tmp_path):
+    """EntropyProbeCallback listed first, the governor after it: the probe's post-hook sees the
+    step taken at alpha * lr (its rebuilt step matches the observed one on braked steps), and
+    the governor writes into the probe's run directory under the probe's run id."""
+    from entropy_callback import load_run
+
+    probe = make_probe(every=1)
+    gov = EntropyGovernorCallback(make_prompts(16, seed=123), max_drop=0.005, alpha_min=0.05,
+                                  **TINY_PROBE)
+    fit(make_grpo(seed=0, lr=FAST), tmp_path, max_steps=STEPS, callbacks=[probe, gov],
+        gradient_clip_val=1.0)
+    assert any(r.alpha < 1 for r in gov.records)
+    run_dir = probe.json.root
+    rows = load_run(run_dir)
+    assert [r["step"] for r in rows] == list(range(STEPS))
+    for row, rec in zip(rows, gov.records, strict=True):
+        assert row["update_rel_error"] < 1e-5, (row["step"], rec.alpha)
+    governed = read_records(run_dir)
+    assert [r["step"] for r in governed] == list(range(STEPS))
+    assert {r["run_id"] for r in governed} == {probe.run_logger.run_id}
