@@ -14,6 +14,7 @@ Example::
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from .config import ProbeConfig, ProbeConfigError
 from .governor import EntropyGovernor, GovernorPolicy, GovernorRecord, resolve_options
 from .governor_log import PREFIX, GovernorLog
+from .observer import EntropyProbeWarning
 from .prompts import check_prompts
 
 
@@ -79,6 +81,12 @@ class EntropyGovernorCallback(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.governor is None:
             return
+        later = trainer.callbacks[trainer.callbacks.index(self) + 1:]
+        if any(type(cb).__name__ == "EntropyProbeCallback" for cb in later):
+            warnings.warn("EntropyProbeCallback is listed after EntropyGovernorCallback: its "
+                          "post-hook then runs after the governor restored the lr, and its "
+                          "rebuilt step misses alpha. List the probe first.",
+                          EntropyProbeWarning, stacklevel=2)
         self.log = _open_log(trainer)
         self.governor.attach(trainer.optimizers[0], step=lambda: trainer.global_step,
                              on_record=self._emit)

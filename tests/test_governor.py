@@ -20,7 +20,7 @@ import pytest
 import torch
 from conftest import TINY_PROBE
 
-from entropy_callback import ProbeConfigError
+from entropy_callback import EntropyProbeWarning, ProbeConfigError
 from entropy_callback.demos.grpo import make_prompts
 from entropy_callback.governor import EntropyGovernor
 from entropy_callback.governor_lightning import EntropyGovernorCallback
@@ -334,6 +334,11 @@ def test_beside_the_probe(make_grpo, make_probe, fit, tmp_path):
     assert [r["step"] for r in rows] == list(range(STEPS))
     for row, rec in zip(rows, gov.records, strict=True):
         assert row["update_rel_error"] < 1e-5, (row["step"], rec.alpha)
+    # listed the other way round, the probe's rebuilt step misses alpha: a warning says so
+    with pytest.warns(EntropyProbeWarning, match="List the probe first"):
+        fit(make_grpo(seed=0, lr=FAST), tmp_path / "swapped", max_steps=1,
+            callbacks=[EntropyGovernorCallback(make_prompts(16, seed=123), max_drop=0.005,
+                                               **TINY_PROBE), make_probe(every=1)])
     governed = read_records(run_dir)
     assert [r["step"] for r in governed] == list(range(STEPS))
     assert {r["run_id"] for r in governed} == {probe.run_logger.run_id}
