@@ -163,8 +163,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--tune-seed", type=int, default=100)
-    parser.add_argument("--bonus-grid", type=float, nargs="+", default=[0.01, 0.015, 0.02, 0.03, 0.1])
-    parser.add_argument("--delta-grid", type=float, nargs="+", default=[0.005, 0.02, 0.05, 0.1, 0.2])
+    parser.add_argument("--bonus-grid", type=float, nargs="+",
+                        default=[0.01, 0.015, 0.02, 0.03, 0.1])
+    parser.add_argument("--delta-grid", type=float, nargs="+",
+                        default=[0.005, 0.02, 0.05, 0.1, 0.2])
     parser.add_argument("--out", default=str(ROOT / "docs" / "governor_eval"),
                         help="writes <out>.json and <out>.png")
     args = parser.parse_args(argv)
