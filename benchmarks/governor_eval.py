@@ -140,6 +140,8 @@ def plot(runs: list[dict], path: Path) -> None:
     colors = dict(zip(ARMS, ("tab:gray", "tab:blue", "tab:orange", "tab:green"), strict=True))
     for arm in ARMS:
         mine = [r for r in runs if r["arm"] == arm]
+        if not mine:
+            continue
         H = np.mean([r["H"] for r in mine], axis=0)
         R = np.mean([r["reward"] for r in mine], axis=0)
         R = np.convolve(R, np.ones(10) / 10, mode="valid")
@@ -167,31 +169,39 @@ def main(argv=None) -> dict:
                         default=[0.01, 0.015, 0.02, 0.03, 0.1])
     parser.add_argument("--delta-grid", type=float, nargs="+",
                         default=[0.005, 0.02, 0.05, 0.1, 0.2])
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    parser.add_argument("--bonus", type=float, help="skip the bonus's tuning: use this c")
+    parser.add_argument("--delta", type=float, help="skip the adaptive tuning: use this delta")
     parser.add_argument("--out", default=str(ROOT / "docs" / "governor_eval"),
                         help="writes <out>.json and <out>.png")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     start = time.perf_counter()
-    c, bonus_rows = tune("bonus", args.bonus_grid, args.tune_seed, args.steps)
-    delta, adaptive_rows = tune("adaptive", args.delta_grid, args.tune_seed, args.steps)
+    c, bonus_rows = (args.bonus, []) if args.bonus is not None or "bonus" not in args.arms \
+        else tune("bonus", args.bonus_grid, args.tune_seed, args.steps)
+    delta, adaptive_rows = (args.delta, []) if (args.delta is not None
+                                                or "adaptive" not in args.arms) \
+        else tune("adaptive", args.delta_grid, args.tune_seed, args.steps)
     values = {"none": 0.0, "bonus": c, "adaptive": delta, "governor": 0.0}
     runs = []
     for seed in args.seeds:
-        for arm in ARMS:
+        for arm in args.arms:
             runs.append(run(arm, seed, args.steps, values[arm]))
             print(f"{arm:9s} seed {seed}: {summary(runs[-1])}", flush=True)
     table = {}
     base = {s: r["seconds"] for r in runs if r["arm"] == "none" for s in [r["seed"]]}
-    for arm in ARMS:
+    for arm in args.arms:
         rows = [summary(r) for r in runs if r["arm"] == arm]
-        overhead = [r["seconds"] / base[r["seed"]] - 1 for r in runs if r["arm"] == arm]
+        overhead = [r["seconds"] / base[r["seed"]] - 1 for r in runs
+                    if r["arm"] == arm and r["seed"] in base]
         table[arm] = {k: float(np.mean([row[k] for row in rows])) for k in rows[0]}
         table[arm]["min_H_any_seed"] = float(min(row["min_H"] for row in rows))
-        table[arm]["overhead"] = float(np.mean(overhead))
+        table[arm]["overhead"] = float(np.mean(overhead)) if overhead else None
         table[arm]["value"] = values[arm]
+    governed = [r for r in runs if r["arm"] == "governor"]
     report = {"args": vars(args), "table": table,
-              "prediction": prediction_check([r for r in runs if r["arm"] == "governor"]),
+              "prediction": prediction_check(governed) if governed else None,
               "tuning": {"bonus": bonus_rows, "adaptive": adaptive_rows},
               "runs": [{k: v for k, v in r.items() if k != "records"} for r in runs],
               "total_seconds": time.perf_counter() - start}

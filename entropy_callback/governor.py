@@ -11,11 +11,12 @@ to take from the live state and the current ``p.grad`` (``update.adam_step``), s
 
     alpha = clip(min(D / -delta H_1, ceiling), alpha_min, 1)  when delta H_1 < -D, else ceiling
 
-where D >= 0 is the drop the policy allows this step (nats/token):
-``floor=H_min``: fraction * (H - H_min); ``max_drop=r``: r; ``schedule(step) -> H*``:
-H - H*(step + 1); the smallest one binds. Adam's step is linear in lr with its state fixed
-(decoupled weight decay included), so the step at alpha * lr is alpha * Delta theta and its
-first-order entropy change is alpha * delta H_1, with no second pass. alpha never exceeds 1.
+where D >= 0 is the drop the policy allows this step (nats/token), read at the lower bound
+H_low = H - margin_se * SE(H) of E's entropy: ``floor=H_min``: fraction * (H_low - H_min);
+``max_drop=r``: r; ``schedule(step) -> H*``: H_low - H*(step + 1); the smallest one binds.
+Adam's step is linear in lr with its state fixed (decoupled weight decay included), so the step
+at alpha * lr is alpha * Delta theta and its first-order entropy change is alpha * delta H_1,
+with no second pass. alpha never exceeds 1.
 
 After the step (its post-hook) the lr is restored and Delta H_true is measured on the same E
 tokens (SNIS, bias-corrected). When it leaves the trust band
@@ -51,8 +52,8 @@ from .observer import PhaseRunner, preserved_state
 from .probe import EntropyProbe
 from .update import adam_step, is_adam
 
-POLICY_DEFAULTS = dict(fraction=0.5, alpha_min=0.001, every=1, trust_se=2.0, trust_rel=0.5,
-                       shrink=0.5, grow=2.0)
+POLICY_DEFAULTS = dict(fraction=0.5, alpha_min=0.001, every=1, margin_se=2.0, trust_se=2.0,
+                       trust_rel=0.5, shrink=0.5, grow=2.0)
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,9 @@ class GovernorPolicy:
     max_drop: r, at most r nats/token of predicted decrease per step.
     schedule: ``schedule(step) -> H*``; the step's predicted H stays >= H*(step + 1).
     alpha_min: the smallest lr factor, in (0, 1]. every: govern every this many steps.
+    margin_se: the policy reads H - margin_se * SE(H), a lower confidence bound: a fresh E
+        each step makes H noisy, and braking on an H that noise lifted would let the entropy
+        ratchet down (a step allowed on an overestimate is never taken back).
     trust_se, trust_rel, shrink, grow: the trust band and the ceiling's cut and regrowth.
     """
 
@@ -72,6 +76,7 @@ class GovernorPolicy:
     fraction: float = POLICY_DEFAULTS["fraction"]
     alpha_min: float = POLICY_DEFAULTS["alpha_min"]
     every: int = POLICY_DEFAULTS["every"]
+    margin_se: float = POLICY_DEFAULTS["margin_se"]
     trust_se: float = POLICY_DEFAULTS["trust_se"]
     trust_rel: float = POLICY_DEFAULTS["trust_rel"]
     shrink: float = POLICY_DEFAULTS["shrink"]
@@ -89,6 +94,7 @@ class GovernorPolicy:
         _number("max_drop", self.max_drop, low=0.0, optional=True)
         _number("fraction", self.fraction, low=0.0, high=1.0)
         _number("alpha_min", self.alpha_min, low=0.0, high=1.0)
+        _number("margin_se", self.margin_se, low=0.0, closed=True)
         _number("trust_se", self.trust_se, low=0.0)
         _number("trust_rel", self.trust_rel, low=0.0, closed=True)
         _number("shrink", self.shrink, low=0.0, high=1.0)
@@ -128,6 +134,17 @@ def resolve_options(config: ProbeConfig | Mapping[str, Any] | None,
     return policy, ProbeConfig.resolve(config, rest, owner)
 
 
+def entropy_se(h: torch.Tensor, T: torch.Tensor, normalize: str) -> float:
+    """SE of H_hat over E's [B] sequences (delta method for the per-token ratio sum h / sum T:
+    IF_i = (h_i - H_hat T_i) / T_bar; per_sequence: the sd of h), nats/token."""
+    if h.numel() < 2:
+        return 0.0
+    if normalize == "per_token":
+        H = h.sum() / T.sum()
+        return float(((h - H * T) / T.mean()).std() / math.sqrt(h.numel()))
+    return float(h.std() / math.sqrt(h.numel()))
+
+
 def _number(name: str, value: Any, *, low: float, high: float | None = None,
             closed: bool = False, optional: bool = False) -> None:
     """Raise ProbeConfigError unless ``value`` is a finite number in (low, high] ([low, ...]
@@ -159,6 +176,7 @@ class GovernorRecord:
     sensitivity_from: int | None = None
     lr: float | None = None
     H: float | None = None
+    H_se: float | None = None
     target: float | None = None
     allowed_drop: float | None = None
     deltaH1: float | None = None
@@ -208,6 +226,7 @@ class EntropyGovernor:
         self.bars_dot: float | None = None  # delta H_1 / lr of the last governed step
         self.sensitivity_step: int | None = None
         self.H: float | None = None  # the latest entropy estimate (nats/token)
+        self.H_se: float | None = None  # its standard error
         self._on_record: list[Callable[[GovernorRecord], Any]] = []
         self._hooks: list[Any] = []
         self._step_fn: Callable[[], int] | None = None
@@ -285,7 +304,7 @@ class EntropyGovernor:
                 active.update(self._predict(optimizer, record))
         if not record.governed and self.bars_dot is not None and self.H is not None:
             record.sensitivity_from = self.sensitivity_step
-            record.H, record.bars_dot = self.H, self.bars_dot
+            record.H, record.H_se, record.bars_dot = self.H, self.H_se, self.bars_dot
             record.deltaH1 = self.bars_dot * record.lr
         self._choose(record)
         for group in optimizer.param_groups:
@@ -308,6 +327,7 @@ class EntropyGovernor:
                       cfg.normalize)
         record.governed = True
         record.H, record.deltaH1, record.deltaH1_se = d1.H_hat, d1.deltaH1, d1.deltaH1_se
+        record.H_se = entropy_se(terms["h"], terms["T"], cfg.normalize)
         record.bars_dot = d1.deltaH1 / record.lr if record.lr else None
         record.timing["predict_total"] = time.perf_counter() - start
         return {"batch": batch, "terms": terms}
@@ -317,7 +337,9 @@ class EntropyGovernor:
         pol = self.policy
         alpha, binding = 1.0, "none"
         if record.H is not None and record.deltaH1 is not None:
-            drop, record.target, bound = pol.allowed_drop(record.H, record.step)
+            low = record.H - pol.margin_se * (record.H_se or 0.0)
+            drop, _, bound = pol.allowed_drop(low, record.step)
+            record.target = record.H - drop
             record.allowed_drop = drop
             if record.deltaH1 < -drop:
                 alpha, binding = (drop / -record.deltaH1 if drop > 0 else 0.0), bound
@@ -373,7 +395,7 @@ class EntropyGovernor:
                                 f"{record.predicted:+.4g} (band +-{record.band:.3g}): the linear "
                                 f"regime broke; ceiling {self.ceiling:.3g} -> {new:.3g}")
                 self.ceiling = new
-            self.H = record.H + record.realized
+            self.H, self.H_se = record.H + record.realized, record.H_se
             self.bars_dot, self.sensitivity_step = record.bars_dot, record.step
         elif record.H is not None and record.predicted is not None:
             self.H = record.H + record.predicted
@@ -382,11 +404,11 @@ class EntropyGovernor:
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         """The controller's state (ceiling, reused sensitivity, entropy estimate, step count)."""
-        return {"ceiling": self.ceiling, "bars_dot": self.bars_dot, "H": self.H,
+        return {"ceiling": self.ceiling, "bars_dot": self.bars_dot, "H": self.H, "H_se": self.H_se,
                 "sensitivity_step": self.sensitivity_step, "calls": self._calls}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.ceiling = float(state.get("ceiling", 1.0))
-        self.bars_dot, self.H = state.get("bars_dot"), state.get("H")
+        self.bars_dot, self.H, self.H_se = state.get("bars_dot"), state.get("H"), state.get("H_se")
         self.sensitivity_step = state.get("sensitivity_step")
         self._calls = int(state.get("calls", 0))

@@ -245,6 +245,7 @@ def test_every_k_reuses_the_sensitivity(make_grpo, heldout_prompts):
     ({"schedule": 2.0}, "schedule must be a callable"),
     ({"max_drop": -0.1}, "max_drop"),
     ({"floor": 1.0, "every": 0}, "every"),
+    ({"floor": 1.0, "margin_se": -1.0}, "margin_se"),
     ({"floor": 1.0, "batch_sise": 8}, "batch_sise"),
 ])
 def test_bad_input_fails_at_construction(options, needle, make_grpo, heldout_prompts):
