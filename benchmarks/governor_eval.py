@@ -48,8 +48,9 @@ CLIP, FLOOR, E_SIZE = 1.0, 1.0, 64
 ARMS = ("none", "bonus", "adaptive", "governor")
 
 
-def run(arm: str, seed: int, steps: int, value: float = 0.0) -> dict:
-    """One training run; ``value`` is the bonus's c or the adaptive rule's delta."""
+def run(arm: str, seed: int, steps: int, value: float = 0.0, **policy) -> dict:
+    """One training run; ``value`` is the bonus's c or the adaptive rule's delta; ``policy``:
+    governor options beyond floor=1.0."""
     lightning.seed_everything(seed, verbose=False)
     model, tok = build_policy(seed=seed)
     heldout = make_prompts(100, seed=seed + 1)
@@ -62,7 +63,7 @@ def run(arm: str, seed: int, steps: int, value: float = 0.0) -> dict:
     governor = None
     if arm == "governor":
         governor = EntropyGovernor(model, tok, heldout, floor=FLOOR, batch_size=E_SIZE,
-                                   max_new_tokens=6).attach(opt)
+                                   max_new_tokens=6, **policy).attach(opt)
     batches = iter(module.train_dataloader())
     out = {"arm": arm, "seed": seed, "value": value, "H": [], "reward": [], "coef": []}
     coef, last_entropy, measuring = 0.0, math.inf, 0.0
@@ -172,6 +173,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     parser.add_argument("--bonus", type=float, help="skip the bonus's tuning: use this c")
     parser.add_argument("--delta", type=float, help="skip the adaptive tuning: use this delta")
+    parser.add_argument("--margin-se", type=float, help="the governor's margin_se (default: "
+                        "the policy's)")
     parser.add_argument("--out", default=str(ROOT / "docs" / "governor_eval"),
                         help="writes <out>.json and <out>.png")
     args = parser.parse_args(argv)
@@ -187,7 +190,8 @@ def main(argv=None) -> dict:
     runs = []
     for seed in args.seeds:
         for arm in args.arms:
-            runs.append(run(arm, seed, args.steps, values[arm]))
+            policy = {} if args.margin_se is None else {"margin_se": args.margin_se}
+            runs.append(run(arm, seed, args.steps, values[arm], **policy))
             print(f"{arm:9s} seed {seed}: {summary(runs[-1])}", flush=True)
     table = {}
     base = {s: r["seconds"] for r in runs if r["arm"] == "none" for s in [r["seed"]]}
