@@ -306,7 +306,9 @@ class EntropyGovernor:
             record.sensitivity_from = self.sensitivity_step
             record.H, record.H_se, record.bars_dot = self.H, self.H_se, self.bars_dot
             record.deltaH1 = self.bars_dot * record.lr
-        self._choose(record)
+        record.alpha, record.binding = self.ceiling, "ceiling"  # if choosing fails
+        with runner.phase("choose"):
+            self._choose(record)
         for group in optimizer.param_groups:
             group["lr"] = group["lr"] * record.alpha
         self._active = active

@@ -343,3 +343,23 @@ def test_beside_the_probe(make_grpo, make_probe, fit, tmp_path):
     governed = read_records(run_dir)
     assert [r["step"] for r in governed] == list(range(STEPS))
     assert {r["run_id"] for r in governed} == {probe.run_logger.run_id}
+
+
+def test_a_failing_schedule_is_a_warning_not_a_crash(make_grpo, heldout_prompts):
+    """A user's schedule that raises at step 3: that step's record holds the error (phase
+    'choose'), alpha falls back to the ceiling, training goes on; strict=True raises."""
+    from entropy_callback import ProbeFailure
+
+    def schedule(step):
+        if step == 4:  # read for the step before it (schedule(step + 1))
+            raise ValueError("no target for step 4")
+        return 3.0
+
+    with pytest.warns(EntropyProbeWarning, match="phase 'choose' at step 3"):
+        *_, gov, _ = plain_run(make_grpo, heldout_prompts, steps=5, schedule=schedule)
+    assert [r.error is not None for r in gov.records] == [False, False, False, True, False]
+    failed = gov.records[3]
+    assert failed.error["phase"] == "choose" and "no target" in failed.error["message"]
+    assert failed.alpha == 1.0 and failed.binding == "ceiling"
+    with pytest.raises(ProbeFailure, match="no target"):
+        plain_run(make_grpo, heldout_prompts, steps=5, schedule=schedule, strict=True)
