@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY_PROBE
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from entropy_callback import EntropyProbeWarning, ProbeConfigError
 from entropy_callback.demos.grpo import make_prompts
@@ -154,6 +155,15 @@ def test_lr_restored_scheduler_and_checkpoint_unchanged(make_grpo, make_probe, f
     records = read_records(tmp_path / "gov" / "run" / "version_0" / "entropy_governor")
     assert [r["step"] for r in records] == list(range(STEPS))
     assert (tmp_path / "gov" / "run" / "version_0" / "entropy_governor" / JSONL_NAME).is_file()
+    # the TensorBoard scalars, read back from the trainer's own event file
+    acc = EventAccumulator(str(tmp_path / "gov" / "run" / "version_0"),
+                           size_guidance={"scalars": 0})
+    acc.Reload()
+    for tag in ("alpha", "predicted", "realized", "H", "target"):
+        events = acc.Scalars(f"entropy_governor/{tag}")
+        assert [e.step for e in events] == list(range(STEPS)), tag
+    alphas = [e.value for e in acc.Scalars("entropy_governor/alpha")]
+    assert alphas == pytest.approx([r.alpha for r in cb.records], rel=1e-6)  # float32 events
 
 
 def test_adam_step_is_linear_in_lr(make_grpo):
