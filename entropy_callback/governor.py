@@ -210,8 +210,8 @@ class EntropyGovernor:
     Args:
         model, tokenizer, prompts, config: as ``EntropyProbe`` (E is drawn from ``prompts``;
             ``config`` fields may be given as keywords, e.g. ``batch_size=64``).
-        floor, max_drop, schedule, fraction, alpha_min, every, trust_se, trust_rel, shrink,
-            grow: the ``GovernorPolicy``; ``policy=`` passes one whole.
+        floor, max_drop, schedule, fraction, alpha_min, every, margin_se, trust_se,
+            trust_rel, shrink, grow: the ``GovernorPolicy``; ``policy=`` passes one whole.
     Failures inside it are warnings and an ``error`` in the record, with alpha set from the
     last sensitivity (or the ceiling); ``strict=True`` raises instead.
     """
@@ -270,7 +270,7 @@ class EntropyGovernor:
 
     def _pre_hook(self, optimizer, args, kwargs):
         self.restore_lr()
-        # args is (optimizer, *step's positional arguments): torch passes the bound call's
+        # torch passes args as (optimizer, *the positional arguments of step)
         closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
         if closure is None:
             self.govern(optimizer)
