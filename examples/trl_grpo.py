@@ -10,7 +10,7 @@ with its standard error over the probed steps.
 
     python examples/trl_grpo.py                                   # about 30 s on one core
     python examples/trl_grpo.py --steps 60 --every 2 --temperature 0.7 --out runs/trl
-    python examples/trl_grpo.py --governor 1.0      # + EntropyGovernorTrainerCallback(floor=1.0)
+    python examples/trl_grpo.py --governor 2.0      # + EntropyGovernorTrainerCallback(floor=2.0)
 
 With ``--governor H_MIN`` the entropy governor also runs inside the same, unmodified
 GRPOTrainer: it scales each step's learning rate by alpha <= 1 so that the predicted entropy
