@@ -373,3 +373,21 @@ def test_a_failing_schedule_is_a_warning_not_a_crash(make_grpo, heldout_prompts)
     assert failed.alpha == 1.0 and failed.binding == "ceiling"
     with pytest.raises(ProbeFailure, match="no target"):
         plain_run(make_grpo, heldout_prompts, steps=5, schedule=schedule, strict=True)
+
+
+def test_schedule_is_followed_from_above(make_grpo, heldout_prompts):
+    """schedule(step) -> H*: a braked step's predicted entropy lands on the target of the next
+    step plus the margin (H - margin_se SE(H) is what the policy reads), never below it."""
+    def schedule(step):
+        return 3.33 - 0.004 * step  # below the tiny run's start, falling slower than its drops
+
+    *_, gov, _ = plain_run(make_grpo, heldout_prompts, steps=16, schedule=schedule,
+                           alpha_min=1e-4)
+    braked = [r for r in gov.records if r.binding == "schedule"]
+    assert braked
+    for r in braked:
+        landing = r.H + r.predicted
+        assert landing == pytest.approx(schedule(r.step + 1) + 2.0 * r.H_se, abs=1e-12)
+    for r in gov.records:
+        if r.binding == "none":
+            assert r.H - 2.0 * r.H_se + r.deltaH1 >= schedule(r.step + 1) - 1e-12
