@@ -15,15 +15,21 @@ Example::
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .config import ProbeConfig, ProbeConfigError
+from .fileio import atomic_write
 from .governor import EntropyGovernor, GovernorPolicy, GovernorRecord, resolve_options
 from .governor_log import PREFIX, GovernorLog
 from .hf import format_prompts, logging_dir, unwrap_optimizer
+
+STATE_FILE = "entropy_governor.state.json"
 
 
 class EntropyGovernorTrainerCallback(TrainerCallback):
@@ -38,7 +44,9 @@ class EntropyGovernorTrainerCallback(TrainerCallback):
             ``max_new_tokens`` follow GRPOConfig's ``temperature`` / ``max_completion_length``
             unless given.
     Logs TensorBoard ``entropy_governor/*`` under the logging directory and ``governor.jsonl``
-    under ``<output_dir>/entropy_governor``. ``records`` holds every ``GovernorRecord``.
+    under ``<output_dir>/entropy_governor``. ``records`` holds every ``GovernorRecord``. Each
+    checkpoint gets the controller's state (``entropy_governor.state.json``), which
+    ``train(resume_from_checkpoint=...)`` reloads.
     """
 
     def __init__(self, prompts: Any, *, policy: GovernorPolicy | None = None,
@@ -73,9 +81,43 @@ class EntropyGovernorTrainerCallback(TrainerCallback):
         self.governor = EntropyGovernor(model, processing_class, prompts, config,
                                         policy=self.policy)
         self._attached = False
+        saved = self._saved_state(args, state)
+        if saved is not None:
+            self.governor.load_state_dict(saved)
         if state.is_world_process_zero:
             self.log = GovernorLog(f"{args.output_dir}/{PREFIX}",
                                    tensorboard=logging_dir(args), metadata={"framework": "hf"})
+
+    def _state_path(self, args, step: int) -> Path:
+        return Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{step}" / STATE_FILE
+
+    def _saved_state(self, args, state) -> dict[str, Any] | None:
+        """The controller state saved beside ``checkpoint-<global_step>`` (a resumed train());
+        HF does not tell callbacks which checkpoint it resumed from, so the one of that step in
+        ``output_dir`` is taken for it."""
+        step = int(getattr(state, "global_step", 0) or 0)
+        if step == 0:
+            return None
+        try:
+            saved = json.loads(self._state_path(args, step).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        ok = isinstance(saved, dict) and saved.get("global_step") == step
+        return saved.get("governor") if ok and isinstance(saved.get("governor"), dict) else None
+
+    def on_save(self, args, state, control, **kwargs) -> None:
+        """Beside the checkpoint just written: the controller's state (ceiling, sensitivity,
+        entropy estimate), which a train() resumed from it reloads."""
+        if self.governor is None or not state.is_world_process_zero:
+            return
+        path = self._state_path(args, state.global_step)
+        if path.parent.is_dir():
+            payload = {"global_step": state.global_step, "governor": self.governor.state_dict()}
+            try:
+                atomic_write(path, json.dumps(payload).encode())
+            except OSError as exc:  # a checkpoint is never lost to the governor
+                self.governor.probe.warn_once("save", f"could not write {path} ({exc}); a "
+                                              "resume from it starts the controller afresh.")
 
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs) -> None:
         if self.governor is None or self._attached or optimizer is None:

@@ -11,6 +11,7 @@ compare governed runs with ungoverned ones where they must agree (alpha = 1; the
 from __future__ import annotations
 
 import copy
+import json
 import math
 import warnings
 
@@ -391,3 +392,32 @@ def test_schedule_is_followed_from_above(make_grpo, heldout_prompts):
     for r in gov.records:
         if r.binding == "none":
             assert r.H - 2.0 * r.H_se + r.deltaH1 >= schedule(r.step + 1) - 1e-12
+
+
+def test_hf_checkpoint_carries_the_controller_state(tmp_path):
+    """A plain transformers.Trainer saving at steps 2 and 4: each checkpoint holds the
+    controller's state, and a train() resumed from checkpoint-2 starts from it (not afresh)."""
+    from test_hf import plain_trainer
+
+    from entropy_callback.governor_hf import STATE_FILE, EntropyGovernorTrainerCallback
+
+    def governor():
+        return EntropyGovernorTrainerCallback(make_prompts(8, seed=123), max_drop=1e-4,
+                                              alpha_min=0.1, every=2, max_new_tokens=3,
+                                              batch_size=8, microbatch_size=8)
+
+    first = governor()
+    plain_trainer(tmp_path, first, steps=4, save_strategy="steps", save_steps=2).train()
+    saved = json.loads((tmp_path / "checkpoint-2" / STATE_FILE).read_text())
+    assert saved["global_step"] == 2 and saved["governor"]["calls"] == 2
+    assert saved["governor"]["bars_dot"] == first.records[0].bars_dot  # step 0's, reused at 1
+
+    again = governor()
+    trainer = plain_trainer(tmp_path, again, steps=4, save_strategy="steps", save_steps=2)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert [r.step for r in again.records] == [2, 3]
+    assert again.records[1].sensitivity_from == 2  # every=2 continues from the resumed step
+    # the count of governed-or-reused steps went on from the checkpoint's 2 (afresh: 2 in all)
+    assert again.governor.state_dict()["calls"] == 4
+    assert json.loads((tmp_path / "checkpoint-4" / STATE_FILE).read_text())["governor"] == (
+        again.governor.state_dict())
