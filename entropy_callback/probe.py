@@ -408,7 +408,6 @@ class EntropyProbe:
         else:
             passes = self._forward(microbatches, theta, direction)
         parts = []
-        # (h17var) exact_variant_derivatives(self.model) wraps both passes here once merged
         for logp, ent, terms in passes:
             parts.append(terms)
             if keep_tokens:

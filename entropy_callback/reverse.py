@@ -11,23 +11,14 @@ scalars of ``scoring.sequence_terms`` that the estimator combines once H_hat is 
     C_i = D_u sum_k l_ik stopgrad(T_i - k)          (per_token only: the plug-in H_hat in R)
 
 A directional derivative per sequence is not a gradient: one backward of sum_i P_i gives
-sum_i P_i only. The per-sequence values come from the same backward by *tangent injection*:
-every module that owns a probed parameter gets a forward hook that adds eps_i * (D_u out)_i to
-its output, where (D_u out) is the module's own derivative along u with its input held fixed
-(``F.linear(x, U)`` for a linear layer, ``U[ids]`` for an embedding, forward-mode AD of that one
-module otherwise) and eps is a zero leaf, one entry per sequence (per row of the head's
-chunk). The output is unchanged (eps = 0) and by the chain rule d(sum_i f_i)/d eps_i = D_u f_i:
-rows of a causal LM do not interact, so the gradient at row i is f_i's alone. One backward per
-objective (P, and C per token) gives every per-sequence value *and* g_E; the engine checks that
-sum_i P_i equals <g_P, u> (float64) so a use of a parameter the hooks did not see (a module that
-reads another module's weight directly) fails loudly instead of biasing delta H_1. The pass runs
-inside ``variants.exact_variant_derivatives``, so the gradient includes what the forward hides
-from autograd (an embedding's ``padding_idx`` row, DoRA's detached norm). A module called on a
-tensor shared by every sequence (peft's DoRA computes its weight norm from
-``lora_B(lora_A(I))``) gets one extra eps entry for all such calls: a non-zero gradient there
-means the parameters reach the outputs through a tensor common to all sequences, whose
-per-sequence parts cannot be told apart, and the pass refuses (``choose_derivative`` takes the
-forward pass for DoRA); a zero one means that use contributes nothing.
+sum_i P_i only. The per-sequence values come from the same backward by tangent injection
+(``injection.py``). One backward per objective (P, and C per token) gives every per-sequence
+value *and* g_E; ``reverse_pass`` checks that sum_i P_i equals <g_P, u> (float64), so a use of a
+parameter the hooks did not see (a module that reads another module's weight directly) fails
+loudly instead of biasing delta H_1. The pass runs inside ``variants.exact_variant_derivatives``,
+so the gradient includes what the forward hides from autograd (an embedding's ``padding_idx``
+row, DoRA's detached norm). DoRA itself is refused: its weight norm is one tensor shared by
+every sequence (``choose_derivative`` takes the forward pass for it).
 
 The attention kernel, fused kernels, and everything else in the model only run forward and
 backward: no forward-mode rule is needed except in the modules that own probed parameters
@@ -38,17 +29,14 @@ objective and no injection.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
-from torch.utils._pytree import tree_map
 
-from .forward_mode import jvp
+from .injection import Injector, injecting, leaf, per_row
 from .scoring import Scorer, _prefixed, chunk_rows, head_block_rows, logp_and_entropy_rows
 from .variants import call_substituted, exact_variant_derivatives
 
@@ -60,111 +48,6 @@ objective_j = sum_ik (alpha H_ik + w_ik l_ik), w held fixed (stopgrad)."""
 # of the two float orders of summation; a missed parameter use is a gap of order one)
 CHECK_RTOL = {torch.float64: 1e-8, torch.float32: 1e-3}
 HALF_RTOL = 5e-2
-
-
-_CONTAINERS = (nn.ParameterDict, nn.ParameterList)
-
-
-def _attribute(module: nn.Module, dotted: str) -> torch.Tensor:
-    """``module.a.b`` for "a.b": the tensor there now (substituted by ``functional_call`` or
-    not, which ``get_parameter`` refuses)."""
-    for part in dotted.split("."):
-        module = getattr(module, part)
-    return module
-
-
-class Injector:
-    """Forward hooks adding eps_row * (D_u output) to the output of every module that owns a
-    probed parameter (module docstring), directly or in a ``ParameterDict``/``ParameterList``
-    child (peft's LoRA on embeddings, trainable tokens: the layer reads them in its forward).
-    Inactive (the hooks return None) outside ``rows``.
-
-    Args:
-        model: the model whose modules are hooked.
-        params: the probed parameters by name (``update.probed_parameters``).
-        tangents: u by the same names (any float dtype; cast to each parameter's dtype).
-    """
-
-    def __init__(self, model: nn.Module, params: Mapping[str, torch.Tensor],
-                 tangents: Mapping[str, torch.Tensor]):
-        names = {id(p): n for n, p in params.items()}
-        self.tangents = tangents
-        self.eps: torch.Tensor | None = None
-        self._busy = False
-        self.owners: dict[nn.Module, list[tuple[str, str]]] = {}
-        for module in model.modules():
-            if isinstance(module, _CONTAINERS):  # never called: its parent reads it
-                continue
-            held = [(k, p) for k, p in module._parameters.items() if p is not None]
-            held += [(f"{c}.{k}", p) for c, child in module._modules.items()
-                     if isinstance(child, _CONTAINERS)
-                     for k, p in child._parameters.items() if p is not None]
-            own = [(local, names[id(p)]) for local, p in held if id(p) in names]
-            if own:
-                self.owners[module] = own
-        self._handles = []
-
-    def __enter__(self) -> Injector:
-        for module in self.owners:
-            self._handles.append(module.register_forward_hook(self._hook, with_kwargs=True))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    @contextmanager
-    def rows(self, eps: torch.Tensor | None) -> Iterator[None]:
-        """Inject along the leading dimension with ``eps`` [n + 1] (None: no injection); entry n
-        for the calls on a tensor shared by all rows (module docstring)."""
-        self.eps = eps
-        try:
-            yield
-        finally:
-            self.eps = None
-
-    def _hook(self, module, args, kwargs, output):
-        if self.eps is None or self._busy:
-            return None
-        if not torch.is_tensor(output):
-            raise RuntimeError(
-                f"the reverse derivative pass needs the output of {type(module).__name__} (it "
-                f"owns probed parameters) as a tensor, got {type(output).__name__}. Use "
-                "derivative='forward' for this model.")
-        own = self.owners[module]
-        u = {local: self.tangents[full].to(_attribute(module, local).dtype)
-             for local, full in own}
-        n = self.eps.shape[0] - 1
-        # at least float32: the eps gradients are sums over a row, kept out of bf16 rounding
-        wide = torch.promote_types(output.dtype, torch.float32)
-        d = self._local_tangent(module, u, args, kwargs).to(wide)
-        if output.shape[:1] != (n,):  # called on a tensor shared by every row
-            return output + (self.eps[n].to(wide) * d).to(output.dtype)
-        eps = self.eps[:n].to(wide).reshape(n, *([1] * (output.dim() - 1)))
-        return output + (eps * d).to(output.dtype)
-
-    def _local_tangent(self, module, u, args, kwargs) -> torch.Tensor:
-        """D_u of the module's output along its own probed parameters ``u`` (by local name),
-        its input held fixed."""
-        x = args[0].detach() if args and torch.is_tensor(args[0]) else None
-        if type(module) is nn.Linear and x is not None:
-            if "weight" in u:
-                return F.linear(x, u["weight"], u.get("bias"))
-            return u["bias"].expand(*x.shape[:-1], module.out_features)
-        if type(module) is nn.Embedding and set(u) == {"weight"} and module.max_norm is None:
-            return F.embedding(args[0], u["weight"])
-        primals = {local: _attribute(module, local).detach() for local in u}
-        args_, kwargs_ = tree_map(lambda t: t.detach() if torch.is_tensor(t) else t,
-                                  (args, kwargs))
-        self._busy = True
-        try:
-            with torch.no_grad():
-                _, d = jvp(lambda p: functional_call(module, p, args_, kwargs_, strict=False),
-                           (primals,), (u,))
-        finally:
-            self._busy = False
-        return d
 
 
 @dataclass
@@ -202,35 +85,6 @@ def _add(total: dict[str, torch.Tensor], names, grads) -> None:
             total[name] += g.to(torch.float64)
 
 
-def _eps(n: int, injector: Injector | None, device) -> torch.Tensor | None:
-    """The injection leaf [n + 1] (``Injector.rows``), or None without an injector."""
-    if injector is None:
-        return None
-    return torch.zeros(n + 1, dtype=torch.float64, device=device, requires_grad=True)
-
-
-def _per_row(grad: torch.Tensor) -> torch.Tensor:
-    """The eps gradient [n + 1] -> the per-row part [n]; refuses a shared use that reaches the
-    objective (module docstring)."""
-    shared = float(grad[-1])
-    if shared != 0.0:
-        raise RuntimeError(
-            "reverse derivative pass: probed parameters reach the outputs through a tensor "
-            f"shared by every sequence (its derivative {shared:.3g}; e.g. DoRA's weight norm "
-            "without its detach), whose per-sequence parts cannot be separated. Use "
-            "derivative='forward' for this model.")
-    return grad[:-1].to(torch.float64)
-
-
-@contextmanager
-def _injecting(injector: Injector | None, eps: torch.Tensor | None) -> Iterator[None]:
-    if injector is None:
-        yield
-        return
-    with injector.rows(eps):
-        yield
-
-
 def _split_backward(scorer, mb, leaves, weights, injector) -> Backward:
     """Body once with its graph; the head per chunk (its backward gives d/d hidden and the head's
     own parameters' part); one backward through the body per objective."""
@@ -239,8 +93,8 @@ def _split_backward(scorer, mb, leaves, weights, injector) -> Backward:
     b = mask.shape[0]
     targets = mb.response_ids.to(device)[mask]
     sequence = torch.arange(b, device=device).unsqueeze(1).expand_as(mask)[mask]  # row -> i
-    eps_body = _eps(b, injector, device)
-    with _injecting(injector, eps_body):
+    eps_body = leaf(b, injector, device)
+    with injecting(injector, eps_body):
         hidden, _ = scorer._hidden(mb, leaves)  # [N, d], with the body's graph
     head_leaves = {k: v for k, v in leaves.items() if k in split.head_names}
     fixed = {k: v.detach() for k, v in head_leaves.items()}
@@ -266,8 +120,8 @@ def _split_backward(scorer, mb, leaves, weights, injector) -> Backward:
     for start in range(0, 0 if closed_form else hidden.shape[0], step):
         stop = min(start + step, hidden.shape[0])
         h = hidden[start:stop].detach().requires_grad_(True)
-        eps_tok = _eps(stop - start, injector if head_leaves else None, device)
-        with _injecting(injector, eps_tok):
+        eps_tok = leaf(stop - start, injector if head_leaves else None, device)
+        with injecting(injector, eps_tok):
             z = (call_substituted(split, _prefixed(head_leaves), args=(h,),
                                   kwargs={"part": "head"}) if head_leaves else split.logits(h))
         lp, en = logp_and_entropy_rows(z, targets[start:stop], scorer.temperature)
@@ -279,7 +133,7 @@ def _split_backward(scorer, mb, leaves, weights, injector) -> Backward:
             d_hidden[j][start:stop] = g[0]
             _add(grads[j], head_leaves, g[1 : 1 + len(head_leaves)])
             if eps_tok is not None and g[-1] is not None:
-                rows[j].index_add_(0, sequence[start:stop], _per_row(g[-1]))
+                rows[j].index_add_(0, sequence[start:stop], per_row(g[-1]))
         del z, lp, en
     if hidden.requires_grad:  # False with LoRA on the head alone
         inputs = [*leaves.values(), *([eps_body] if eps_body is not None else [])]
@@ -288,7 +142,7 @@ def _split_backward(scorer, mb, leaves, weights, injector) -> Backward:
                                     retain_graph=j + 1 < len(objectives), allow_unused=True)
             _add(grads[j], leaves, g[: len(leaves)])
             if eps_body is not None and g[-1] is not None:
-                rows[j] += _per_row(g[-1])
+                rows[j] += per_row(g[-1])
     return Backward(logp, ent, grads, rows if injector is not None else None)
 
 
@@ -344,8 +198,8 @@ def _full_backward(scorer, mb, leaves, weights, injector) -> Backward:
     """A head the split cannot reproduce: the model's full forward (its logits at once)."""
     device = scorer.device
     b = mb.response_mask.shape[0]
-    eps = _eps(b, injector, device)
-    with _injecting(injector, eps):
+    eps = leaf(b, injector, device)
+    with injecting(injector, eps):
         logp, ent = scorer._forward(mb, leaves)
     mask = mb.response_mask.to(device, torch.float64)
     objectives = weights(ent.detach(), mask)
@@ -359,7 +213,7 @@ def _full_backward(scorer, mb, leaves, weights, injector) -> Backward:
         _add(total, leaves, g[: len(leaves)])
         grads.append(total)
         rows.append(torch.zeros(b, dtype=torch.float64, device=device)
-                    if eps is None or g[-1] is None else _per_row(g[-1]))
+                    if eps is None or g[-1] is None else per_row(g[-1]))
     mask_b = mb.response_mask.to(device)
     return Backward(logp.detach() * mask_b, ent.detach() * mask_b, grads,
                     rows if injector is not None else None)

@@ -310,7 +310,8 @@ def test_reverse_pass_builds_no_logits_for_the_whole_microbatch(kind):
     hidden 16), while the full forward would build microbatch x (P + L) x V."""
     from probe_harness import LargestTensor
 
-    from entropy_callback.reverse import Injector, estimator_weights, surrogate_backward
+    from entropy_callback.injection import Injector
+    from entropy_callback.reverse import estimator_weights, surrogate_backward
     from entropy_callback.scoring import Scorer
 
     tokenizer = build_char_tokenizer()
