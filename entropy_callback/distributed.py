@@ -24,6 +24,8 @@ FSDP2_REFUSAL = (
 
 def refuse_sharded(params: dict[str, torch.Tensor]) -> None:
     """ProbeConfigError when a probed parameter is a DTensor (FSDP2, tensor parallelism)."""
+    if not torch.distributed.is_available():  # a build without distributed has no DTensor
+        return
     from torch.distributed.tensor import DTensor
 
     from .config import ProbeConfigError
