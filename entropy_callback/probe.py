@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +28,6 @@ from .distributed import (
     any_rank_failed,
     gather_vectors,
     make_gather,
-    refuse_sharded,
     shard,
     stack_vectors,
 )
@@ -38,6 +38,19 @@ from .result import ProbeResult
 from .reverse import choose_derivative, reverse_pass
 from .sampling import EBatch, draw_randomness, sample_batch
 from .scoring import CHUNK_BYTES, Scorer, sequence_terms
+from .sharded import (
+    Lockstep,
+    OtherRankFailed,
+    TangentInjector,
+    at_shards,
+    full_tensors,
+    is_sharded,
+    local,
+    local_copies,
+    local_state,
+    refuse_fsdp1,
+    reshard_all,
+)
 from .update import (
     adam_step,
     check_moves_are_probed,
@@ -63,7 +76,10 @@ class _Pending:
     step: exp_avg, exp_avg_sq, max_exp_avg_sq, step for Adam), ``grads`` (copies of the gradients
     the optimizer consumed, None where a parameter had none; filled by after_step), and
     ``predicted`` (Delta theta rebuilt from them, float64). ``observed`` is theta' - theta
-    (float64). All dicts are keyed by parameter name.
+    (float64). All dicts are keyed by parameter name. For a sharded model (``sharded.py``)
+    ``theta``, ``optimizer_state`` and ``grads`` hold this rank's local shards,
+    ``observed_local`` its shard of theta' - theta, ``predicted`` and ``observed`` the full
+    (all-gathered) tensors, and ``lockstep`` the probe's checks.
     """
 
     result: ProbeResult
@@ -79,6 +95,8 @@ class _Pending:
     terms: dict[str, torch.Tensor] | None = None
     tokens: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     attribution: dict | None = None  # attribution_report.keep_inputs, with attribution=True
+    observed_local: dict[str, torch.Tensor] | None = None
+    lockstep: Lockstep | None = None
 
 
 class EntropyProbe:
@@ -121,10 +139,14 @@ class EntropyProbe:
                 "model has no trainable parameters to probe: the probe measures the step of the "
                 "trainable (LoRA) parameters; add adapters (peft.get_peft_model) or unfreeze some."
             )
-        refuse_sharded(self.params)
-        self.scorer = Scorer(model, config.temperature, config.chunk_size)
+        refuse_fsdp1(model)
+        self.sharded = is_sharded(self.params)
+        self.scorer = Scorer(model, config.temperature, config.chunk_size, split=not self.sharded)
         self.rank, self.world_size = 0, 1
         self.gather: Gather = lambda x: x
+        self._lockstep: Lockstep | None = None  # the running probe's (sharded models)
+        if self.sharded:
+            self._check_sharded()
         self._pending: _Pending | None = None
         self._attributable: list[_Pending] = []  # finished probes awaiting attribute(), in order
         self._calls = 0
@@ -159,10 +181,12 @@ class EntropyProbe:
         result = ProbeResult(step=step, normalize=cfg.normalize)
         runner = PhaseRunner(step, cfg.strict, result.timing)
         pending = _Pending(result, runner, time.perf_counter(), optimizer=optimizer)
-        self._pending = pending
+        if self.sharded:
+            pending.lockstep = Lockstep(self.device)
+        self._pending, self._lockstep = pending, pending.lockstep
         self._warn_if_half()
         with preserved_state(self.model):
-            with runner.phase("update"):
+            with self._phase(pending, "update"):
                 check_moves_are_probed(optimizer, self.model, self.params)
                 result.learning_rate, mixed = learning_rate(optimizer, self.params)
                 if mixed:
@@ -170,8 +194,11 @@ class EntropyProbe:
                                    "learning rates; bars_dot divides by the first group's lr.")
                 result.num_params = sum(p.numel() for p in self.params.values())
                 self._choose_derivative(result)
-                pending.theta = snapshot(self.params)
+                pending.theta = (local_copies(self.params) if self.sharded
+                                 else snapshot(self.params))
                 pending.optimizer_state = optimizer_state(optimizer, self.params)
+                if self.sharded:
+                    pending.optimizer_state = local_state(pending.optimizer_state)
                 if is_adam(optimizer):
                     result.update_source = "adam_reconstruction"
                     if cfg.attribution:
@@ -183,7 +210,7 @@ class EntropyProbe:
                                    "it is not a prediction.")
             if runner.failed:
                 return
-            with runner.phase("sampling"):
+            with self._phase(pending, "sampling"):
                 pending.batch = self._sample(step)
 
     def after_step(self) -> ProbeResult | None:
@@ -200,31 +227,34 @@ class EntropyProbe:
         if pending is None:
             return None
         result, runner, cfg = pending.result, pending.runner, self.config
+        self._lockstep = pending.lockstep
         skipped = None
         with preserved_state(self.model):
             if not runner.failed:
-                with runner.phase("update_check"):
+                with self._phase(pending, "update_check"):
                     skipped = self._rebuild_step(pending)
             go = not runner.failed and skipped is None
             if go:
-                with runner.phase("derivative"):
+                with self._phase(pending, "derivative"):
                     direction = pending.predicted if pending.predicted is not None else (
                         pending.observed)
                     pending.terms = self._derivative_pass(pending, pending.theta, direction,
                                                           result.derivative, result.diagnostics)
             if go and not runner.failed:
-                with runner.phase("rescoring"):
+                with self._phase(pending, "rescoring"):
                     upd = self._score_all(pending.batch, None)
             if go and not runner.failed:
-                with runner.phase("sweep"):
+                with self._phase(pending, "sweep"):
                     sweep = {1.0: upd}
+                    step = pending.observed if pending.observed_local is None else (
+                        pending.observed_local)
                     for m in cfg.multipliers[1:]:
                         moved = {n: (pending.theta[n].to(torch.float64) + m * d).to(
-                            pending.theta[n].dtype) for n, d in pending.observed.items()}
+                            pending.theta[n].dtype) for n, d in step.items()}
                         sweep[m] = self._score_all(pending.batch, moved)
             collected = None
             if go and not runner.failed:
-                with runner.phase("collect"):
+                with self._phase(pending, "collect"):
                     collected = self._local_vectors(pending, sweep)
             # every rank arrives here (a skipped step too); after it, one gather, then pure code
             self._agree(runner, ready=collected is not None)
@@ -274,14 +304,22 @@ class EntropyProbe:
         """Read what the optimizer consumed, rebuild Delta theta, compare with the observed one.
         Returns why the step was not taken, or None."""
         optimizer = pending.optimizer
-        pending.grads = consumed_gradients(self.params)
-        pending.observed = observed_step(self.params, pending.theta)
+        grads = consumed_gradients(self.params)
+        live = {n: p.to_local() for n, p in self.params.items()} if self.sharded else self.params
+        pending.grads = {n: local(g) for n, g in grads.items()}
+        pending.observed = observed_step(live, pending.theta)
         skipped = step_not_taken(optimizer, self.params, pending.optimizer_state, pending.grads,
                                  pending.observed)
         if skipped is None:
             if is_adam(optimizer):
                 pending.predicted = adam_step(optimizer, self.params, pending.theta,
                                               pending.optimizer_state, pending.grads)
+            if self.sharded:  # every rank gets here unless one failed: the gathers follow a check
+                self._lockstep.check()
+                pending.observed_local = pending.observed
+                pending.observed = full_tensors(self.params, pending.observed)
+                if pending.predicted is not None:
+                    pending.predicted = full_tensors(self.params, pending.predicted)
             records.update_check(pending.result, pending.predicted, pending.observed)
         return skipped
 
@@ -309,10 +347,61 @@ class EntropyProbe:
 
     def set_distributed(self, rank: int, world_size: int) -> None:
         """Shard E over ``world_size`` processes; statistics are all-gathered (torch.distributed
-        must be initialised). Every rank must call before_step/after_step at the same steps."""
+        must be initialised). Every rank must call before_step/after_step at the same steps.
+        A sharded (FSDP2) model calls it itself with the default process group's rank and size;
+        its E shards must be equal (``batch_size`` divisible by ``world_size``), so that every
+        rank runs the same number of microbatches."""
+        if self.sharded and int(batch_size := self.config.batch_size) % int(world_size):
+            raise ProbeConfigError(
+                f"batch_size={batch_size} is not divisible by world_size={world_size}: under "
+                "FSDP2 every rank must run the same number of forwards (each all-gathers the "
+                "parameters), so E's shards must be equal. Set batch_size to a multiple of "
+                f"{world_size}.")
         self.rank, self.world_size = int(rank), int(world_size)
         if self.world_size > 1:
             self.gather = make_gather(self.config.batch_size, self.world_size, self.device)
+
+    def _check_sharded(self) -> None:
+        """The options a sharded (FSDP2) model supports, refused at construction; then
+        ``set_distributed`` on the default process group."""
+        import torch.distributed as dist
+
+        cfg = self.config
+        if cfg.derivative == "reverse":
+            raise ProbeConfigError(
+                "derivative='reverse' is not supported on a model sharded with FSDP2 (its "
+                "backward would run FSDP's gradient reduce-scatter); use derivative='auto' or "
+                "'forward' (forward mode with the tangent injected by hooks, sharded.py).")
+        if cfg.attribution:
+            raise ProbeConfigError(
+                "attribution=True is not supported on a model sharded with FSDP2 (its surrogate "
+                "gradient is a backward pass); set attribution=False.")
+        if not dist.is_initialized():
+            raise ProbeConfigError(
+                "model: its parameters are DTensors (FSDP2) but torch.distributed is not "
+                "initialised; build the probe after init_process_group and fully_shard.")
+        self.set_distributed(dist.get_rank(), dist.get_world_size())
+
+    @contextmanager
+    def _phase(self, pending: _Pending, name: str) -> Iterator[None]:
+        """``runner.phase(name)``; for a sharded model, then the phase's closing check
+        (``sharded.Lockstep``): a failure on another rank becomes this rank's, phase
+        "distributed", and every FSDP module is resharded."""
+        runner, lockstep = pending.runner, pending.lockstep
+        other = False
+        with runner.phase(name):
+            try:
+                yield
+            except OtherRankFailed:
+                other = True
+            finally:
+                if lockstep is not None:
+                    reshard_all(self.model)
+        if lockstep is not None and not other:
+            other = lockstep.end_phase(runner.failed)
+        if other:
+            with runner.phase("distributed"):
+                raise RuntimeError("the probe failed on another rank; all ranks skip it")
 
     def cancel(self) -> None:
         """Drop a pending probe without a record (its optimizer step will never be read).
@@ -370,6 +459,8 @@ class EntropyProbe:
             pad_token_id=self.pad_id,
             device=self.device,
             chunk_bytes=CHUNK_BYTES["cpu" if self.device.type == "cpu" else "accelerator"],
+            sync=None if self._lockstep is None else (
+                lambda running: self._lockstep.check(running=running)),
         )
         log_phase(step, "sampling", batch.size, int(batch.lengths.sum()),
                   time.perf_counter() - start)
@@ -381,6 +472,8 @@ class EntropyProbe:
         mbs = self.config.microbatch_size
         for start in range(0, batch.size, mbs):
             stop = min(start + mbs, batch.size)
+            if self._lockstep is not None:  # before each forward (sharded.Lockstep)
+                self._lockstep.check()
             yield batch.slice(start, stop)
             if phase:
                 self._report(phase, stop, batch.size)
@@ -389,6 +482,9 @@ class EntropyProbe:
         """The derivative this probe takes (``config.derivative``, "auto" resolved on the model
         as it is now), into the record; said in a log line the first time and on a change."""
         mode, why = choose_derivative(self.model, self.config.derivative)
+        if self.sharded:
+            mode, why = "forward", ("FSDP2-sharded parameters: forward mode, the tangent "
+                                    "injected at the modules that own them")
         result.derivative = mode
         if (mode, why) != self._derivative_said:
             self._derivative_said = (mode, why)
@@ -405,6 +501,8 @@ class EntropyProbe:
         if derivative == "reverse":
             passes = reverse_pass(self.scorer, self.params, microbatches, theta, direction,
                                   self.config.normalize, {} if diagnostics is None else diagnostics)
+        elif self.sharded:
+            passes = self._sharded_forward(microbatches, theta, direction)
         else:
             passes = self._forward(microbatches, theta, direction)
         parts = []
@@ -424,15 +522,27 @@ class EntropyProbe:
             mask = mb.response_mask.to(logp.device)
             yield logp, ent, sequence_terms(logp, ent, mask, dlogp, dent)
 
+    def _sharded_forward(self, microbatches, theta, direction):
+        """``_forward`` on a sharded model: the live local shards hold ``theta`` (this rank's)
+        while the tangent along the full ``direction`` enters through hooks."""
+        with at_shards(self.model, self.params, theta), TangentInjector(
+                self.model, self.params, direction):
+            for mb in microbatches:
+                logp, ent, dlogp, dent = self.scorer.score_with_injected_tangent(mb)
+                mask = mb.response_mask.to(logp.device)
+                yield logp, ent, sequence_terms(logp, ent, mask, dlogp, dent)
+
     def _score_all(self, batch: EBatch, params) -> dict[str, torch.Tensor]:
         """l and H sums of every sequence at the live parameters (``params`` None) or at
         ``params`` substituted."""
         start = time.perf_counter()
         phase = "rescoring" if params is None else "sweep"
         parts = []
-        for mb in self._microbatches(batch, phase):
-            logp, ent = self.scorer.score(mb, params)
-            parts.append(sequence_terms(logp, ent, mb.response_mask.to(logp.device)))
+        with (at_shards(self.model, self.params, params) if self.sharded and params is not None
+              else nullcontext()):
+            for mb in self._microbatches(batch, phase):
+                logp, ent = self.scorer.score(mb, None if self.sharded else params)
+                parts.append(sequence_terms(logp, ent, mb.response_mask.to(logp.device)))
         log_phase(self._step, phase, batch.size, int(batch.lengths.sum()),
                   time.perf_counter() - start)
         return _cat(parts)

@@ -62,6 +62,7 @@ def _probe_once(world: int, rank: int, fail: str | None = None, step: int = 3,
 # "delta_h1" fails inside the estimators, "estimators" at their start.
 FAILURES = {
     "sampling": ("probe", "_sample", "sampling"),
+    "update_check": ("probe", "_rebuild_step", "update_check"),
     "derivative": ("probe", "_derivative_pass", "derivative"),
     "rescoring": ("probe", "_score_all", "rescoring"),
     "sweep": ("probe", "_score_all", "sweep"),
