@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,16 +40,16 @@ from .sampling import EBatch, draw_randomness, sample_batch
 from .scoring import CHUNK_BYTES, Scorer, sequence_terms
 from .sharded import (
     Lockstep,
-    OtherRankFailed,
-    TangentInjector,
     at_shards,
+    check_sharded_config,
     full_tensors,
     is_sharded,
     local,
     local_copies,
     local_state,
     refuse_fsdp1,
-    reshard_all,
+    sharded_forward,
+    sharded_phase,
 )
 from .update import (
     adam_step,
@@ -127,6 +127,7 @@ class EntropyProbe:
     ):
         config = ProbeConfig.resolve(config, overrides, "EntropyProbe")
         self.config = config
+        refuse_fsdp1(model)
         self.model = check_model(model)
         self.tokenizer = tokenizer
         self.eos_ids, self.pad_id = special_ids(model, tokenizer)
@@ -139,14 +140,13 @@ class EntropyProbe:
                 "model has no trainable parameters to probe: the probe measures the step of the "
                 "trainable (LoRA) parameters; add adapters (peft.get_peft_model) or unfreeze some."
             )
-        refuse_fsdp1(model)
         self.sharded = is_sharded(self.params)
         self.scorer = Scorer(model, config.temperature, config.chunk_size, split=not self.sharded)
         self.rank, self.world_size = 0, 1
         self.gather: Gather = lambda x: x
         self._lockstep: Lockstep | None = None  # the running probe's (sharded models)
-        if self.sharded:
-            self._check_sharded()
+        if self.sharded:  # refuses what it cannot probe; E sharded over the default group
+            self.set_distributed(*check_sharded_config(config))
         self._pending: _Pending | None = None
         self._attributable: list[_Pending] = []  # finished probes awaiting attribute(), in order
         self._calls = 0
@@ -361,47 +361,8 @@ class EntropyProbe:
         if self.world_size > 1:
             self.gather = make_gather(self.config.batch_size, self.world_size, self.device)
 
-    def _check_sharded(self) -> None:
-        """The options a sharded (FSDP2) model supports, refused at construction; then
-        ``set_distributed`` on the default process group."""
-        import torch.distributed as dist
-
-        cfg = self.config
-        if cfg.derivative == "reverse":
-            raise ProbeConfigError(
-                "derivative='reverse' is not supported on a model sharded with FSDP2 (its "
-                "backward would run FSDP's gradient reduce-scatter); use derivative='auto' or "
-                "'forward' (forward mode with the tangent injected by hooks, sharded.py).")
-        if cfg.attribution:
-            raise ProbeConfigError(
-                "attribution=True is not supported on a model sharded with FSDP2 (its surrogate "
-                "gradient is a backward pass); set attribution=False.")
-        if not dist.is_initialized():
-            raise ProbeConfigError(
-                "model: its parameters are DTensors (FSDP2) but torch.distributed is not "
-                "initialised; build the probe after init_process_group and fully_shard.")
-        self.set_distributed(dist.get_rank(), dist.get_world_size())
-
-    @contextmanager
-    def _phase(self, pending: _Pending, name: str) -> Iterator[None]:
-        """``runner.phase(name)``; for a sharded model, then the phase's closing check
-        (``sharded.Lockstep``): a failure on another rank becomes this rank's, phase
-        "distributed", and every FSDP module is resharded."""
-        runner, lockstep = pending.runner, pending.lockstep
-        other = False
-        with runner.phase(name):
-            try:
-                yield
-            except OtherRankFailed:
-                other = True
-            finally:
-                if lockstep is not None:
-                    reshard_all(self.model)
-        if lockstep is not None and not other:
-            other = lockstep.end_phase(runner.failed)
-        if other:
-            with runner.phase("distributed"):
-                raise RuntimeError("the probe failed on another rank; all ranks skip it")
+    def _phase(self, pending: _Pending, name: str):
+        return sharded_phase(pending.runner, pending.lockstep, self.model, name)
 
     def cancel(self) -> None:
         """Drop a pending probe without a record (its optimizer step will never be read).
@@ -502,7 +463,7 @@ class EntropyProbe:
             passes = reverse_pass(self.scorer, self.params, microbatches, theta, direction,
                                   self.config.normalize, {} if diagnostics is None else diagnostics)
         elif self.sharded:
-            passes = self._sharded_forward(microbatches, theta, direction)
+            passes = sharded_forward(self.scorer, self.params, microbatches, theta, direction)
         else:
             passes = self._forward(microbatches, theta, direction)
         parts = []
@@ -521,16 +482,6 @@ class EntropyProbe:
             logp, ent, dlogp, dent = self.scorer.score_with_tangent(mb, theta, tangents)
             mask = mb.response_mask.to(logp.device)
             yield logp, ent, sequence_terms(logp, ent, mask, dlogp, dent)
-
-    def _sharded_forward(self, microbatches, theta, direction):
-        """``_forward`` on a sharded model: the live local shards hold ``theta`` (this rank's)
-        while the tangent along the full ``direction`` enters through hooks."""
-        with at_shards(self.model, self.params, theta), TangentInjector(
-                self.model, self.params, direction):
-            for mb in microbatches:
-                logp, ent, dlogp, dent = self.scorer.score_with_injected_tangent(mb)
-                mask = mb.response_mask.to(logp.device)
-                yield logp, ent, sequence_terms(logp, ent, mask, dlogp, dent)
 
     def _score_all(self, batch: EBatch, params) -> dict[str, torch.Tensor]:
         """l and H sums of every sequence at the live parameters (``params`` None) or at

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .injection import Injector, _attribute
+from .scoring import sequence_terms
 
 
 class OtherRankFailed(RuntimeError):
@@ -67,6 +68,29 @@ def refuse_fsdp1(model: nn.Module) -> None:
 
     if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
         raise ProbeConfigError(FSDP1_REFUSAL)
+
+
+def check_sharded_config(config) -> tuple[int, int]:
+    """ProbeConfigError for what a sharded model does not support; else the default process
+    group's (rank, world size), for ``EntropyProbe.set_distributed``."""
+    import torch.distributed as dist
+
+    from .config import ProbeConfigError
+
+    if config.derivative == "reverse":
+        raise ProbeConfigError(
+            "derivative='reverse' is not supported on a model sharded with FSDP2 (its backward "
+            "would run FSDP's gradient reduce-scatter); use derivative='auto' or 'forward' "
+            "(forward mode with the tangent injected by hooks, sharded.py).")
+    if config.attribution:
+        raise ProbeConfigError(
+            "attribution=True is not supported on a model sharded with FSDP2 (its surrogate "
+            "gradient is a backward pass); set attribution=False.")
+    if not dist.is_initialized():
+        raise ProbeConfigError(
+            "model: its parameters are DTensors (FSDP2) but torch.distributed is not "
+            "initialised; build the probe after init_process_group and fully_shard.")
+    return dist.get_rank(), dist.get_world_size()
 
 
 class Lockstep:
@@ -185,3 +209,37 @@ class TangentInjector(Injector):
                 f"probed parameters of a sharded model must sit in Linear or Embedding layers "
                 f"(LoRA's); {type(module).__name__} owns some.")
         return output + fwAD.make_dual(torch.zeros_like(output), d.to(output.dtype))
+
+
+@contextmanager
+def sharded_phase(runner, lockstep: Lockstep | None, model: nn.Module, name: str):
+    """``runner.phase(name)`` (``observer.PhaseRunner``); with a ``lockstep`` (a sharded model)
+    every FSDP module is then resharded and the phase's closing check made: a failure on
+    another rank becomes this rank's, phase "distributed"."""
+    other = False
+    with runner.phase(name):
+        try:
+            yield
+        except OtherRankFailed:
+            other = True
+        finally:
+            if lockstep is not None:
+                reshard_all(model)
+    if lockstep is not None and not other:
+        other = lockstep.end_phase(runner.failed)
+    if other:
+        with runner.phase("distributed"):
+            raise RuntimeError("the probe failed on another rank; all ranks skip it")
+
+
+def sharded_forward(scorer, params: Mapping[str, torch.Tensor], microbatches,
+                    theta: Mapping[str, torch.Tensor], direction: Mapping[str, torch.Tensor]):
+    """The forward-mode derivative pass on a sharded model, per microbatch (l, H, terms) as
+    ``scoring.sequence_terms`` gives them: the live local shards hold ``theta`` (this rank's)
+    while the tangent along the full ``direction`` enters through ``TangentInjector``."""
+    with at_shards(scorer.model, params, theta), TangentInjector(scorer.model, params,
+                                                                 direction):
+        for mb in microbatches:
+            logp, ent, dlogp, dent = scorer.score_with_injected_tangent(mb)
+            mask = mb.response_mask.to(logp.device)
+            yield logp, ent, sequence_terms(logp, ent, mask, dlogp, dent)
