@@ -21,6 +21,7 @@ import torch.multiprocessing as mp
 from test_distributed import FAILURES, PROMPTS, _free_port, inject
 
 from entropy_callback import EntropyProbe, ProbeConfig
+from entropy_callback.config import ProbeConfigError
 from entropy_callback.demos import build_policy
 from entropy_callback.testing import randomize_lora_b
 
@@ -85,6 +86,19 @@ def _train(probed: bool, steps: int = 3) -> dict[str, torch.Tensor]:
     return out
 
 
+def _refusals() -> list[str]:
+    """What the probe refuses on a sharded model, at construction: unequal E shards, the
+    reverse pass, attribution."""
+    model, tok, _, _ = _model(True)
+    messages = []
+    for bad in (dict(batch_size=25), dict(derivative="reverse"), dict(attribution=True)):
+        try:
+            EntropyProbe(model, tok, PROMPTS, ProbeConfig(**{**CONFIG, **bad}))
+        except ProbeConfigError as exc:
+            messages.append(str(exc))
+    return messages
+
+
 def _worker(rank: int, port: int, out: str, job: str, phases: list[str | None]) -> None:
     """Runs ``job`` on this rank, saving each result as soon as it is there (a hang shows as
     the first missing file)."""
@@ -93,8 +107,8 @@ def _worker(rank: int, port: int, out: str, job: str, phases: list[str | None]) 
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         if job == "train":
-            torch.save({"probed": _train(True), "unprobed": _train(False)},
-                       Path(out) / f"0_rank{rank}.pt")
+            torch.save({"probed": _train(True), "unprobed": _train(False),
+                        "refusals": _refusals()}, Path(out) / f"0_rank{rank}.pt")
             return
         for i, phase in enumerate(phases):
             start = time.monotonic()
@@ -179,14 +193,30 @@ def test_fsdp2_ranks_stay_in_step_after_every_failure(runs):
     assert ranks[0]["core"] == ranks[1]["core"]
 
 
-def test_fsdp2_training_is_bitwise_unchanged_by_the_probe(tmp_path, monkeypatch):
-    monkeypatch.delenv("MASTER_PORT", raising=False)
-    (ranks,) = _spawn(tmp_path, "train", [])
-    assert ranks is not None, "the sharded training run did not finish (hang)"
-    for got in ranks:
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Both ranks' local state after probed and unprobed training, and the refusals."""
+    with pytest.MonkeyPatch.context() as mpatch:
+        mpatch.delenv("MASTER_PORT", raising=False)
+        (ranks,) = _spawn(tmp_path_factory.mktemp("fsdp_train"), "train", [])
+    return ranks
+
+
+def test_fsdp2_training_is_bitwise_unchanged_by_the_probe(trained):
+    assert trained is not None, "the sharded training run did not finish (hang)"
+    for got in trained:
         probed, unprobed = got["probed"], got["unprobed"]
         assert probed.keys() == unprobed.keys()
         assert any(k.startswith("state:exp_avg:") for k in probed)
         assert bool(unprobed["sharded"].all())
         for key, value in unprobed.items():
             assert torch.equal(probed[key], value), key
+
+
+def test_fsdp2_refusals_name_the_argument_and_the_fix(trained):
+    assert trained is not None
+    for got in trained:
+        uneven, reverse, attribution = got["refusals"]
+        assert "batch_size=25 is not divisible by world_size=2" in uneven
+        assert "derivative='reverse'" in reverse and "'forward'" in reverse
+        assert "attribution=True" in attribution
