@@ -22,7 +22,12 @@ from test_distributed import FAILURES, PROMPTS, _free_port, inject
 
 from entropy_callback import EntropyProbe, ProbeConfig
 from entropy_callback.config import ProbeConfigError
-from entropy_callback.demos import build_policy
+from entropy_callback.demos.tiny import (
+    LORA_TARGET_MODULES,
+    add_lora,
+    build_char_tokenizer,
+    build_tiny_llama,
+)
 from entropy_callback.testing import randomize_lora_b
 
 WORLD = 2
@@ -32,9 +37,13 @@ CONFIG = dict(batch_size=24, microbatch_size=5, max_new_tokens=5, eta_multiplier
 
 def _model(shard: bool, lora_dropout: float = 0.0):
     """The float64 tiny LoRA Llama (same weights on every rank), sharded per decoder layer and
-    at the root when ``shard``; its AdamW optimizer and a fixed training batch."""
-    model, tok = build_policy(seed=0, dtype=torch.float64, attn_implementation="sdpa",
-                              lora_dropout=lora_dropout)
+    at the root when ``shard``; its AdamW optimizer and a fixed training batch. LoRA on the LM
+    head too: those parameters belong to the root's FSDP unit, which stays unsharded after a
+    forward (the probe must reshard it before writing theta or theta' into its shards)."""
+    tok = build_char_tokenizer()
+    base = build_tiny_llama(tok, seed=0, dtype=torch.float64, attn_implementation="sdpa")
+    model = add_lora(base, r=8, alpha=16, dropout=lora_dropout, seed=0,
+                     target_modules=(*LORA_TARGET_MODULES, "lm_head"))
     randomize_lora_b(model, std=0.05, seed=1)
     if shard:
         from torch.distributed.fsdp import fully_shard
