@@ -61,6 +61,7 @@ def _probe_once(world: int, rank: int, fail: str | None = None, step: int = 3,
 # "rescoring" and "sweep" are the first and second pass of _score_all (m = 1, then m = 0.5);
 # "delta_h1" fails inside the estimators, "estimators" at their start.
 FAILURES = {
+    "update": ("probe", "_choose_derivative", "update"),
     "sampling": ("probe", "_sample", "sampling"),
     "update_check": ("probe", "_rebuild_step", "update_check"),
     "derivative": ("probe", "_derivative_pass", "derivative"),
