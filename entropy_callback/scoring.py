@@ -85,6 +85,42 @@ def logp_and_entropy_rows(
     return logp_y, ent, dlogp_y, dent
 
 
+@torch.no_grad()
+def head_maths(
+    z: torch.Tensor, targets: torch.Tensor, temperature: float, dz: torch.Tensor | None = None
+) -> tuple[torch.Tensor, ...]:
+    """What ``logp_and_entropy_rows`` gives, (l, H[, D l, D H]) [r] float64 in nats from logits
+    z [r, V] (and their tangent dz [r, V]), in fewer passes over the chunk: one float64 copy of
+    each, one exp, in-place products, no autograd. A float64 z or dz is overwritten (scratch).
+
+    With x' = (z - max z) / tau <= 0, e = exp(x'), s = sum e and E x' = sum e x' / s:
+    l = x'_y - log s, H = log s - E x', D l = (dz_y - sum e dz / s) / tau,
+    D H = -(sum e x' dz - E x' sum e dz) / (s tau).
+    Float64 throughout: float32 elements with float64 sums moved Delta H_true at a tiny step by
+    about 0.1 SE, float32 partial sums by 1-5 SE (docs/performance.md)."""
+    x = z.detach().to(torch.float64)
+    idx = targets.unsqueeze(-1)
+    x.sub_(x.amax(-1, keepdim=True))
+    if temperature != 1.0:
+        x.div_(temperature)
+    e = torch.exp(x)
+    s = e.sum(-1)
+    log_s = s.log()
+    logp_y = x.gather(-1, idx).squeeze(-1) - log_s
+    if dz is not None:
+        d = dz.detach().to(torch.float64)
+        dz_y = d.gather(-1, idx).squeeze(-1)
+        e_dz = d.mul_(e).sum(-1)
+        e_x_dz = d.mul_(x).sum(-1)
+    mean_x = e.mul_(x).sum(-1) / s
+    ent = log_s - mean_x
+    if dz is None:
+        return logp_y, ent
+    dlogp_y = (dz_y - e_dz / s) / temperature
+    dent = (mean_x * e_dz - e_x_dz) / (s * temperature)
+    return logp_y, ent, dlogp_y, dent
+
+
 def token_logp_and_entropy(
     logits: torch.Tensor, targets: torch.Tensor, temperature: float, chunk_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,8 +240,8 @@ class Scorer:
             for start in range(0, h.shape[0], rows):
                 stop = min(start + rows, h.shape[0])
                 t = targets[first + start : first + stop]
-                cols = logp_and_entropy_rows(z[start:stop], t, self.temperature,
-                                             None if dz is None else dz[start:stop])
+                cols = head_maths(z[start:stop], t, self.temperature,
+                                  None if dz is None else dz[start:stop])
                 for row, col in zip(out, cols, strict=True):
                     row[first + start : first + stop] = col
                 del cols
