@@ -29,9 +29,11 @@ from .head import SplitModel, split_model
 from .sampling import EBatch, forward_accepts
 from .variants import call_substituted, exact_variant_derivatives
 
-CHUNK_BYTES = {"cpu": 10_000_000, "accelerator": 256 << 20}
+CHUNK_BYTES = {"cpu": 1 << 20, "accelerator": 256 << 20}
 """Bytes per chunk x vocab float64 buffer when ``chunk_size`` is None: small enough to stay in a
-CPU's cache, large enough to keep an accelerator busy."""
+CPU core's L2 cache (1 MiB: 4 positions at 32k, 1 at 150k; the head maths ran 10-15 % faster
+than with 10 MB chunks, benchmarks/head_maths_cost.py), large enough to keep an accelerator
+busy."""
 
 HEAD_BLOCK_BYTES = {"cpu": 32_000_000, "accelerator": 1 << 30}
 """Bytes per block of logits (model dtype, counted at 4 bytes) when ``chunk_size`` is None: the
@@ -85,30 +87,43 @@ def logp_and_entropy_rows(
     return logp_y, ent, dlogp_y, dent
 
 
+def _float64(t: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """t as float64, into ``out`` when given (else t itself when already float64)."""
+    return t.detach().to(torch.float64) if out is None else out.copy_(t)
+
+
 @torch.no_grad()
 def head_maths(
-    z: torch.Tensor, targets: torch.Tensor, temperature: float, dz: torch.Tensor | None = None
+    z: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float,
+    dz: torch.Tensor | None = None,
+    scratch: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """What ``logp_and_entropy_rows`` gives, (l, H[, D l, D H]) [r] float64 in nats from logits
     z [r, V] (and their tangent dz [r, V]), in fewer passes over the chunk: one float64 copy of
-    each, one exp, in-place products, no autograd. A float64 z or dz is overwritten (scratch).
+    each, one exp, in-place products, no autograd. ``scratch`` [3, >= r, V] float64, if given,
+    holds the copies and exp (a fresh buffer per chunk costs page faults); without it a float64
+    z or dz is overwritten.
 
     With x' = (z - max z) / tau <= 0, e = exp(x'), s = sum e and E x' = sum e x' / s:
     l = x'_y - log s, H = log s - E x', D l = (dz_y - sum e dz / s) / tau,
     D H = -(sum e x' dz - E x' sum e dz) / (s tau).
     Float64 throughout: float32 elements with float64 sums moved Delta H_true at a tiny step by
     about 0.1 SE, float32 partial sums by 1-5 SE (docs/performance.md)."""
-    x = z.detach().to(torch.float64)
+    r = z.shape[0]
+    buf = [None] * 3 if scratch is None else [b[:r] for b in scratch]
+    x = _float64(z, buf[0])
     idx = targets.unsqueeze(-1)
     x.sub_(x.amax(-1, keepdim=True))
     if temperature != 1.0:
         x.div_(temperature)
-    e = torch.exp(x)
+    e = torch.exp(x, out=buf[1])
     s = e.sum(-1)
     log_s = s.log()
     logp_y = x.gather(-1, idx).squeeze(-1) - log_s
     if dz is not None:
-        d = dz.detach().to(torch.float64)
+        d = _float64(dz, buf[2])
         dz_y = d.gather(-1, idx).squeeze(-1)
         e_dz = d.mul_(e).sum(-1)
         e_x_dz = d.mul_(x).sum(-1)
@@ -228,6 +243,8 @@ class Scorer:
         # reuse (and give back) each chunk's buffers instead of piling them up
         out = torch.empty((2 if dhidden is None else 4, n), dtype=torch.float64,
                           device=hidden.device)
+        scratch = torch.empty((3, min(rows, n), split.vocab), dtype=torch.float64,
+                              device=hidden.device)  # one set of chunk buffers, reused
         for first in range(0, n, block):
             h = hidden[first : first + block]
             if dhidden is None:
@@ -241,7 +258,7 @@ class Scorer:
                 stop = min(start + rows, h.shape[0])
                 t = targets[first + start : first + stop]
                 cols = head_maths(z[start:stop], t, self.temperature,
-                                  None if dz is None else dz[start:stop])
+                                  None if dz is None else dz[start:stop], scratch)
                 for row, col in zip(out, cols, strict=True):
                     row[first + start : first + stop] = col
                 del cols
