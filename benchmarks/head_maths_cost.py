@@ -14,7 +14,7 @@ weights [V, d] and N hidden states (and their tangents):
 Process CPU time (``time.process_time``), minimum over rounds: unlike wall time it hardly moves
 when other jobs share the machine. One intra-op thread.
 
-    python benchmarks/head_maths_cost.py --vocab 150000 --hidden 128
+    python benchmarks/head_maths_cost.py --vocab 150000 --hidden 128 [--chunk-bytes 10000000]
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from entropy_callback import scoring
 from entropy_callback.scoring import (
     chunk_rows,
     head_block_rows,
@@ -66,7 +67,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--positions", type=int, default=512, help="N (16 sequences x 32)")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--chunk-bytes", type=int, default=scoring.CHUNK_BYTES["cpu"],
+                        help="scoring.CHUNK_BYTES on a CPU (the chunk of the float64 maths)")
     args = parser.parse_args(argv)
+    scoring.CHUNK_BYTES["cpu"] = args.chunk_bytes
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(0)
     W = torch.randn(args.vocab, args.hidden, generator=gen) / args.hidden**0.5
