@@ -14,7 +14,7 @@ weights [V, d] and N hidden states (and their tangents):
 Process CPU time (``time.process_time``), minimum over rounds: unlike wall time it hardly moves
 when other jobs share the machine. One intra-op thread.
 
-    python benchmarks/head_maths_cost.py --vocab 150000 --hidden 128 [--chunk-bytes 10000000]
+    python benchmarks/head_maths_cost.py --vocab 150000 --hidden 128 [--chunk-bytes 1048576]
 """
 
 from __future__ import annotations

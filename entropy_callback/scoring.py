@@ -29,11 +29,9 @@ from .head import SplitModel, split_model
 from .sampling import EBatch, forward_accepts
 from .variants import call_substituted, exact_variant_derivatives
 
-CHUNK_BYTES = {"cpu": 1 << 20, "accelerator": 256 << 20}
+CHUNK_BYTES = {"cpu": 10_000_000, "accelerator": 256 << 20}
 """Bytes per chunk x vocab float64 buffer when ``chunk_size`` is None: small enough to stay in a
-CPU core's L2 cache (1 MiB: 4 positions at 32k, 1 at 150k; the head maths ran 10-15 % faster
-than with 10 MB chunks, benchmarks/head_maths_cost.py), large enough to keep an accelerator
-busy."""
+CPU's cache, large enough to keep an accelerator busy."""
 
 HEAD_BLOCK_BYTES = {"cpu": 32_000_000, "accelerator": 1 << 30}
 """Bytes per block of logits (model dtype, counted at 4 bytes) when ``chunk_size`` is None: the
