@@ -14,7 +14,7 @@ weights [V, d] and N hidden states (and their tangents):
 Process CPU time (``time.process_time``), minimum over rounds: unlike wall time it hardly moves
 when other jobs share the machine. One intra-op thread.
 
-    python benchmarks/head_maths_cost.py --vocab 150000 --hidden 128 [--chunk-bytes 1048576]
+    python benchmarks/head_maths_cost.py --vocab 150000 --hidden 128 [--chunk-bytes 10000000]
 """
 
 from __future__ import annotations
@@ -35,10 +35,10 @@ from entropy_callback.scoring import (
 )
 
 
-def _chunk_loop(maths, W, h, dh, targets):
+def _chunk_loop(maths, W, h, dh, targets, budgets):
     """The loop of ``Scorer._head_rows`` for a plain linear head (closed-form tangent)."""
     n, vocab = h.shape[0], W.shape[0]
-    rows = chunk_rows(vocab, None, h.device)
+    rows = chunk_rows(vocab, None, h.device, budgets)
     block = head_block_rows(vocab, rows, None, h.device)
     out = torch.empty((2 if dh is None else 4, n), dtype=torch.float64)
     scratch = torch.empty((3, min(rows, n), vocab), dtype=torch.float64)
@@ -67,10 +67,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--positions", type=int, default=512, help="N (16 sequences x 32)")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--chunk-bytes", type=int, default=scoring.CHUNK_BYTES["cpu"],
-                        help="scoring.CHUNK_BYTES on a CPU (the chunk of the float64 maths)")
+    parser.add_argument("--chunk-bytes", type=int, default=scoring.MATHS_CHUNK_BYTES["cpu"],
+                        help="the chunk of the float64 maths on a CPU (MATHS_CHUNK_BYTES)")
     args = parser.parse_args(argv)
-    scoring.CHUNK_BYTES["cpu"] = args.chunk_bytes
+    budgets = {"cpu": args.chunk_bytes}
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(0)
     W = torch.randn(args.vocab, args.hidden, generator=gen) / args.hidden**0.5
@@ -78,8 +78,8 @@ def main(argv: list[str] | None = None) -> dict:
     dh = 1e-3 * torch.randn(args.positions, args.hidden, generator=gen)
     targets = torch.randint(args.vocab, (args.positions,), generator=gen)
     jobs = {"matmuls": lambda t: _matmuls(W, h, t),
-            "reference": lambda t: _chunk_loop(logp_and_entropy_rows, W, h, t, targets),
-            "head_maths": lambda t: _chunk_loop(head_maths, W, h, t, targets)}
+            "reference": lambda t: _chunk_loop(logp_and_entropy_rows, W, h, t, targets, budgets),
+            "head_maths": lambda t: _chunk_loop(head_maths, W, h, t, targets, budgets)}
     best: dict[str, float] = {}
     for _ in range(args.rounds):  # interleaved, so a busy moment hits every job alike
         for tangent in (False, True):

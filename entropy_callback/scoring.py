@@ -33,6 +33,13 @@ CHUNK_BYTES = {"cpu": 10_000_000, "accelerator": 256 << 20}
 """Bytes per chunk x vocab float64 buffer when ``chunk_size`` is None: small enough to stay in a
 CPU's cache, large enough to keep an accelerator busy."""
 
+MATHS_CHUNK_BYTES = {"cpu": 1 << 20, "accelerator": 256 << 20}
+"""The same for ``head_maths`` in ``Scorer._head_rows`` (scoring and the forward-mode pass),
+whose buffers are reused chunk after chunk: 1 MiB (4 positions at 32k, 1 at 150k) stays in a CPU
+core's L2 cache. In the probe the derivative and rescoring phases ran 0.63-0.79 and 0.55-0.78 of
+the code before ``head_maths`` with it, 0.86-0.88 and 0.87-0.94 with 10 MB chunks
+(benchmarks/probe_cost.py, docs/performance.md)."""
+
 HEAD_BLOCK_BYTES = {"cpu": 32_000_000, "accelerator": 1 << 30}
 """Bytes per block of logits (model dtype, counted at 4 bytes) when ``chunk_size`` is None: the
 head's matmul reads the whole vocab x hidden weight once per block, so a block of a few rows
@@ -41,11 +48,14 @@ spends its time reading the weight (measured at 150k: 4.1 ms per row at 8 rows, 
 _VERIFY_RTOL = 1e-3  # head(body(x)) vs the model's logits, relative to max |logit|
 
 
-def chunk_rows(vocab: int, chunk_size: int | None, device: torch.device) -> int:
-    """Positions per chunk: ``chunk_size`` if given, else ``CHUNK_BYTES`` / (8 bytes * vocab)."""
+def chunk_rows(
+    vocab: int, chunk_size: int | None, device: torch.device, budgets: dict | None = None
+) -> int:
+    """Positions per chunk: ``chunk_size`` if given, else ``budgets`` (``CHUNK_BYTES`` by
+    default) / (8 bytes * vocab)."""
     if chunk_size is not None:
         return int(chunk_size)
-    budget = CHUNK_BYTES["cpu" if device.type == "cpu" else "accelerator"]
+    budget = (budgets or CHUNK_BYTES)["cpu" if device.type == "cpu" else "accelerator"]
     return max(1, budget // (8 * vocab))
 
 
@@ -233,7 +243,7 @@ class Scorer:
                 return split.logits(h)
             return call_substituted(split, _prefixed(p), args=(h,), kwargs={"part": "head"})
 
-        rows = chunk_rows(split.vocab, self.chunk_size, self.device)
+        rows = chunk_rows(split.vocab, self.chunk_size, self.device, MATHS_CHUNK_BYTES)
         block = head_block_rows(split.vocab, rows, self.chunk_size, self.device)
         closed_form = split.plain and not head_keys
         n = hidden.shape[0]
