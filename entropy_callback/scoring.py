@@ -36,8 +36,8 @@ CPU's cache, large enough to keep an accelerator busy."""
 MATHS_CHUNK_BYTES = {"cpu": 1 << 20, "accelerator": 256 << 20}
 """The same for ``head_maths`` in ``Scorer._head_rows`` (scoring and the forward-mode pass),
 whose buffers are reused chunk after chunk: 1 MiB (4 positions at 32k, 1 at 150k) stays in a CPU
-core's L2 cache. In the probe the derivative and rescoring phases ran 0.63-0.79 and 0.55-0.78 of
-the code before ``head_maths`` with it, 0.86-0.88 and 0.87-0.94 with 10 MB chunks
+core's L2 cache. In the probe the derivative and rescoring phases took 0.63-0.87 and 0.55-0.84
+of their time before ``head_maths`` with it, 0.86-0.88 and 0.87-0.94 with 10 MB chunks
 (benchmarks/probe_cost.py, docs/performance.md)."""
 
 HEAD_BLOCK_BYTES = {"cpu": 32_000_000, "accelerator": 1 << 30}
