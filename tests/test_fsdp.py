@@ -9,8 +9,10 @@ without the probe.
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import time
+import traceback
 import warnings
 from pathlib import Path
 
@@ -111,9 +113,12 @@ def _refusals() -> list[str]:
 def _worker(rank: int, port: int, out: str, job: str, phases: list[str | None]) -> None:
     """Runs ``job`` on this rank, saving each result as soon as it is there (a hang shows as
     the first missing file)."""
+    faulthandler.enable()  # a native crash (an abort in a collective) prints where it was
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    dist.barrier()
+    (Path(out) / f"ready_rank{rank}").touch()
     try:
         if job == "train":
             torch.save({"probed": _train(True), "unprobed": _train(False),
@@ -129,6 +134,9 @@ def _worker(rank: int, port: int, out: str, job: str, phases: list[str | None]) 
                         "seconds": time.monotonic() - start,
                         "warnings": [str(w.message) for w in caught]},
                        Path(out) / f"{i}_rank{rank}.pt")
+    except BaseException:  # kept where the test can read it: a native abort at exit loses it
+        (Path(out) / f"traceback_rank{rank}").write_text(traceback.format_exc())
+        raise
     finally:
         dist.destroy_process_group()
 
@@ -136,7 +144,23 @@ def _worker(rank: int, port: int, out: str, job: str, phases: list[str | None]) 
 def _spawn(tmp_path: Path, job: str, phases: list[str | None],
            deadline_s: float = 300.0) -> list[list[dict] | None]:
     """``_worker`` on 2 ranks; per entry, both ranks' results, or None where it did not finish
-    before the deadline (a hang guard: the ranks are then killed)."""
+    before the deadline (a hang guard: the ranks are then killed).
+
+    Started once more, on a fresh port, when a rank dies before both ranks have joined the
+    process group (on this shared machine the rendezvous occasionally aborts natively,
+    "terminate called without an active exception", before any probe code runs)."""
+    try:
+        return _spawn_once(tmp_path, job, phases, deadline_s)
+    except (mp.ProcessExitedException, mp.ProcessRaisedException) as exc:
+        if all((tmp_path / f"ready_rank{r}").exists() for r in range(WORLD)):
+            tracebacks = [f.read_text() for f in sorted(tmp_path.glob("traceback_rank*"))]
+            raise AssertionError(f"a rank died: {exc}\n" + "\n".join(tracebacks)) from exc
+        print("test_fsdp: a rank died before the rendezvous completed; starting again")
+        return _spawn_once(tmp_path, job, phases, deadline_s)
+
+
+def _spawn_once(tmp_path: Path, job: str, phases: list[str | None],
+                deadline_s: float) -> list[list[dict] | None]:
     ctx = mp.start_processes(_worker, args=(_free_port(), str(tmp_path), job, phases),
                              nprocs=WORLD, join=False, start_method="spawn")
     start = time.monotonic()
