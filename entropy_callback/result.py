@@ -11,7 +11,7 @@ also needs its typed attribute on ``ProbeResult``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 
@@ -77,14 +77,68 @@ def finite_or_none(value: Any) -> Any:
     return value
 
 
-@dataclass
+class FrozenDict(dict):
+    """A dict that refuses writes (a ``ProbeResult``'s sections); JSON and pickle see a dict."""
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("a ProbeResult is read-only; build a changed copy with "
+                        "dataclasses.replace(result, ...)")
+
+    __setitem__ = __delitem__ = __ior__ = _refuse
+    clear = pop = popitem = setdefault = update = _refuse
+
+    def __reduce__(self):
+        return FrozenDict, (dict(self),)
+
+
+class FrozenList(list):
+    """A list that refuses writes (a ``ProbeResult``'s rows); JSON and pickle see a list."""
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("a ProbeResult is read-only; build a changed copy with "
+                        "dataclasses.replace(result, ...)")
+
+    __setitem__ = __delitem__ = __iadd__ = __imul__ = _refuse
+    append = clear = extend = insert = pop = remove = reverse = sort = _refuse
+
+    def __reduce__(self):
+        return FrozenList, (list(self),)
+
+
+def frozen(value: Any) -> Any:
+    """``value`` with every dict and list inside it read-only (other objects as they are)."""
+    if isinstance(value, dict):
+        return FrozenDict({k: frozen(v) for k, v in value.items()})
+    if isinstance(value, list):
+        return FrozenList(frozen(v) for v in value)
+    return value
+
+
+def thawed(value: Any) -> Any:
+    """A writable deep copy of ``value``'s dicts and lists (for a JSON record)."""
+    if isinstance(value, dict):
+        return {k: thawed(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [thawed(v) for v in value]
+    return value
+
+
+@dataclass(frozen=True)
 class ProbeResult:
-    """One probed optimizer step.
+    """One probed optimizer step, read-only.
 
     Units: entropies in nats per token (``normalize="per_token"``) or nats per response
     (``"per_sequence"``); ``bars_dot`` in those units per unit learning rate.
     Any field may be None when the probe could not compute it; ``null_reasons`` says why, and
-    ``error`` is set (phase, type, message) when a phase failed.
+    ``error`` is set (phase, type, message) when a phase failed. ``batch_statistics["U_batch"]``
+    holds the update batch's reward/advantage statistics when the adapter had them;
+    ``attribution`` the split of delta H_1 (docs/attribution.md) when asked for.
+
+    Built once (by the engine, or directly), cleaned once at construction: a declared quantity
+    that is non-finite becomes None with its ``null_reasons`` entry (``NONFINITE_REASON``), one
+    missing because a phase failed gets the failed phase as its reason. Nothing can write to it
+    afterwards (``dataclasses.FrozenInstanceError``, ``TypeError`` for its dicts and lists);
+    ``dataclasses.replace(result, ...)`` makes a changed, cleaned copy.
     """
 
     step: int
@@ -123,47 +177,43 @@ class ProbeResult:
     def ok(self) -> bool:
         return self.error is None
 
-    def set(self, **values: Any) -> None:
-        """Store declared quantities by name: a field, or an entry of ``diagnostics``."""
-        for name, value in values.items():
-            if QUANTITY[name].section == "field":
-                setattr(self, name, value)
-            else:
-                self.diagnostics[name] = value
-
     def get(self, name: str) -> Any:
         """A declared quantity's value (None when absent)."""
         if QUANTITY[name].section == "field":
             return getattr(self, name)
         return self.diagnostics.get(name)
 
-    def sanitize(self) -> None:
-        """The one place where non-finite numbers become None (JSON has no NaN/inf).
-
-        A declared quantity that is non-finite, or missing because a phase failed, gets a
-        ``null_reasons`` entry; diagnostics, η-sweep points, per-sequence columns and raw vectors
-        are cleaned too. Idempotent; ``to_dict`` calls it.
-        """
+    def __post_init__(self) -> None:
+        """The one place where non-finite numbers become None (JSON has no NaN/inf), then every
+        dict and list inside is made read-only."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values["diagnostics"] = dict(values["diagnostics"])
+        reasons = dict(values["null_reasons"])
+        error = values["error"]
         for q in QUANTITIES:
-            value = self.get(q.name)
+            where = values if q.section == "field" else values["diagnostics"]
+            value = where.get(q.name)
             if value is None:
-                if self.error is not None and q.core:
-                    self.null_reasons.setdefault(
-                        q.name, f"phase '{self.error['phase']}' failed: {self.error['type']}"
-                    )
+                if error is not None and q.core:
+                    reasons.setdefault(q.name, f"phase '{error['phase']}' failed: "
+                                               f"{error['type']}")
             elif finite_or_none(value) is None:
-                self.set(**{q.name: None})
-                self.null_reasons.setdefault(q.name, NONFINITE_REASON)
-        if self.ess_fraction is None and self.error is None and self.reliable is not None:
-            self.reliable = False
-        self.diagnostics = {k: finite_or_none(v) for k, v in self.diagnostics.items()}
-        self.eta_sweep = [{k: finite_or_none(v) for k, v in p.items()} for p in self.eta_sweep]
-        self.sequences = {k: [finite_or_none(x) for x in col] for k, col in self.sequences.items()}
-        self.raw_tensors = {k: [finite_or_none(x) for x in col]
-                            for k, col in self.raw_tensors.items()}
+                where[q.name] = None
+                reasons.setdefault(q.name, NONFINITE_REASON)
+        if values["ess_fraction"] is None and error is None and values["reliable"] is not None:
+            values["reliable"] = False
+        values["null_reasons"] = reasons
+        values["diagnostics"] = {k: finite_or_none(v) for k, v in values["diagnostics"].items()}
+        values["eta_sweep"] = [{k: finite_or_none(v) for k, v in p.items()}
+                               for p in values["eta_sweep"]]
+        for name in ("sequences", "raw_tensors"):
+            values[name] = {k: [finite_or_none(x) for x in col]
+                            for k, col in values[name].items()}
+        for name, value in values.items():
+            object.__setattr__(self, name, frozen(value))
 
     def core(self) -> dict[str, Any]:
-        """core_results: the numbers one line of probes.jsonl carries (call after sanitize)."""
+        """core_results: the numbers one line of probes.jsonl carries."""
         out: dict[str, Any] = {"step": self.step}
         for name in CORE_FIELDS:
             out[name] = self.get(name)
@@ -175,7 +225,7 @@ class ProbeResult:
             update_source=self.update_source,
         )
         if self.error is not None:
-            out["error"] = self.error
+            out["error"] = dict(self.error)
         if self.null_reasons:
             out["null_reasons"] = dict(self.null_reasons)
         return out
@@ -206,9 +256,8 @@ class ProbeResult:
 
         ``standard`` adds ground_truth and batch_statistics; ``sequences`` the per-sequence
         records; ``token_data`` the token-level data; ``raw_tensors`` the per-sequence raw
-        vectors (each only when the probe collected it).
+        vectors (each only when the probe collected it). A new, writable dict.
         """
-        self.sanitize()
         record: dict[str, Any] = {
             "core_results": self.core(),
             "timing": {k: float(v) for k, v in self.timing.items()},
@@ -233,7 +282,7 @@ class ProbeResult:
             record["raw_tensors"] = self.raw_tensors
         if self.attribution is not None:
             record["attribution"] = self.attribution
-        return record
+        return thawed(record)
 
 
 def _rows(columns: dict[str, list]) -> list[dict[str, Any]]:
@@ -241,3 +290,46 @@ def _rows(columns: dict[str, list]) -> list[dict[str, Any]]:
     names = list(columns)
     n = len(columns[names[0]]) if names else 0
     return [{k: columns[k][i] for k in names} for i in range(n)]
+
+
+_FIELDS = {f.name: f for f in fields(ProbeResult)}
+
+
+class ResultDraft:
+    """The engine's writable working copy of one probe's result, with ``ProbeResult``'s fields
+    (and no others); ``freeze()`` hands out the one ``ProbeResult``."""
+
+    def __init__(self, **values: Any) -> None:
+        for name, f in _FIELDS.items():
+            if name in values:
+                value = values.pop(name)
+            elif f.default_factory is not MISSING:
+                value = f.default_factory()
+            else:
+                value = f.default
+            object.__setattr__(self, name, value)
+        if values:
+            raise TypeError(f"ProbeResult has no field(s) {sorted(values)}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name not in _FIELDS:
+            raise AttributeError(f"ProbeResult has no field {name!r}")
+        object.__setattr__(self, name, value)
+
+    def set(self, **values: Any) -> None:
+        """Store declared quantities by name: a field, or an entry of ``diagnostics``."""
+        for name, value in values.items():
+            if QUANTITY[name].section == "field":
+                setattr(self, name, value)
+            else:
+                self.diagnostics[name] = value
+
+    def get(self, name: str) -> Any:
+        """A declared quantity's value (None when absent)."""
+        if QUANTITY[name].section == "field":
+            return getattr(self, name)
+        return self.diagnostics.get(name)
+
+    def freeze(self, **values: Any) -> ProbeResult:
+        """The ``ProbeResult`` of what the draft holds, with ``values`` on top (cleaned once)."""
+        return ProbeResult(**{**{name: getattr(self, name) for name in _FIELDS}, **values})

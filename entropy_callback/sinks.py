@@ -223,8 +223,8 @@ class RunLogger:
         if not self._opened or self._closed:
             raise RuntimeError("RunLogger.emit() needs an open RunLogger (open() first, and "
                                "not after close()).")
-        result = dataclasses.replace(result, timing=dict(result.timing))  # the caller's stays
         step = int(result.step)
+        timing = dict(result.timing)
         failures: list[tuple[str, Exception]] = []
         for sink in self.sinks:
             start = time.perf_counter()
@@ -234,10 +234,11 @@ class RunLogger:
                 self._raise_if_strict(sink.name, step, exc)
                 failures.append((sink.name, exc))
             finally:
-                result.timing[sink.name] = (result.timing.get(sink.name, 0.0)
-                                            + time.perf_counter() - start)
-        if failures and result.error is None:
-            result.error = _error_record(*failures[0])
+                timing[sink.name] = timing.get(sink.name, 0.0) + time.perf_counter() - start
+        error = result.error
+        if failures and error is None:
+            error = _error_record(*failures[0])
+        result = dataclasses.replace(result, timing=timing, error=error)  # the caller's stays
         written = self._write_json(result, extra)
         for name, exc in failures:
             self._warn(f"{_failed(name, step, exc)}; training continues. {written}")
