@@ -295,9 +295,10 @@ class ProbeSession:
             if saved is not None and saved != now]
         if changed:
             warnings.warn(
-                f"the checkpoint's probe run {run.get('run_id')} was made with another "
-                f"{' and '.join(changed)} than this probe's: this fit logs a new run (a "
-                "directory of its own); the checkpoint's run keeps its records.",
+                f"the checkpoint's probe run {run.get('run_id')} was made with another every "
+                f"or probe config ({' and '.join(changed)} changed) than this probe's: this "
+                "fit logs a new run (a directory of its own); the checkpoint's run keeps its "
+                "records.",
                 EntropyProbeWarning, stacklevel=stacklevel)
             self._resume = None
             return False
