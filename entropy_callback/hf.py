@@ -38,15 +38,10 @@ class EntropyProbeTrainerCallback(TrainerCallback):
     r"""Every ``every`` optimizer steps of a ``transformers.Trainer`` (TRL's ``GRPOTrainer``
     included), predict and measure the step's policy-entropy change.
 
-    At step t (``state.global_step`` read in ``on_pre_optimizer_step``, t % every == 0, t = 0
-    included) the probe samples a held-out batch E from the current policy and snapshots theta
-    and the AdamW state; after the step it rebuilds Delta theta from the gradients AdamW
-    consumed (after the Trainer's clipping), predicts delta H_1 = g_hat . Delta theta, and
-    measures Delta H_true on the same E tokens by self-normalised importance sampling;
-    entropies in nats per token
-    (``normalize="per_token"``). Records and scalars are those of ``EntropyProbeCallback``:
-    TensorBoard tags ``entropy_probe/*`` (and the Custom Scalars layout) under the logging
-    directory, JSON under ``<args.output_dir>/entropy_probe/``. Only the main process writes.
+    At step t (``state.global_step`` in ``on_pre_optimizer_step``, t % every == 0, t = 0
+    included) the probe does what ``EntropyProbeCallback`` does, with the same records and
+    scalars: TensorBoard tags ``entropy_probe/*`` under the logging directory, JSON under
+    ``<args.output_dir>/entropy_probe/``. Only the main process writes.
 
     Args:
         prompts: the held-out prompt pool: strings already formatted for the model,
@@ -65,11 +60,9 @@ class EntropyProbeTrainerCallback(TrainerCallback):
             ``args.temperature`` and ``max_new_tokens`` follows ``args.max_completion_length``
             (GRPOConfig), so that E is drawn like the rollouts.
 
-    ``config.log_dir``, when set, holds both the JSON records and the TensorBoard events.
-    ``sinks``: extra sinks beside TensorBoard and the JSON records. ``attribution=True`` is
-    refused here (the Trainer hands callbacks no rollouts). A ``train()`` that raised is
-    released at the next ``on_train_begin`` (or when the callback is collected);
-    ``train(resume_from_checkpoint=...)`` continues the checkpoint's run.
+    ``config.log_dir``, when set, holds the JSON records and the TensorBoard events. ``sinks``:
+    extra sinks. ``attribution=True`` is refused (the Trainer hands callbacks no rollouts). A
+    ``train()`` that raised is released at the next ``on_train_begin`` (or when collected).
 
     Example::
 
@@ -100,9 +93,8 @@ class EntropyProbeTrainerCallback(TrainerCallback):
             config_fields)
         self.prompts = prompt_rows(prompts) if prompts is not None else None
         if model is not None and not isinstance(model, torch.nn.Module):
-            raise ProbeConfigError(
-                f"model must be None (the Trainer's model) or the policy module, got "
-                f"{type(model).__name__}; pass the model object, not its name.")
+            raise ProbeConfigError(f"model must be None (the Trainer's model) or the policy "
+                                   f"module, got {type(model).__name__}; pass the model object.")
         self._model, self._tokenizer = model, tokenizer
         self._disabled = False
 
@@ -114,6 +106,8 @@ class EntropyProbeTrainerCallback(TrainerCallback):
     run_dir = property(lambda self: self.session.run_dir)
     probed_steps = property(lambda self: self.session.probed_steps)
     last_result = property(lambda self: self.session.last_result)
+    # the file this callback writes into each checkpoint directory
+    state_file = property(lambda self: f"{self.name}.probe_state.json")
 
     @classmethod
     def attach(cls, trainer: Any, prompts: Any = None, every: int = 20,
@@ -174,11 +168,6 @@ class EntropyProbeTrainerCallback(TrainerCallback):
             else:
                 json_dir, tb_dir = Path(args.output_dir), logging_dir(args)
             session.open(json_dir, start_step=start, tensorboard=tb_dir)
-
-    @property
-    def state_file(self) -> str:
-        """The file this callback writes into each checkpoint directory."""
-        return f"{self.name}.probe_state.json"
 
     def on_save(self, args, state, control, **kwargs) -> None:
         """Beside the checkpoint the Trainer just wrote, the probe run's state (main process

@@ -13,13 +13,12 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from .attribution_report import DDP_UNSUPPORTED
 from .config import ProbeConfig, ProbeConfigError, name_of_attribute
+from .lightning_support import fit_inputs, unsupported_strategy
 from .observer import EntropyProbeWarning, contained
 from .progress import lightning_postfix
 from .prompts import check_prompts
 from .session import ProbeSession
 from .tensorboard import PREFIX
-
-UNSUPPORTED_STRATEGIES = ("FSDP", "DeepSpeed", "ModelParallel")
 
 
 class EntropyProbeCallback(Callback):
@@ -124,23 +123,9 @@ logger version directory this fit writes to.
             warnings.warn(
                 f"EntropyProbeCallback is disabled under {strategy}: sharded parameters and "
                 "optimizer state are not supported yet (use DDP, or a single device).",
-                EntropyProbeWarning,
-                stacklevel=2,
-            )
+                EntropyProbeWarning, stacklevel=2)
             return
-        if self.config.attribution and not callable(getattr(pl_module, "per_token_loss", None)):
-            raise ProbeConfigError(
-                f"attribution=True needs {type(pl_module).__name__}.per_token_loss(rollouts) and "
-                "training_step outputs carrying 'rollouts' (docs/attribution.md); add them, or "
-                "pass attribution=False."
-            )
-        model = self._model if self._model is not None else _attr(pl_module, self.model_attr,
-                                                                  "model")
-        tok = self._tokenizer if self._tokenizer is not None else _attr(
-            pl_module, self.tokenizer_attr, "tokenizer")
-        prompts = self.prompts if self.prompts is not None else _attached_prompts(
-            trainer, pl_module, self.prompts_attr)
-        self.session.bind(model, tok, prompts)
+        self.session.bind(*fit_inputs(self, trainer, pl_module))
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         session = self.session
@@ -210,39 +195,3 @@ logger version directory this fit writes to.
         """A checkpoint of this callback's run: the next fit continues that run (same run id,
         in this fit's log directory), unless ``every`` or the measurement config changed."""
         self.session.load_state_dict(state_dict, stacklevel=4)
-
-
-def unsupported_strategy(strategy: Any) -> str | None:
-    """The strategy's class name when it shards parameters (FSDP, DeepSpeed, ModelParallel),
-    itself or through a base class; else None."""
-    for cls in type(strategy).__mro__:
-        if any(name in cls.__name__ for name in UNSUPPORTED_STRATEGIES):
-            return type(strategy).__name__
-    return None
-
-
-def _attr(pl_module: LightningModule, name: str, what: str):
-    value = getattr(pl_module, name, None)
-    if value is None:
-        raise ProbeConfigError(
-            f"EntropyProbeCallback cannot find the {what}: {type(pl_module).__name__} has no "
-            f"attribute {name!r}. Expose it as pl_module.{name}, pass {what}_attr='<name>', or "
-            f"pass {what}= to the callback."
-        )
-    return value
-
-
-def _attached_prompts(trainer: Trainer, pl_module: LightningModule, name: str) -> list:
-    """``pl_module.<name>``, else ``trainer.datamodule.<name>``: the callback's prompt pool."""
-    for where, owner in (("pl_module", pl_module), ("trainer.datamodule", trainer.datamodule)):
-        prompts = getattr(owner, name, None) if owner is not None else None
-        if prompts is not None:
-            try:
-                return check_prompts(prompts)
-            except ProbeConfigError as exc:
-                raise ProbeConfigError(f"{where}.{name}: {exc}") from None
-    raise ProbeConfigError(
-        f"EntropyProbeCallback has no prompts: pass prompts=[...] to the callback, or set "
-        f"{type(pl_module).__name__}.{name} (pl_module.{name}), or trainer.datamodule.{name}; "
-        f"another attribute name can be given as prompts_attr= (now {name!r})."
-    )

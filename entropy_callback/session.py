@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ from .sinks import RunLogger
 from .tensorboard import PREFIX
 
 StepHook = Callable[["ProbeSession", int], Any]
+_OPEN: weakref.WeakSet[ProbeSession] = weakref.WeakSet()  # sessions of this process with a run
 
 
 class ProbeSession:
@@ -145,6 +147,10 @@ class ProbeSession:
         self.probed_steps = [t for t in self.probed_steps if t < start_step]
         if self.rank != 0:
             return
+        run_id = None if resume is None else resume.get("run_id")
+        for other in [s for s in _OPEN if s is not self and s.run_logger is not None
+                      and s.run_logger.run_id == run_id]:
+            other.close()  # this process resumes that run: the training that held it is over
         with contained("open", None, self.config.strict):
             metadata = {"framework": self.framework, "every": self.every,
                         **logger_options.pop("metadata", {})}
@@ -154,11 +160,13 @@ class ProbeSession:
             self.run_logger = logger
             logger.open(resume_state=resume, start_step=int(start_step))
             self._writing = True
+            _OPEN.add(self)
 
     def close(self) -> None:
         """Close the run's sinks and release its directory (``run_logger`` stays readable).
         Safe to call twice."""
         logger, self._writing = self.run_logger, False
+        _OPEN.discard(self)
         if logger is not None:
             with contained("close", None, self.config.strict):
                 logger.close()
