@@ -108,7 +108,6 @@ logger version directory this fit writes to.
     tensorboard = property(lambda self: self.session.tensorboard)
     probed_steps = property(lambda self: self.session.probed_steps)
     last_result = property(lambda self: self.session.last_result)
-    _hooks = property(lambda self: self.session._handles)
 
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -150,8 +149,6 @@ logger version directory this fit writes to.
                          metric_loggers=[lg.log_metrics for lg in trainer.loggers
                                          if not isinstance(lg, TensorBoardLogger)],
                          metadata={"logger_version": None if first is None else first.version})
-            for optimizer in trainer.optimizers:
-                session.watch(optimizer)
             if trainer.is_global_zero:  # the probe's phase and rows in the progress bar
                 session.probe.on_progress = lightning_postfix(trainer)
 

@@ -99,9 +99,9 @@ class ProbeSession:
 
     def _reset(self) -> None:
         """Nothing left from a previous fit (one that failed may have left a pending probe)."""
-        for handle in getattr(self, "_handles", []):
+        for _, handle in getattr(self, "_handles", []):
             handle.remove()
-        self._handles: list[Any] = []
+        self._handles: list[tuple[torch.optim.Optimizer, Any]] = []
         self._optimizer: torch.optim.Optimizer | None = None
         self._measured: list[Measurement] = []
         self._outputs: list[Any] = []
@@ -126,13 +126,14 @@ class ProbeSession:
         if self.probe is not None and self.world_size > 1:
             self.probe.set_distributed(self.rank, self.world_size)
 
-    def watch(self, optimizer: Any) -> None:
-        """Call ``after_step`` from ``optimizer``'s step post-hook (torch optimizers; wrappers
-        are unwrapped), so that the step is read the moment it happened."""
-        with contained("setup", None, self.config.strict):
-            inner = unwrap_optimizer(optimizer)
-            self._handles.append(inner.register_step_post_hook(
-                lambda opt, args, kwargs: self.after_step(opt)))
+    def _watch(self, optimizer: torch.optim.Optimizer) -> None:
+        """Measure from ``optimizer``'s step post-hook (registered once per optimizer), so that
+        a probed step is read the moment the optimizer took it, under every adapter; a probe
+        still pending at the next step is then one whose optimizer step never ran."""
+        if not any(watched is optimizer for watched, _ in self._handles):
+            handle = optimizer.register_step_post_hook(
+                lambda opt, args, kwargs: self.after_step(opt))
+            self._handles.append((optimizer, handle))
 
     def open(self, log_dir: str | Path | None, *, start_step: int = 0, **logger_options: Any
              ) -> None:
@@ -188,6 +189,7 @@ class ProbeSession:
                 inner = unwrap_optimizer(optimizer)
                 if holds_any(inner, self.probe.params):
                     self._optimizer, self._rearm = inner, False
+                    self._watch(inner)
                     self.probe.before_step(inner, step=step)
                 else:
                     self.probe.warn_once("foreign_optimizer", "an optimizer holds none of the "

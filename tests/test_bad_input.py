@@ -295,7 +295,7 @@ def test_sharding_strategy_disables_the_probe_with_one_warning(strategy, tmp_pat
     assert f"disabled under {strategy.__name__}" in messages[0] and "DDP" in messages[0]
     assert callback.probe is None and callback.json is None
     callback.on_train_start(trainer, module)  # a disabled callback does nothing
-    assert callback._hooks == []
+    assert callback.session._handles == []
 
 
 def test_deepspeed_is_recognised_as_unsupported():
