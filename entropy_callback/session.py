@@ -155,6 +155,8 @@ class ProbeSession:
         with contained("open", None, self.config.strict):
             metadata = {"framework": self.framework, "every": self.every,
                         **logger_options.pop("metadata", {})}
+            if resume is not None and resume.get("run_dir") is not None:
+                metadata["resumed_from_dir"] = str(resume["run_dir"])  # the earlier segment
             logger = RunLogger(self.config, log_dir, metadata=metadata, name=self.name,
                                **logger_options)
             logger.sinks.extend(self.sinks)
