@@ -78,7 +78,8 @@ def finite_or_none(value: Any) -> Any:
 
 
 class FrozenDict(dict):
-    """A dict that refuses writes (a ``ProbeResult``'s sections); JSON and pickle see a dict."""
+    """A dict that refuses writes (a ``ProbeResult``'s sections); JSON sees a dict. For
+    ``torch.load(weights_only=True)`` save plain copies (``thawed``, ``result.to_dict()``)."""
 
     def _refuse(self, *args: Any, **kwargs: Any) -> None:
         raise TypeError("a ProbeResult is read-only; build a changed copy with "

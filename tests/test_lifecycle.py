@@ -171,3 +171,41 @@ def test_nothing_outside_a_phase_raises_into_training(tmp_path, monkeypatch, whe
         strict = probe_callback(every=1, strict=True)
         with pytest.raises(Exception, match="injected|meta|Cannot copy"):
             fit(make_trainer(tmp_path / "strict", [strict], 3), grpo_module(cls=OddRewards))
+
+
+class SkippedThenTaken(GRPOModule):
+    """Manual optimisation, two optimizer steps per batch under GradScaler; the first step of
+    the second batch (global step 2) has an infinite loss, so the scaler skips it: its
+    ``optimizer.step()`` never runs and the probe is still pending when step 3 begins."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        for _ in range(2):
+            out = super().training_step(batch, batch_idx)
+            loss = out["loss"] * (float("inf") if self.trainer.global_step == 2 else 1.0)
+            opt.zero_grad()
+            self.manual_backward(loss)
+            opt.step()
+        return out
+
+
+def test_a_probe_pending_at_the_next_step_is_a_skipped_record_and_rearms(tmp_path):
+    """The same behaviour as under HF and the plain loop (test_session.py): the probe of
+    step 2, pending when step 3 begins, is recorded as skipped, and step 3 is probed."""
+    from lightning.pytorch.plugins import MixedPrecision
+
+    callback = probe_callback(every=2)
+    scaler = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    messages = fit(make_trainer(tmp_path, [callback], 6, plugins=[scaler]),
+                   grpo_module(cls=SkippedThenTaken))
+    records = {r["step"]: r for r in jsonl_records(tmp_path)}
+    assert sorted(records) == [0, 2, 3, 4]
+    assert records[2]["update_source"] == "skipped"
+    assert "step count did not advance" in records[2]["null_reasons"]["deltaH1"]
+    assert records[3]["update_source"] == "adam_reconstruction"
+    assert records[3]["deltaH1"] is not None
+    assert len([m for m in messages if "did not take step 2" in m]) == 1
