@@ -55,10 +55,12 @@ def attribution_cost(args) -> dict:
         start = time.perf_counter()
         probes[flag].before_step(opt, step=rep)
         opt.step()
-        result = probes[flag].after_step()
+        measurement = probes[flag].measure()
         middle = time.perf_counter()
+        facts = dict(rollouts=[out["rollouts"]], per_token_loss=module.per_token_loss) if flag \
+            else {}
+        result = probes[flag].finish(measurement, **facts)
         if flag:
-            probes[flag].attribute(result, [out["rollouts"]], module.per_token_loss)
             assert "parts" in result.attribution, result.attribution
         end = time.perf_counter()
         if rep >= 2:  # the first pair warms up
