@@ -22,6 +22,7 @@ from .hf_support import (
     logging_dir,
     prompt_rows,
     record_facts,
+    resolve_policy,
     resolve_tokenizer,
     saved_run,
     sharding,
@@ -140,23 +141,22 @@ class EntropyProbeTrainerCallback(TrainerCallback):
         self._disabled = self._disabled or sharded is not None
         if self._disabled:
             return
-        policy = self._model if self._model is not None else model
-        if policy is None:
-            raise ProbeConfigError(
-                "EntropyProbeTrainerCallback got no model from the Trainer; pass model= (the "
-                "policy, e.g. the PeftModel) to the callback.")
-        check_policy(policy, args)
-        tok = resolve_tokenizer(self._tokenizer, processing_class, kwargs.get("tokenizer"))
-        if self.prompts is None:
-            raise ProbeConfigError(
-                "EntropyProbeTrainerCallback has no prompts: pass prompts= (strings, "
-                "conversations or a dataset with a 'prompt' column), or build it with "
-                "EntropyProbeTrainerCallback.attach(trainer) to use trainer.eval_dataset.")
-        chat = getattr(args, "chat_template_kwargs", None) or {}
-        prompts = format_prompts(self.prompts, tok, chat if isinstance(chat, dict) else {})
-        session.config = ProbeConfig(**{**self._base.to_dict(),
-                                        **from_args(args, self._explicit)})
-        session.bind(policy, tok, prompts)
+        policy = resolve_policy(self._model, model)
+        with contained("setup", None, self._base.strict, allow=(ProbeConfigError,)):
+            check_policy(policy, args)
+            tok = resolve_tokenizer(self._tokenizer, processing_class, kwargs.get("tokenizer"))
+            if self.prompts is None:
+                raise ProbeConfigError(
+                    "EntropyProbeTrainerCallback has no prompts: pass prompts= (strings, "
+                    "conversations or a dataset with a 'prompt' column), or build it with "
+                    "EntropyProbeTrainerCallback.attach(trainer) to use trainer.eval_dataset.")
+            chat = getattr(args, "chat_template_kwargs", None) or {}
+            prompts = format_prompts(self.prompts, tok, chat if isinstance(chat, dict) else {})
+            session.config = ProbeConfig(**{**self._base.to_dict(),
+                                            **from_args(args, self._explicit)})
+            session.bind(policy, tok, prompts)
+        if session.probe is None:  # the setup failed (one warning): no probe in this train()
+            return
         with contained("setup", None, session.config.strict):
             session.set_distributed(args.process_index, args.world_size)
             start = int(getattr(state, "global_step", 0) or 0)

@@ -118,6 +118,16 @@ def saved_run(args: Any, state: Any, step: int, state_file: str) -> dict[str, An
     return saved
 
 
+def resolve_policy(own: torch.nn.Module | None, given: torch.nn.Module | None) -> torch.nn.Module:
+    """The callback's own model, else the one the Trainer passes to its callbacks."""
+    policy = own if own is not None else given
+    if policy is None:
+        raise ProbeConfigError(
+            "EntropyProbeTrainerCallback got no model from the Trainer; pass model= (the "
+            "policy, e.g. the PeftModel) to the callback.")
+    return policy
+
+
 def resolve_tokenizer(*candidates: Any) -> Any:
     """The first tokenizer given (the callback's, the Trainer's ``processing_class``, its
     ``tokenizer``); a multimodal processor's text tokenizer."""

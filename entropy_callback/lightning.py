@@ -124,7 +124,8 @@ logger version directory this fit writes to.
                 "optimizer state are not supported yet (use DDP, or a single device).",
                 EntropyProbeWarning, stacklevel=2)
             return
-        self.session.bind(*fit_inputs(self, trainer, pl_module))
+        with contained("setup", None, self.config.strict, allow=(ProbeConfigError,)):
+            self.session.bind(*fit_inputs(self, trainer, pl_module))
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         session = self.session

@@ -171,12 +171,16 @@ class PhaseRunner:
 
 
 @contextmanager
-def contained(name: str, step: int | None, strict: bool, runner: PhaseRunner | None = None):
+def contained(name: str, step: int | None, strict: bool, runner: PhaseRunner | None = None,
+              allow: tuple[type[Exception], ...] = ()):
     """The barrier between the probe and training: an exception inside becomes an
     ``EntropyProbeWarning`` (and ``runner.error``, when a runner is given and holds none yet);
-    with ``strict`` it is raised as ``ProbeFailure``. ``step`` None: not at a step (setup)."""
+    with ``strict`` it is raised as ``ProbeFailure``. ``step`` None: not at a step (setup).
+    ``allow``: exception types that pass through (bad input at setup: ``ProbeConfigError``)."""
     try:
         yield
+    except allow:
+        raise
     except Exception as exc:  # the observer contract: never crash the run
         where = f"phase '{name}'" + ("" if step is None else f" at step {step}")
         if runner is not None and runner.error is None:

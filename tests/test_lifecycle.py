@@ -209,3 +209,40 @@ def test_a_probe_pending_at_the_next_step_is_a_skipped_record_and_rearms(tmp_pat
     assert records[3]["update_source"] == "adam_reconstruction"
     assert records[3]["deltaH1"] is not None
     assert len([m for m in messages if "did not take step 2" in m]) == 1
+
+
+def test_a_setup_fault_that_is_not_bad_input_disables_the_probe_not_the_fit(tmp_path,
+                                                                            monkeypatch):
+    """Bad input is a ProbeConfigError at setup; anything else failing while the engine is
+    built is a warning, and the fit trains without the probe."""
+    from entropy_callback.probe import EntropyProbe
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("injected at engine construction")
+
+    monkeypatch.setattr(EntropyProbe, "__init__", broken)
+    callback = probe_callback(every=1)
+    trainer = make_trainer(tmp_path, [callback], 2)
+    messages = fit(trainer, grpo_module())
+    assert trainer.global_step == 2 and callback.probe is None
+    assert any("phase 'setup'" in m and "injected" in m for m in messages), messages
+    assert not probe_dir(tmp_path).exists()
+
+
+def test_a_run_left_open_is_released_when_its_logger_is_collected(tmp_path):
+    """The last resort for a training that raised past every hook: the run's lock goes with its
+    RunLogger, so resuming the run in this process continues it in its own directory."""
+    import gc
+
+    from entropy_callback import ProbeConfig, RunLogger
+
+    first = RunLogger(ProbeConfig(), tmp_path, tensorboard=False).open()
+    state, root = first.state_dict(), first.run_dir
+    del first  # never closed
+    gc.collect()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        again = RunLogger(ProbeConfig(), tmp_path, tensorboard=False).open(state, start_step=0)
+    assert again.run_id == state["run_id"] and again.run_dir == root
+    assert not [w for w in caught if "locked" in str(w.message)]
+    again.close()
