@@ -225,9 +225,10 @@ class ProbeSession:
         """One micro-batch's ``training_step`` output (a dict with ``rewards``/``advantages``
         tensors and, for attribution, ``rollouts``), the micro-batch having started at
         optimizer step ``step``; the outputs of an earlier step are dropped."""
-        if step != self._outputs_step:
-            self._outputs, self._outputs_step = [], step
-        self._outputs.append(outputs)
+        with contained("outputs", step, self.config.strict):
+            if step != self._outputs_step:
+                self._outputs, self._outputs_step = [], step
+            self._outputs.append(outputs)
 
     def step_end(self, outputs: Any = None, *, per_token_loss=None, loss_scale: float = 1.0,
                  extra: Mapping[str, Any] | None = None) -> list[ProbeResult]:

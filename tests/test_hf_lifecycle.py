@@ -13,6 +13,7 @@ import pytest
 import transformers
 from test_hf import PROBE, plain_trainer, step_files, train
 
+from entropy_callback import ProbeConfigError
 from entropy_callback.demos.grpo import make_prompts
 from entropy_callback.hf import EntropyProbeTrainerCallback
 from entropy_callback.runlog import load_run
@@ -85,3 +86,10 @@ def test_a_step_whose_hook_never_came_is_recorded_not_dropped(tmp_path: Path):
     for record in load_run(probe.run_dir):
         assert record["update_source"] == "adam_reconstruction"
         assert record["update_cosine"] >= 1 - 1e-9
+
+
+def test_attribution_is_refused_at_construction_naming_the_option():
+    """The Trainer hands callbacks no rollouts: attribution=True cannot be honoured (e619d40
+    accepted it silently and kept every probe's snapshots)."""
+    with pytest.raises(ProbeConfigError, match="attribution=True needs the step's rollouts"):
+        EntropyProbeTrainerCallback(make_prompts(4), every=1, attribution=True)
