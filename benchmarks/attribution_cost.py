@@ -1,8 +1,9 @@
 """The probe with attribution against without, side by side in one run (issue #13's cost).
 
 Alternate Dr-GRPO steps of the demo module go through a probe with ``attribution=True`` or one
-without; "with" counts before_step + after_step + attribute (the reverse pass over E and the
-forward-mode pass over the update rollouts). Reported: medians over ``--repeats`` and the ratio.
+without; "with" counts before_step + measure + finish with the rollouts (the reverse pass over
+E and the forward-mode pass over the update rollouts). Reported: medians over ``--repeats`` and
+the ratio.
 
     python benchmarks/attribution_cost.py
     python benchmarks/probe_cost.py --attribution      # the same, through probe_cost
@@ -25,8 +26,8 @@ from entropy_callback.testing import randomize_lora_b
 def attribution_cost(args) -> dict:
     """The probe with ``attribution=True`` against without, on the demo's Dr-GRPO steps (32
     rollouts of <= 6 tokens per step): alternate steps go through one probe or the other;
-    "with" counts before_step + after_step + attribute (the reverse pass over E and the
-    forward-mode pass over the rollouts)."""
+    "with" counts before_step + measure + finish with the rollouts (the reverse pass over E and
+    the forward-mode pass over the rollouts)."""
     import warnings
 
     from entropy_callback.demos.grpo import GRPOModule, make_prompts
