@@ -22,7 +22,8 @@ from .sinks import RunLogger
 __version__ = "0.1.0"
 
 # name -> the adapter module that defines it, imported on first access
-_LAZY = {"EntropyProbeCallback": "lightning", "EntropyProbeTrainerCallback": "hf"}
+_LAZY = {"EntropyProbeCallback": "lightning", "EntropyProbeTrainerCallback": "hf",
+         "ProbeSession": "session"}
 
 __all__ = [
     "EntropyProbe",
@@ -33,6 +34,7 @@ __all__ = [
     "ProbeConfigError",
     "ProbeFailure",
     "ProbeResult",
+    "ProbeSession",
     "RunLogger",
     "__version__",
     "load_run",
