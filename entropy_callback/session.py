@@ -149,8 +149,8 @@ class ProbeSession:
         if self.rank != 0:
             return
         run_id = None if resume is None else resume.get("run_id")
-        for other in [s for s in _OPEN if s is not self and s.run_logger is not None
-                      and s.run_logger.run_id == run_id]:
+        for other in [s for s in _OPEN if s is not self and run_id is not None
+                      and s.run_logger is not None and s.run_logger.run_id == run_id]:
             other.close()  # this process resumes that run: the training that held it is over
         with contained("open", None, self.config.strict):
             metadata = {"framework": self.framework, "every": self.every,
