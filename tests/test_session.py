@@ -121,8 +121,8 @@ class FailingMetricLogger:
 
 def test_a_failing_sink_leaves_the_callers_result_as_it_was(tmp_path):
     """RunLogger.emit with a failing sink: the record on disk holds the sink's error and the
-    null reasons it implies; the result the caller holds is unchanged (e619d40 wrote 11
-    null_reasons blaming the logger into it while its error stayed None)."""
+    null reasons it implies; the result the caller holds is unchanged (e619d40 wrote 9
+    null_reasons blaming the logger into this one while its error stayed None)."""
     result = ProbeResult(step=3, B_E=4, learning_rate=1e-5, deltaH1=-2.5e-4, bars_dot=-25.0)
     run = RunLogger(ProbeConfig(), tmp_path, tensorboard=False,
                     metric_loggers=[FailingMetricLogger()]).open()
