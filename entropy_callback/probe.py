@@ -161,38 +161,35 @@ class EntropyProbe:
         ``step`` is the record's step index (default: a count of before_step calls).
         """
         step = self._calls if step is None else check_step(step)
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise ProbeConfigError(
-                f"before_step needs the torch optimizer, got {type(optimizer).__name__}; pass "
-                "the torch.optim.Optimizer (e.g. AdamW) that takes the step.")
         self._calls += 1
         cfg = self.config
         result = ResultDraft(step=step, normalize=cfg.normalize)
         runner = PhaseRunner(step, cfg.strict, result.timing)
         pending = Measurement(result, runner, time.perf_counter(), optimizer=optimizer)
         self._pending = pending
-        with runner.phase("update"), preserved_state(self.model):
-            self._warn_if_half()
-            result.learning_rate, mixed = learning_rate(optimizer, self.params)
-            if mixed:
-                self.warn_once("lrs", "probed parameters sit in param groups with different "
-                               "learning rates; bars_dot divides by the first group's lr.")
-            result.num_params = sum(p.numel() for p in self.params.values())
-            pending.theta = snapshot(self.params)
-            pending.optimizer_state = optimizer_state(optimizer, self.params)
-            if is_adam(optimizer):
-                result.update_source = "adam_reconstruction"
-                if cfg.attribution:
-                    pending.attribution = keep_inputs(optimizer, self.params)
-            else:
-                result.update_source = "observed"
-                self.warn_once("optim", f"{type(optimizer).__name__} is not Adam/AdamW: "
-                               "delta H_1 uses the observed step after the optimizer ran, so "
-                               "it is not a prediction.")
-        if runner.failed:
-            return
-        with runner.phase("sampling"), preserved_state(self.model):
-            pending.batch = self._sample(step)
+        self._warn_if_half()
+        with contained("update", step, cfg.strict, runner), preserved_state(self.model):
+            with runner.phase("update"):
+                result.learning_rate, mixed = learning_rate(optimizer, self.params)
+                if mixed:
+                    self.warn_once("lrs", "probed parameters sit in param groups with different "
+                                   "learning rates; bars_dot divides by the first group's lr.")
+                result.num_params = sum(p.numel() for p in self.params.values())
+                pending.theta = snapshot(self.params)
+                pending.optimizer_state = optimizer_state(optimizer, self.params)
+                if is_adam(optimizer):
+                    result.update_source = "adam_reconstruction"
+                    if cfg.attribution:
+                        pending.attribution = keep_inputs(optimizer, self.params)
+                else:
+                    result.update_source = "observed"
+                    self.warn_once("optim", f"{type(optimizer).__name__} is not Adam/AdamW: "
+                                   "delta H_1 uses the observed step after the optimizer ran, so "
+                                   "it is not a prediction.")
+            if runner.failed:
+                return
+            with runner.phase("sampling"):
+                pending.batch = self._sample(step)
 
     def after_step(self, **facts: Any) -> ProbeResult | None:
         """After the optimizer's step (its step post-hook, or right after ``optimizer.step()``,
