@@ -26,7 +26,7 @@ import torch
 
 from . import records
 from .attribution_report import DDP_UNSUPPORTED, build_section, keep_inputs, rollout_problems
-from .config import ProbeConfig, ProbeConfigError, check_step
+from .config import ProbeConfig, ProbeConfigError, check_optimizer, check_step
 from .distributed import any_rank_failed, make_gather, shard, stack_vectors
 from .observer import EntropyProbeWarning, PhaseRunner, contained, preserved_state
 from .progress import ProgressHook, log_phase, log_probe
@@ -36,6 +36,7 @@ from .sampling import EBatch, draw_randomness, sample_batch
 from .scoring import CHUNK_BYTES, Scorer, sequence_terms
 from .update import (
     adam_step,
+    check_moves_are_probed,
     consumed_gradients,
     is_adam,
     learning_rate,
@@ -160,6 +161,7 @@ class EntropyProbe:
         follow: the prediction uses the gradients the optimizer consumes, read in after_step).
         ``step`` is the record's step index (default: a count of before_step calls).
         """
+        check_optimizer(optimizer)
         step = self._calls if step is None else check_step(step)
         self._calls += 1
         cfg = self.config
@@ -170,6 +172,7 @@ class EntropyProbe:
         self._warn_if_half()
         with contained("update", step, cfg.strict, runner), preserved_state(self.model):
             with runner.phase("update"):
+                check_moves_are_probed(optimizer, self.model, self.params)
                 result.learning_rate, mixed = learning_rate(optimizer, self.params)
                 if mixed:
                     self.warn_once("lrs", "probed parameters sit in param groups with different "

@@ -60,12 +60,13 @@ NONFINITE_REASON = (
 
 
 def finite_float(value: Any) -> float | None:
-    """``value`` as a float, or None when it is missing, not a number, or not finite."""
+    """``value`` as a float, or None when it is missing, not a number, or not finite (an
+    integer beyond the float range, e.g. one of 4000 digits, counts as not finite)."""
     if value is None or isinstance(value, bool):
         return None
     try:
         number = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
     return number if math.isfinite(number) else None
 
@@ -201,7 +202,8 @@ class ProbeResult:
             elif finite_or_none(value) is None:
                 where[q.name] = None
                 reasons.setdefault(q.name, NONFINITE_REASON)
-        if values["ess_fraction"] is None and error is None and values["reliable"] is not None:
+        core_missing = None in (values["deltaH1"], values["deltaH_true"], values["ess_fraction"])
+        if core_missing and values["reliable"] is not None:  # a null estimate is never reliable
             values["reliable"] = False
         values["null_reasons"] = reasons
         values["diagnostics"] = {k: finite_or_none(v) for k, v in values["diagnostics"].items()}

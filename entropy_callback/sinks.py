@@ -274,7 +274,7 @@ class RunLogger:
             recreated = self.json.ensure_root()
         except OSError as exc:
             raise StepWriteError(step, exc, f"nothing of step {step} is on disk ({root} was "
-                                 "removed and cannot be recreated)") from exc
+                                 "removed or replaced and cannot be recreated)") from exc
         if recreated == "directory":
             if self._claim is not None:
                 try:
