@@ -29,6 +29,7 @@ from .hf_support import (
     warn_disabled,
 )
 from .observer import contained
+from .prompts import check_model
 from .session import ProbeSession
 from .tensorboard import PREFIX
 
@@ -93,9 +94,8 @@ class EntropyProbeTrainerCallback(TrainerCallback):
         self._explicit = set(ProbeConfig.field_names()) if config is not None else set(
             config_fields)
         self.prompts = prompt_rows(prompts) if prompts is not None else None
-        if model is not None and not isinstance(model, torch.nn.Module):
-            raise ProbeConfigError(f"model must be None (the Trainer's model) or the policy "
-                                   f"module, got {type(model).__name__}; pass the model object.")
+        if model is not None:
+            check_model(model)
         self._model, self._tokenizer = model, tokenizer
         self._disabled = False
 
