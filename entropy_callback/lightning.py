@@ -97,6 +97,7 @@ logger version directory this fit writes to.
         self.tokenizer_attr = name_of_attribute("tokenizer_attr", tokenizer_attr)
         self.prompts_attr = name_of_attribute("prompts_attr", prompts_attr)
         self.log_dir: Path | None = None
+        self._batch_step = 0  # trainer.global_step when the current batch started
 
     # the session's state, as attributes of the callback
     config = property(lambda self: self.session.config)
@@ -164,7 +165,7 @@ logger version directory this fit writes to.
         """A probe whose step the optimizer skipped (no post-hook) is measured here; every
         probe of this batch gets the outputs of its step's micro-batches (U statistics,
         rollouts)."""
-        self.session.add_outputs(outputs, getattr(self, "_batch_step", trainer.global_step))
+        self.session.add_outputs(outputs, self._batch_step)
         self.session.after_step()
         self.session.step_end(per_token_loss=getattr(pl_module, "per_token_loss", None),
                               loss_scale=1.0 / trainer.accumulate_grad_batches,
