@@ -213,7 +213,7 @@ class EntropyProbe:
         pending, self._pending = self._pending, None
         if pending is None:
             return None
-        runner, cfg = pending.runner, self.config
+        result, runner, cfg = pending.result, pending.runner, self.config
         collected = None
         with contained("restore", pending.step, cfg.strict, runner), ExitStack() as stack:
             if not runner.failed:
@@ -248,7 +248,7 @@ class EntropyProbe:
                 with runner.phase("records"), preserved_state(self.model):
                     texts = (records.texts(pending.batch, self.prompts, self.tokenizer,
                                            pending.tokens, cfg) if self.world_size == 1 else None)
-                    records.fill(pending.result, cfg, vectors, d1, points[1.0], texts)
+                    records.fill(result, cfg, vectors, d1, points[1.0], texts)
         self._agree(runner)  # a failure after the gather on one rank: every rank skips it
         return pending
 
