@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from .config import ProbeConfig, ProbeConfigError
+from .governor import EntropyGovernor, GovernorPolicy
 from .observer import EntropyProbeWarning, ProbeFailure
 from .probe import EntropyProbe
 from .result import ProbeResult
@@ -23,9 +24,13 @@ __version__ = "0.1.0"
 
 # name -> the adapter module that defines it, imported on first access
 _LAZY = {"EntropyProbeCallback": "lightning", "EntropyProbeTrainerCallback": "hf",
-         "ProbeSession": "session"}
+         "EntropyGovernorCallback": "governor_lightning",
+         "EntropyGovernorTrainerCallback": "governor_hf", "ProbeSession": "session"}
 
 __all__ = [
+    "EntropyGovernor",
+    "EntropyGovernorCallback",
+    "EntropyGovernorTrainerCallback",
     "EntropyProbe",
     "EntropyProbeCallback",
     "EntropyProbeTrainerCallback",
@@ -33,6 +38,7 @@ __all__ = [
     "ProbeConfig",
     "ProbeConfigError",
     "ProbeFailure",
+    "GovernorPolicy",
     "ProbeResult",
     "ProbeSession",
     "RunLogger",
