@@ -168,6 +168,8 @@ class EntropyProbeTrainerCallback(TrainerCallback):
             else:
                 json_dir, tb_dir = Path(args.output_dir), logging_dir(args)
             session.open(json_dir, start_step=start, tensorboard=tb_dir)
+            if kwargs.get("optimizer") is not None:
+                session.watch(kwargs["optimizer"])
 
     def on_save(self, args, state, control, **kwargs) -> None:
         """Beside the checkpoint the Trainer just wrote, the probe run's state (main process
@@ -187,9 +189,7 @@ class EntropyProbeTrainerCallback(TrainerCallback):
 
     # ------------------------------------------------------------------ the step
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs) -> None:
-        # theta and the AdamW state are snapshot here; the step is rebuilt after it from the
-        # gradients AdamW read (the Trainer clipped them before this hook).
-        if optimizer is not None:
+        if optimizer is not None:  # gradients final (clipped by the Trainer), theta unchanged
             self.session.before_step(optimizer, state.global_step)
 
     def on_optimizer_step(self, args, state, control, **kwargs) -> None:

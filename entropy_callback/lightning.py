@@ -151,6 +151,8 @@ logger version directory this fit writes to.
                          metric_loggers=[lg.log_metrics for lg in trainer.loggers
                                          if not isinstance(lg, TensorBoardLogger)],
                          metadata={"logger_version": None if first is None else first.version})
+            for optimizer in trainer.optimizers:
+                session.watch(optimizer)
             if trainer.is_global_zero:  # the probe's phase and rows in the progress bar
                 session.probe.on_progress = lightning_postfix(trainer)
 

@@ -126,14 +126,18 @@ class ProbeSession:
         if self.probe is not None and self.world_size > 1:
             self.probe.set_distributed(self.rank, self.world_size)
 
-    def _watch(self, optimizer: torch.optim.Optimizer) -> None:
+    def watch(self, optimizer: Any) -> None:
         """Measure from ``optimizer``'s step post-hook (registered once per optimizer), so that
         a probed step is read the moment the optimizer took it, under every adapter; a probe
-        still pending at the next step is then one whose optimizer step never ran."""
-        if not any(watched is optimizer for watched, _ in self._handles):
-            handle = optimizer.register_step_post_hook(
-                lambda opt, args, kwargs: self.after_step(opt))
-            self._handles.append((optimizer, handle))
+        still pending at the next step is then one whose optimizer step never ran. Adapters
+        call it at train start, so that the hook runs before those of callbacks listed after
+        the probe (a governor restoring its lr); ``before_step`` calls it too."""
+        with contained("watch", None, self.config.strict):
+            inner = unwrap_optimizer(optimizer)
+            if not any(watched is inner for watched, _ in self._handles):
+                handle = inner.register_step_post_hook(
+                    lambda opt, args, kwargs: self.after_step(opt))
+                self._handles.append((inner, handle))
 
     def open(self, log_dir: str | Path | None, *, start_step: int = 0, **logger_options: Any
              ) -> None:
@@ -191,7 +195,7 @@ class ProbeSession:
                 inner = unwrap_optimizer(optimizer)
                 if holds_any(inner, self.probe.params):
                     self._optimizer, self._rearm = inner, False
-                    self._watch(inner)
+                    self.watch(inner)
                     self.probe.before_step(inner, step=step)
                 else:
                     self.probe.warn_once("foreign_optimizer", "an optimizer holds none of the "
