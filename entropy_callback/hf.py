@@ -143,7 +143,7 @@ class EntropyProbeTrainerCallback(TrainerCallback):
             return
         policy = resolve_policy(self._model, model)
         with contained("setup", None, self._base.strict, allow=(ProbeConfigError,)):
-            check_policy(policy, args)
+            check_policy(policy, args, self._base.derivative)
             tok = resolve_tokenizer(self._tokenizer, processing_class, kwargs.get("tokenizer"))
             if self.prompts is None:
                 raise ProbeConfigError(

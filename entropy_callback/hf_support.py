@@ -15,9 +15,10 @@ TRL patches the policy's forward with a fused log-prob/entropy LM head that has 
 rule; it only runs on calls that pass ``fused_lm_head=True``, which the probe's passes never do,
 so they take the model's original, differentiable forward. The input-require-grads hooks TRL
 adds for gradient checkpointing are set aside by the engine during its passes. Liger replaces
-layers outright and is refused; Hub kernels are refused only where a layer was actually
-replaced (``kernel_layers``): transformers 5 sets ``use_kernels=True`` for every
-``from_pretrained`` when ``kernels`` is installed, and on a CPU no layer is replaced.
+layers outright and is refused; a layer actually replaced by a Hub kernel (``kernel_layers``)
+is probed by the engine's reverse pass, and refused only with ``derivative="forward"``: the
+``use_kernels`` flag alone decides nothing (transformers 5 sets it for every
+``from_pretrained`` when ``kernels`` is installed, and on a CPU no layer is replaced).
 """
 
 from __future__ import annotations
@@ -82,8 +83,10 @@ def kernel_layers(model: torch.nn.Module) -> list[str]:
     return out
 
 
-def check_policy(policy: torch.nn.Module, args: Any) -> None:
-    """Refuse, naming the option, a policy whose layers have no forward-mode derivative."""
+def check_policy(policy: torch.nn.Module, args: Any, derivative: str) -> None:
+    """Refuse, naming the option, a policy whose derivative cannot be taken: Liger's kernels,
+    or layers replaced by Hub kernels when the forward-mode derivative is asked for
+    (``derivative="auto"`` takes the reverse pass for them)."""
     if getattr(args, "use_liger_kernel", False):
         raise ProbeConfigError(
             "EntropyProbeTrainerCallback cannot run with use_liger_kernel=True: Liger "
@@ -91,15 +94,16 @@ def check_policy(policy: torch.nn.Module, args: Any) -> None:
             "so delta H_1 cannot be computed. Set use_liger_kernel=False, or remove the "
             "callback."
         )
-    replaced = kernel_layers(policy)
+    replaced = kernel_layers(policy) if derivative == "forward" else []
     if replaced:
         shown = ", ".join(replaced[:4]) + (f" and {len(replaced) - 4} more" if
                                            len(replaced) > 4 else "")
         raise ProbeConfigError(
-            f"EntropyProbeTrainerCallback cannot run on a model whose layers were replaced by "
-            f"Hub kernels ({shown}; use_kernels=True): those kernels have no forward-mode "
-            "derivative, so delta H_1 cannot be computed. Load the model with "
-            "use_kernels=False (or model.set_use_kernels(False)), or remove the callback."
+            f"EntropyProbeTrainerCallback cannot take the forward-mode derivative "
+            f"(derivative='forward') of a model whose layers were replaced by Hub kernels "
+            f"({shown}; use_kernels=True): those kernels have no forward-mode rule. Pass "
+            "derivative='auto' or 'reverse' (the reverse pass), or load the model with "
+            "use_kernels=False."
         )
 
 

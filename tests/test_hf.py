@@ -423,10 +423,11 @@ def test_the_use_kernels_flag_alone_is_not_refused(tmp_path):
     probe.on_train_end(None, None, None)
 
 
-def test_a_layer_replaced_by_a_hub_kernel_is_refused_naming_it(tmp_path):
+def test_a_layer_replaced_by_a_hub_kernel_is_refused_only_for_forward_mode(tmp_path):
     """A layer whose forward ``kernels.kernelize`` replaced (it leaves the kernel's forward
-    bound on the instance and its ``_kernel_repo``): no forward-mode rule, refused by name.
-    The Hub cannot be reached offline, so the replacement is made as kernelize makes it."""
+    bound on the instance and its ``_kernel_repo``) has no forward-mode rule: with
+    derivative="forward" it is refused by name; "auto" takes the reverse pass for it. The Hub
+    cannot be reached offline, so the replacement is made as kernelize makes it."""
     model, tokenizer = build_policy(seed=0, lora_r=4, **TINY)
     norm = model.get_base_model().model.norm
     assert hasattr(type(norm), "kernel_layer_name")  # transformers marks it for kernels
@@ -437,9 +438,14 @@ def test_a_layer_replaced_by_a_hub_kernel_is_refused_naming_it(tmp_path):
 
     norm.forward = HubRMSNorm.forward.__get__(norm)
     norm.__dict__["_kernel_repo"] = "kernels-community/liger_kernels"
-    probe = EntropyProbeTrainerCallback(make_prompts(4), every=1, model=model, **PROBE)
-    with pytest.raises(ProbeConfigError, match=r"replaced by Hub kernels \(.*norm.*use_kernels"):
-        _begin(probe, tmp_path)
+    probe = EntropyProbeTrainerCallback(make_prompts(4), every=1, model=model,
+                                        derivative="forward", **PROBE)
+    with pytest.raises(ProbeConfigError, match=r"replaced by Hub kernels \(.*norm.*auto"):
+        _begin(probe, tmp_path / "forward")
+    auto = EntropyProbeTrainerCallback(make_prompts(4), every=1, model=model, **PROBE)
+    _begin(auto, tmp_path / "auto")
+    assert auto.probe is not None
+    auto.on_train_end(None, None, None)
 
 
 def test_grpo_on_a_from_pretrained_model_is_probed_and_unchanged(tmp_path):
