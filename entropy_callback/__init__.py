@@ -3,9 +3,10 @@
 Predicted (first order, delta H_1 = g_hat . Delta theta from the live AdamW state) and true
 (Delta H_true by self-normalised importance sampling) entropy change of probed steps.
 
-``import entropy_callback`` loads the engine and the sinks only; the framework adapters are
-imported on first use (``from entropy_callback import EntropyProbeCallback`` imports Lightning
-then), so an engine or plain-loop user never imports Lightning or transformers' Trainer.
+``import entropy_callback`` loads the config, the result and the sink layer only (no torch): the
+engine and the framework adapters are imported on first use (``entropy_callback.EntropyProbe``
+imports torch then, ``EntropyProbeCallback`` Lightning, ``EntropyProbeTrainerCallback``
+transformers), so the ``entropy-probe`` reader and a log-only user never load them.
 """
 
 from __future__ import annotations
@@ -13,16 +14,16 @@ from __future__ import annotations
 from typing import Any
 
 from .config import ProbeConfig, ProbeConfigError
-from .observer import EntropyProbeWarning, ProbeFailure
-from .probe import EntropyProbe
+from .errors import EntropyProbeWarning, ProbeFailure
 from .result import ProbeResult
 from .runlog import load_run
-from .sinks import RunLogger
+from .sinks import RunLogger, Sink
 
 __version__ = "0.1.0"
 
-# name -> the adapter module that defines it, imported on first access
-_LAZY = {"EntropyProbeCallback": "lightning", "EntropyProbeTrainerCallback": "hf"}
+# name -> the module that defines it (the engine, the adapters), imported on first access
+_LAZY = {"EntropyProbe": "probe", "EntropyProbeCallback": "lightning",
+         "EntropyProbeTrainerCallback": "hf"}
 
 __all__ = [
     "EntropyProbe",
@@ -34,6 +35,7 @@ __all__ = [
     "ProbeFailure",
     "ProbeResult",
     "RunLogger",
+    "Sink",
     "__version__",
     "load_run",
 ]

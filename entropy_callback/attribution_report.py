@@ -1,5 +1,6 @@
 """What users see of an attribution: the parts record, Cui's covariance proxy, the top rollouts
-and tokens, and the TensorBoard scalars (docs/attribution.md).
+and tokens (docs/attribution.md). The parts are declared in ``result.QUANTITIES`` (section
+"attribution"); their tags are derived in :mod:`entropy_callback.tags`.
 
 Units: every part is in the units of delta H_1 (nats per token, or per response with
 ``normalize="per_sequence"``); the parts plus ``residual`` sum to delta H_1.
@@ -7,7 +8,6 @@ Units: every part is in the units of delta H_1 (nats per token, or per response 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -25,6 +25,7 @@ from .attribution import (
     surrogate_gradient,
 )
 from .observer import PhaseRunner, preserved_state
+from .result import ATTRIBUTION_PARTS, finite_or_none
 from .scoring import Scorer
 
 TOP_K = 8
@@ -94,8 +95,7 @@ def parts(
         "cui_proxy": None if cov is None else -cov,
         "cui_proxy_lr": None if cov is None or learning_rate is None else -learning_rate * cov,
     }
-    return {k: (v if not isinstance(v, float) or math.isfinite(v) else None)
-            for k, v in out.items()}
+    return {q.name: finite_or_none(out[q.name]) for q in ATTRIBUTION_PARTS}  # declared order
 
 
 def _cat_tokens(tokens: list[torch.Tensor], width: int) -> torch.Tensor:
@@ -143,19 +143,6 @@ def top(
                            "deltaH": float(dH[i, t]), "prob": float(prob[i, t]),
                            "advantage": float(adv[i, t])})
     return {"top_rollouts": [rollout(i) for i in by_rollout], "top_tokens": top_tokens}
-
-
-def scalars(section: dict[str, Any] | None, prefix: str = "entropy_probe") -> dict[str, float]:
-    """TensorBoard tags ``<prefix>/attribution/<part>`` of a record's attribution section
-    (missing values left out; ``prefix``: the probe's name)."""
-    if not section:
-        return {}
-    names = ("momentum", "weight_decay", "rollouts", "rollouts_pos_adv", "rollouts_neg_adv",
-             "tokens_pos_adv_high_p", "tokens_pos_adv_low_p", "tokens_neg_adv_high_p",
-             "tokens_neg_adv_low_p", "residual", "cui_proxy", "cui_proxy_lr")
-    values = section.get("parts", {})
-    return {f"{prefix}/attribution/{n}": float(values[n]) for n in names
-            if isinstance(values.get(n), (int, float)) and math.isfinite(values[n])}
 
 
 def build_section(
