@@ -14,19 +14,18 @@ from typing import Any
 import torch
 
 from .attribution import (
-    AdamParamState,
     PerTokenLoss,
     Rollouts,
     StepAttribution,
     attribute_step,
     check_rollouts,
     concat_rollouts,
-    snapshot_adam,
     surrogate_gradient,
 )
 from .observer import PhaseRunner, preserved_state
 from .result import ATTRIBUTION_PARTS, finite_or_none
 from .scoring import Scorer
+from .update import AdamReplay
 
 TOP_K = 8
 
@@ -154,7 +153,7 @@ def build_section(
     per_token_loss: PerTokenLoss,
     rollouts: list[Rollouts],
     theta: Mapping[str, torch.Tensor],
-    states: Mapping[str, AdamParamState],
+    replay: AdamReplay,
     raw_grads: Mapping[str, torch.Tensor],
     consumed_grads: Mapping[str, torch.Tensor],
     H_hat: float,
@@ -171,7 +170,7 @@ def build_section(
     ``top_tokens`` when ``detailed``)."""
     g_E = surrogate_gradient(scorer, microbatches, theta, H_hat, denominator, normalize)
     att = attribute_step(model=model, per_token_loss=per_token_loss, rollouts=rollouts,
-                         theta=theta, states=states, raw_grads=raw_grads,
+                         theta=theta, replay=replay, raw_grads=raw_grads,
                          consumed_grads=consumed_grads, g_E=g_E, loss_scale=loss_scale)
     out: dict[str, Any] = {"parts": parts(att, rollouts, deltaH1, learning_rate)}
     if detailed:
@@ -180,12 +179,10 @@ def build_section(
 
 
 def keep_inputs(optimizer: torch.optim.Optimizer, params: Mapping[str, torch.nn.Parameter]):
-    """Before the step (engine's before_step): the Adam state and the raw gradients (copies)."""
-    return {
-        "states": snapshot_adam(optimizer, params),
-        "raw": {n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
-                for n, p in params.items()},
-    }
+    """Before the step (engine's before_step): the raw gradients (copies, before any clipping).
+    The Adam state is the engine's one snapshot, the step's split its one replay."""
+    return {"raw": {n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
+                    for n, p in params.items()}}
 
 
 DDP_UNSUPPORTED = (
@@ -221,7 +218,7 @@ def attach(probe, pending, rollouts: list[Rollouts], per_token_loss, loss_scale:
             model=probe.model, scorer=probe.scorer,
             microbatches=probe._microbatches(pending.batch), tokenizer=probe.tokenizer,
             per_token_loss=per_token_loss, rollouts=rollouts, theta=pending.theta,
-            states=inputs["states"], raw_grads=inputs["raw"],
+            replay=pending.replay, raw_grads=inputs["raw"],
             consumed_grads=consumed, H_hat=result.H_orig,
             denominator=float(denominator), normalize=cfg.normalize, deltaH1=result.deltaH1,
             learning_rate=result.learning_rate, loss_scale=loss_scale,
