@@ -23,7 +23,7 @@ from .attribution import (
     surrogate_gradient,
 )
 from .observer import PhaseRunner, preserved_state
-from .result import ATTRIBUTION_PARTS, finite_or_none
+from .result import ATTRIBUTION_PARTS
 from .scoring import Scorer
 from .update import AdamReplay
 
@@ -94,7 +94,7 @@ def parts(
         "cui_proxy": None if cov is None else -cov,
         "cui_proxy_lr": None if cov is None or learning_rate is None else -learning_rate * cov,
     }
-    return {q.name: finite_or_none(out[q.name]) for q in ATTRIBUTION_PARTS}  # declared order
+    return {q.name: out[q.name] for q in ATTRIBUTION_PARTS}  # declared order; sanitize cleans
 
 
 def _cat_tokens(tokens: list[torch.Tensor], width: int) -> torch.Tensor:

@@ -155,6 +155,16 @@ def finite_or_none(value: Any) -> Any:
     return value
 
 
+def finite_tree(value: Any) -> Any:
+    """``finite_or_none`` through dicts, lists and tuples (a new container; leaves as they are
+    otherwise): the one non-finite clean-up of a record's sections."""
+    if isinstance(value, dict):
+        return {k: finite_tree(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_tree(v) for v in value]
+    return finite_or_none(value)
+
+
 @dataclass
 class ProbeResult:
     """One probed optimizer step.
@@ -234,11 +244,11 @@ class ProbeResult:
                 self.null_reasons.setdefault(q.name, NONFINITE_REASON)
         if self.ess_fraction is None and self.error is None and self.reliable is not None:
             self.reliable = False
-        self.diagnostics = {k: finite_or_none(v) for k, v in self.diagnostics.items()}
-        self.eta_sweep = [{k: finite_or_none(v) for k, v in p.items()} for p in self.eta_sweep]
-        self.sequences = {k: [finite_or_none(x) for x in col] for k, col in self.sequences.items()}
-        self.raw_tensors = {k: [finite_or_none(x) for x in col]
-                            for k, col in self.raw_tensors.items()}
+        self.diagnostics = finite_tree(self.diagnostics)
+        self.eta_sweep = finite_tree(self.eta_sweep)
+        self.sequences = finite_tree(self.sequences)
+        self.raw_tensors = finite_tree(self.raw_tensors)
+        self.attribution = finite_tree(self.attribution)
 
     def core(self) -> dict[str, Any]:
         """core_results: the numbers one line of probes.jsonl carries (call after sanitize)."""

@@ -88,12 +88,14 @@ def test_non_finite_values_are_cleaned_in_one_place(result):
     result.set(deltaH1=float("nan"), deltaH_true_bias=float("inf"))
     result.eta_sweep[0]["H_upd"] = float("-inf")
     result.sequences["rb_entropy"][0] = float("nan")
+    result.attribution = {"parts": {"momentum": float("nan"), "residual": 0.5}}
     record = result.to_dict()  # calls sanitize
     assert record["core_results"]["deltaH1"] is None
     assert record["core_results"]["null_reasons"]["deltaH1"] == NONFINITE_REASON
     assert record["ground_truth"]["diagnostics"]["deltaH_true_bias"] is None
     assert record["ground_truth"]["eta_sweep"][0]["H_upd"] is None
     assert record["sequences"]["E_batch"][0]["rb_entropy"] is None
+    assert record["attribution"]["parts"] == {"momentum": None, "residual": 0.5}
     assert f"{PREFIX}/deltaH1" not in scalars(result)
     assert result.to_dict() == record  # idempotent
 
