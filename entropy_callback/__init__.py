@@ -24,6 +24,7 @@ __version__ = "0.1.0"
 # name -> the module that defines it (the engine, the adapters), imported on first access
 _LAZY = {"EntropyProbe": "probe", "EntropyProbeCallback": "lightning",
          "EntropyProbeTrainerCallback": "hf"}
+_EXTRA = {"lightning": "lightning", "hf": "hf"}  # adapter module -> the extra that installs it
 
 __all__ = [
     "EntropyProbe",
@@ -47,7 +48,14 @@ def __getattr__(name: str) -> Any:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     from importlib import import_module
 
-    value = getattr(import_module(f".{module}", __name__), name)
+    try:
+        value = getattr(import_module(f".{module}", __name__), name)
+    except ModuleNotFoundError as exc:
+        extra = _EXTRA.get(module)
+        if extra is None or exc.name is None or exc.name.startswith(__name__):
+            raise
+        raise ImportError(f"{name} needs {exc.name}, which is not installed: pip install "
+                          f"'entropy-callback[{extra}]'") from exc
     globals()[name] = value
     return value
 
