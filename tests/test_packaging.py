@@ -5,6 +5,7 @@ from our own code fails the suite."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -66,3 +67,14 @@ def test_a_deprecation_warning_from_our_code_fails_and_a_third_party_one_does_no
         warnings.warn_explicit("old API", DeprecationWarning, "x.py", 1,
                                module="transformers.modeling_utils")
     assert caught == []
+
+
+def test_no_test_asserts_a_wall_clock_duration():
+    """Tests hold on a loaded machine: a clock may only feed a hang guard, never an assert."""
+    clock = re.compile(r"^\s*assert\b.*(perf_counter|monotonic|time\.time|elapsed|seconds|"
+                       r"wall_s|duration)")
+    offending = [f"{path.name}:{i}: {line.strip()}"
+                 for path in sorted((ROOT / "tests").glob("*.py"))
+                 for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+                 if clock.search(line)]
+    assert offending == []
