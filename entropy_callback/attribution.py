@@ -39,7 +39,6 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
-from torch.func import functional_call
 
 from .forward_mode import jvp
 from .scoring import (
@@ -50,6 +49,7 @@ from .scoring import (
     no_flash_attention,
 )
 from .update import AdamReplay
+from .variants import call_substituted, exact_variant_derivatives
 
 Rollouts = Mapping[str, object]
 PerTokenLoss = Callable[[Rollouts], torch.Tensor]
@@ -72,13 +72,15 @@ def surrogate_gradient(
     over the E micro-batches, float64, by reverse mode (``torch.autograd.grad``; no ``.grad``).
 
     R_ik = sum_{j>k} (H_ij - H_hat) per token (denominator T_E), sum_{j>k} H_ij per sequence
-    (denominator B), so that g_E . u is delta H_1 along any u (docs/estimators.md).
+    (denominator B), so that g_E . u is delta H_1 along any u (docs/estimators.md). The true
+    gradient: through what the forward hides from autograd (DoRA's weight norm, an embedding's
+    padding row: ``variants.exact_variant_derivatives``).
     """
     leaves = {n: t.detach().clone().requires_grad_(True) for n, t in theta.items()}
     total = {n: torch.zeros_like(t, dtype=torch.float64) for n, t in leaves.items()}
     for mb in microbatches:
         scorer._check_split(mb)
-        with torch.enable_grad():
+        with torch.enable_grad(), exact_variant_derivatives(scorer.model):
             if scorer._split is not None:
                 grads = _split_gradient(scorer, mb, leaves, H_hat, denominator, normalize)
             else:  # a head the split cannot reproduce: the model's full forward
@@ -122,8 +124,8 @@ def _split_gradient(scorer: Scorer, mb, leaves, H_hat, denominator, normalize) -
     for start in range(0, hidden.shape[0], rows):
         stop = start + rows
         h = hidden[start:stop].detach().requires_grad_(True)
-        z = (functional_call(split, _prefixed(head_leaves), args=(h,), kwargs={"part": "head"},
-                             strict=False) if head_leaves else split.logits(h))
+        z = (call_substituted(split, _prefixed(head_leaves), args=(h,), kwargs={"part": "head"})
+             if head_leaves else split.logits(h))
         logp, en = logp_and_entropy_rows(z, targets[start:stop], scorer.temperature)
         objective = (en + logp * R_rows[start:stop]).sum() / denominator
         grads = torch.autograd.grad(objective, [h, *head_leaves.values()], allow_unused=True)
@@ -159,13 +161,15 @@ def rollout_derivatives(
     u: Mapping[str, torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss_it, D_u loss_it), each [N, L] float64, from one forward-mode pass at ``theta``
-    (names as in ``model.named_parameters()``) along ``u``; the live parameters are untouched."""
+    (names as in ``model.named_parameters()``) along ``u``; the live parameters are untouched.
+    Through the model's forward as training runs it (DoRA's norm detached, as in the gradient
+    the optimizer consumed), so the parts add up to g_E . dtheta."""
     bound = _Bound(model, per_token_loss)
     primals = {f"model.{n}": t.detach() for n, t in theta.items()}
     tangents = {f"model.{n}": u[n].to(theta[n].device, theta[n].dtype) for n in theta}
 
     def run(p):
-        return functional_call(bound, p, (rollouts,), strict=False)
+        return call_substituted(bound, p, (rollouts,))
 
     with no_flash_attention():
         loss, dloss = jvp(run, (primals,), (tangents,))
@@ -270,7 +274,10 @@ def attribute_step(
     """
     step = replay
     names = list(step.scale)
-    u = {n: step.scale[n] * g_E[n].to(step.scale[n].device) for n in names}
+    # u only where g != 0: u . g is unchanged, and where torch's backward gave every token a zero
+    # gradient (an embedding's padding row) forward mode would count a derivative g never had
+    u = {n: torch.where(consumed_grads[n].to(step.scale[n].device) != 0,
+                        step.scale[n] * g_E[n].to(step.scale[n].device), 0.0) for n in names}
     c_clip, clip_offset = clip_coefficient(
         {n: raw_grads[n] for n in names}, {n: consumed_grads[n] for n in names}
     )

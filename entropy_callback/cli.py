@@ -7,11 +7,16 @@ Example::
     entropy-probe compare lightning_logs/version_0 lightning_logs/version_1
     entropy-probe export lightning_logs/version_0 --csv -o probes.csv
     entropy-probe attribution lightning_logs/version_0 --step 20 --html step20.html
+    entropy-probe runs lightning_logs
 
 Entropy changes are in nats per token (``normalize="per_token"``) or nats per response.
 A missing, empty or corrupt log (wrong field types, a record or line over the size bounds of
 ``runlog``), or ``plot`` of a run with no finite value, exits with status 2 and a one-line
-message on stderr. No correlation is shown over fewer than 3 probes with both values finite.
+message on stderr, as does any other failure (one top-level handler: never a traceback). Only
+regular files are read (a FIFO or ``/dev/zero`` is refused, never waited on). A run resumed into
+another directory (a new Lightning logger version) is one run: pass the directory holding both
+(``lightning_logs``) and every command joins its segments; ``runs`` lists them. No correlation
+is shown over fewer than 3 probes with both values finite.
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .result import CORE_FIELDS, finite_float
-from .runlog import describe_run, list_runs, load_run
+from .runlog import describe_run, find_run, find_runs, load_run, run_records, segment_views
+from .runs import RUN_DIR_NAME, Run
 
 PROG = "entropy-probe"
 UNITS = {"per_token": "nats per token", "per_sequence": "nats per response"}
@@ -63,19 +69,23 @@ def pearson(xs: Sequence[Any], ys: Sequence[Any]) -> tuple[float | None, int]:
     n = len(pairs)
     if n < MIN_PAIRS:
         return None, n
-    mx = sum(x for x, _ in pairs) / n
-    my = sum(y for _, y in pairs) / n
-    sxy = sum((x - mx) * (y - my) for x, y in pairs)
-    sxx = sum((x - mx) ** 2 for x, _ in pairs)
-    syy = sum((y - my) ** 2 for _, y in pairs)
+    # r does not change when each side is scaled: dividing by its largest |value| keeps every
+    # sum below n, so values near 1e300 cannot overflow (x ** 2 would raise OverflowError)
+    sx = max(abs(x) for x, _ in pairs) or 1.0
+    sy = max(abs(y) for _, y in pairs) or 1.0
+    xs_, ys_ = [x / sx for x, _ in pairs], [y / sy for _, y in pairs]
+    mx, my = sum(xs_) / n, sum(ys_) / n
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs_, ys_, strict=True))
+    sxx = sum((x - mx) * (x - mx) for x in xs_)
+    syy = sum((y - my) * (y - my) for y in ys_)
     if sxx <= 0 or syy <= 0:
         return None, n
-    return sxy / math.sqrt(sxx * syy), n
+    return max(-1.0, min(1.0, sxy / math.sqrt(sxx) / math.sqrt(syy))), n
 
 
 def _mean(values: Sequence[Any]) -> float | None:
     finite = [v for v in map(finite_float, values) if v is not None]
-    return sum(finite) / len(finite) if finite else None
+    return sum(v / len(finite) for v in finite) if finite else None  # no overflow near 1e308
 
 
 def _sci(value: Any, digits: int = 3) -> str:
@@ -145,13 +155,17 @@ def cmd_summary(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
-def _each_run(paths: Sequence[str | Path]) -> list[Path]:
-    """The runs the arguments name: a directory holding several runs (two fits on one
-    log_dir, two probes in one Trainer) stands for all of them, in order."""
-    out: list[Path] = []
+def _each_run(paths: Sequence[str | Path]) -> list[tuple[str, Run]]:
+    """The runs the arguments name, each with its label: a directory holding several runs
+    (two fits on one log_dir, two probes in one Trainer) stands for all of them, in order; the
+    directories of one run id (a resume into a new logger version) are one run."""
+    out: list[tuple[str, Run]] = []
     for path in paths:
-        runs = list_runs(Path(path)) if Path(path).is_dir() else []
-        out += [run.path for run in runs] if len(runs) > 1 else [Path(path)]
+        runs = find_runs(Path(path)) if Path(path).is_dir() else []
+        if len(runs) > 1:
+            out += [(str(run.path), run) for run in runs]
+        else:
+            out.append((str(path), find_run(path)))
     return out
 
 
@@ -159,12 +173,14 @@ def cmd_compare(args: argparse.Namespace, out: TextIO) -> int:
     """One row per run: probes, mean δH₁, mean ΔH_true, correlation, mean ESS/B. A directory
     holding several runs gives a row for each."""
     rows = [["run", "probes", "mean δH₁", "mean ΔH_true", "r", "mean ESS/B"]]
-    for run_dir in _each_run(args.run_dirs):
-        records = load_run(run_dir)
+    for label, run in _each_run(args.run_dirs):
+        records = run_records(run)
         r, _ = pearson([x.get("deltaH1") for x in records], [x.get("deltaH_true") for x in records])
+        if len(run.segments) > 1:
+            label += f" ({len(run.segments)} segments)"
         rows.append(
             [
-                str(run_dir),
+                label,
                 str(len(records)),
                 _sci(_mean([x.get("deltaH1") for x in records])),
                 _sci(_mean([x.get("deltaH_true") for x in records])),
@@ -202,19 +218,24 @@ def _write_csv(records: list[dict[str, Any]], columns: list[str], handle: TextIO
         writer.writerow([_cell(record.get(c)) for c in columns])
 
 
+PLOT_LIMIT = 1e150  # |value| beyond this is not plotted: ±2 SE bands and axis spans overflow
+
+
 def _series(records: list[dict[str, Any]], key: str) -> list[float]:
-    return [math.nan if finite_float(r.get(key)) is None else float(r[key]) for r in records]
+    """The finite values of ``key`` (NaN where missing, not finite or beyond PLOT_LIMIT)."""
+    values = [finite_float(r.get(key)) for r in records]
+    return [math.nan if v is None or abs(v) > PLOT_LIMIT else v for v in values]
 
 
 def cmd_plot(args: argparse.Namespace, out: TextIO) -> int:
     """Predicted and true ΔH over steps with ±2 SE bands; scatter of predicted vs true."""
     records = load_run(args.run_dir)
-    if not any(finite_float(r.get(k)) is not None for r in records
-               for k in ("deltaH1", "deltaH_true")):
+    if all(math.isnan(v) for k in ("deltaH1", "deltaH_true") for v in _series(records, k)):
         errors = sum(1 for r in records if r.get("error"))
         raise NothingToPlot(
             f"{args.run_dir}: nothing to plot: none of its {len(records)} probes has a finite "
-            f"δH₁ or ΔH_true ({errors} ended in an error; `summary` shows them); no file written."
+            f"δH₁ or ΔH_true within ±{PLOT_LIMIT:.0e} ({errors} ended in an error; `summary` "
+            "shows them); no file written."
         )
     try:
         from matplotlib.figure import Figure
@@ -288,6 +309,40 @@ def cmd_attribution(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+def _steps(steps: list[int]) -> str:
+    if not steps:
+        return "-"
+    shown = ", ".join(map(str, steps[:4])) + (", ..." if len(steps) > 5 else "")
+    return shown + (f", {steps[-1]}" if len(steps) > 4 else "")
+
+
+def cmd_runs(args: argparse.Namespace, out: TextIO) -> int:
+    """Every run under a directory, each with its segments (the directories of one run id, in
+    the order they were written) and the steps each contributes to the joined run."""
+    runs = find_runs(Path(args.directory))
+    if not runs:
+        find_run(args.directory)  # the reason: no such directory, or no probe log in it
+    for index, run in enumerate(runs):
+        views, first = segment_views(run), run.segments[0]
+        n = len(run.segments)
+        out.write(("\n" if index else "") + f"run {run.run_id or 'without id'}"
+                  + (f", probe {first.name!r}" if first.name not in (None, RUN_DIR_NAME) else "")
+                  + (f", started {first.start_time}" if first.start_time else "")
+                  + f": {sum(len(v.kept) for v in views)} probes in {n} segment{'s' * (n != 1)}\n")
+        rows = [["segment", "logger version", "resumed at", "probes", "steps kept", "note"]]
+        for v in views:
+            dropped = len(v.steps) - len(v.kept)
+            note = v.problem or (f"{dropped} superseded by a later segment" if dropped else "")
+            rows.append([str(v.info.path), _or_dash(v.info.logger_version),
+                         _or_dash(v.info.resumed_at_step), str(len(v.steps)), _steps(v.kept), note])
+        _table(rows, out)
+    return 0
+
+
+def _or_dash(value: Any) -> str:
+    return "-" if value is None else str(value)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``entropy-probe`` argument parser."""
     parser = argparse.ArgumentParser(
@@ -326,20 +381,28 @@ def build_parser() -> argparse.ArgumentParser:
     attribution.add_argument("--html", type=Path, default=None, help="write an HTML page here")
     attribution.add_argument("--no-color", action="store_true", help="plain text, no shading")
     attribution.set_defaults(func=cmd_attribution)
+
+    runs = sub.add_parser("runs", help="every run under a directory, with its segments "
+                          "(one run resumed into several logger versions)")
+    runs.add_argument("directory", help="e.g. lightning_logs, or a run's log_dir")
+    runs.set_defaults(func=cmd_runs)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``entropy-probe``; returns the exit status: 0, or 2 with one line on
-    stderr for an unreadable log (missing, corrupt, wrong field types, over a size bound) or a
-    run with nothing finite to plot."""
+    stderr and no traceback for anything that stops a command: an unreadable log (missing,
+    corrupt, wrong field types, over a size bound, not a regular file), a run with nothing
+    finite to plot, a malformed attribution, and any other exception (said as such)."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args, sys.stdout)
     except (OSError, ValueError, ImportError) as exc:
         message = " ".join(str(exc).split())
-        sys.stderr.write(f"{PROG} {args.command}: error: {message}\n")
-        return 2
+    except Exception as exc:  # the one handler (RecursionError, MemoryError...): no traceback
+        message = f"unexpected {type(exc).__name__} ({' '.join(str(exc).split())})"
+    sys.stderr.write(f"{PROG} {args.command}: error: {message[:2000]}\n")
+    return 2
 
 
 if __name__ == "__main__":

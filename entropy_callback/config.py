@@ -133,12 +133,13 @@ class ProbeConfig:
     def check_names(cls, names, owner: str) -> None:
         """Raise ProbeConfigError naming ``owner`` if ``names`` holds a non-option (typo hints)."""
         valid = cls.field_names()
-        unknown = sorted(set(names) - set(valid))
+        unknown = sorted((name for name in set(names) if name not in valid), key=repr)
         if unknown:
             hints = [
                 f"{name!r} (did you mean {close[0]!r}?)" if close else repr(name)
                 for name in unknown
-                for close in [difflib.get_close_matches(name, valid, n=1)]
+                for close in [difflib.get_close_matches(name, valid, n=1)
+                              if isinstance(name, str) else []]
             ]
             raise ProbeConfigError(
                 f"{owner} got unknown option(s) {', '.join(hints)}; probe options are "
@@ -147,8 +148,9 @@ class ProbeConfig:
 
     @classmethod
     def resolve(cls, config: Any, overrides: Mapping[str, Any], owner: str) -> ProbeConfig:
-        """``config`` (None, a ProbeConfig or a mapping of fields) with keyword ``overrides``
-        on top, checked; errors name ``owner``."""
+        """``config`` (None, a ProbeConfig, a mapping of fields, or the path of a YAML file
+        holding one, see :meth:`from_yaml`) with keyword ``overrides`` on top, checked; errors
+        name ``owner``."""
         cls.check_names(overrides, owner)
         if config is None:
             return cls(**overrides)
@@ -156,11 +158,27 @@ class ProbeConfig:
             return dataclasses.replace(config, **overrides) if overrides else config
         if isinstance(config, Mapping):
             return cls.from_dict({**config, **overrides})
+        if isinstance(config, (str, os.PathLike)):
+            return dataclasses.replace(cls.from_yaml(config, owner), **overrides)
         raise ProbeConfigError(
-            f"{owner} config= must be a ProbeConfig or a mapping of its fields, got "
-            f"{type(config).__name__}; e.g. config=ProbeConfig(batch_size=64) or "
-            "config={'batch_size': 64}."
+            f"{owner} config= must be a ProbeConfig, a mapping of its fields or the path of a "
+            f"YAML file of them, got {type(config).__name__}; e.g. "
+            "config=ProbeConfig(batch_size=64) or config={'batch_size': 64}."
         )
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike, owner: str = "ProbeConfig.from_yaml"
+                  ) -> ProbeConfig:
+        """The config in a YAML file: a mapping of fields, or a run's ``config.yaml`` (its
+        ``config`` section is used, so a run's probe can be repeated). Read with the checks of
+        ``yamlsafe`` (a regular file, no anchors/aliases, bounded size and depth).
+
+        Raises:
+            ProbeConfigError: the file is missing, unreadable, refused, or not such a mapping.
+        """
+        from .yamlsafe import read_options
+
+        return cls.from_dict(read_options(path, f"{owner} config={os.fspath(path)!r}"))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ProbeConfig:
@@ -190,10 +208,24 @@ def check_step(step: Any) -> int:
     return int(step)
 
 
+def check_optimizer(optimizer: Any) -> Any:
+    """The optimizer whose step is probed: an object with ``param_groups`` (a list) and
+    ``state`` (a ``torch.optim.Optimizer``, or a wrapper around one such as Lightning's)."""
+    if not isinstance(getattr(optimizer, "param_groups", None), list) or not hasattr(
+            optimizer, "state"):
+        raise ProbeConfigError(
+            f"optimizer must be the torch.optim.Optimizer that takes the step (with "
+            f"param_groups and state), got {_shown(optimizer)} ({type(optimizer).__name__}); "
+            "pass the optimizer object, e.g. before_step(optimizer) with "
+            "optimizer = torch.optim.AdamW(...), not its name."
+        )
+    return optimizer
+
+
 def integer(name: str, value: Any, minimum: int = 1) -> int:
     """``value`` as an int >= ``minimum``; numpy integers pass, bools and floats do not."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ProbeConfigError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+        raise ProbeConfigError(f"{name} must be an integer >= {minimum}, got {_shown(value)}.")
     return int(value)
 
 
@@ -236,32 +268,56 @@ def probe_name(value: Any) -> str:
     return value
 
 
-def _number(name: str, value: Any, fix: str) -> float:
+def _shown(value: Any) -> str:
+    """``repr(value)``, cut to 60 characters (a 400-digit integer stays readable)."""
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:25]}...{text[-10:]} ({len(text)} characters)"
+
+
+def finite_number(name: str, value: Any, fix: str) -> float:
+    """``value`` as a finite float (numpy numbers pass); a bool, a non-number, NaN, ±inf or a
+    number beyond the float range (``10**400``) is a ProbeConfigError naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ProbeConfigError(
-            f"{name} must be a finite number, got {value!r} ({type(value).__name__}); {fix}."
+            f"{name} must be a finite number, got {_shown(value)} ({type(value).__name__}); "
+            f"{fix}."
         )
-    number = float(value)
+    try:
+        number = float(value)
+    except (OverflowError, ValueError, TypeError):
+        number = math.inf
     if not math.isfinite(number):
-        raise ProbeConfigError(f"{name} must be a finite number, got {value!r}; {fix}.")
+        raise ProbeConfigError(f"{name} must be a finite number, got {_shown(value)}; {fix}.")
     return number
 
 
+MIN_TEMPERATURE = 1e-3  # below it the float64 softmax is one-hot for any logit gap over 0.75
+                        # (exp(-750) is 0); near 1e-308, logits / tau overflows (1 / 1e-310: inf)
+
+
 def _temperature(name: str, value: Any) -> float:
-    number = _number(name, value, "use 1.0 for the plain policy")
+    number = finite_number(name, value, "use 1.0 for the plain policy")
     if number <= 0:
         raise ProbeConfigError(
-            f"temperature must be > 0, got {value!r}: the probe samples from "
+            f"temperature must be > 0, got {_shown(value)}: the probe samples from "
             "softmax(logits / temperature); use 1.0 for the plain policy."
+        )
+    if number < MIN_TEMPERATURE:
+        raise ProbeConfigError(
+            f"temperature must be >= {MIN_TEMPERATURE}, got {_shown(value)}: below it "
+            "softmax(logits / temperature) is one-hot to float64 precision (no entropy to "
+            "measure), and near 1e-308 logits / temperature overflows, failing every probe; "
+            "use the temperature the policy samples with, e.g. 1.0."
         )
     return number
 
 
 def _ess_threshold(name: str, value: Any) -> float:
-    number = _number(name, value, "e.g. 0.5 (the default)")
+    number = finite_number(name, value, "e.g. 0.5 (the default)")
     if not 0.0 <= number <= 1.0:
         raise ProbeConfigError(
-            f"ess_threshold is a fraction of B_E in [0, 1], got {value!r}; 0.5 is the default."
+            f"ess_threshold is a fraction of B_E in [0, 1], got {_shown(value)}; 0.5 is the "
+            "default."
         )
     return number
 
@@ -271,16 +327,20 @@ def _eta_multipliers(name: str, value: Any) -> tuple[float, ...]:
     if (isinstance(value, (str, bytes)) or not isinstance(value, (Sequence, np.ndarray))
             or np.ndim(value) != 1 or len(value) == 0):
         raise ProbeConfigError(
-            f"eta_multipliers must be a non-empty sequence of numbers, got {value!r}; {fix}."
+            f"eta_multipliers must be a non-empty sequence of numbers, got {_shown(value)}; {fix}."
         )
     out = []
     for m in value:
-        if isinstance(m, bool) or not isinstance(m, numbers.Real) or not math.isfinite(m) or m == 0:
+        try:
+            number = finite_number(name, m, fix)
+        except ProbeConfigError:
+            number = 0.0
+        if number == 0:
             raise ProbeConfigError(
-                f"eta_multipliers must hold finite non-zero numbers, got {m!r} in {value!r}; "
-                f"{fix}."
+                f"eta_multipliers must hold finite non-zero numbers, got {_shown(m)} in "
+                f"{_shown(value)}; {fix}."
             )
-        out.append(float(m))
+        out.append(number)
     return tuple(out)
 
 
@@ -288,7 +348,7 @@ def _seed(name: str, value: Any) -> int:
     if (isinstance(value, bool) or not isinstance(value, numbers.Integral)
             or not 0 <= value < SEED_LIMIT):
         raise ProbeConfigError(
-            f"seed must be an integer in [0, 2**32), got {value!r}: step t samples with "
+            f"seed must be an integer in [0, 2**32), got {_shown(value)}: step t samples with "
             "torch.Generator().manual_seed(seed * 1_000_003 + t), which must fit in 64 bits."
         )
     return int(value)
@@ -297,7 +357,7 @@ def _seed(name: str, value: Any) -> int:
 def _choice(options: tuple[str, ...]) -> Callable[[str, Any], str]:
     def check(name: str, value: Any) -> str:
         if not isinstance(value, str) or value not in options:
-            raise ProbeConfigError(f"{name} must be one of {options}, got {value!r}.")
+            raise ProbeConfigError(f"{name} must be one of {options}, got {_shown(value)}.")
         return value
     return check
 
@@ -332,7 +392,7 @@ def _chunk_size(name: str, value: Any) -> int | None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ProbeConfigError(
             f"chunk_size must be None (chunks sized by bytes, the default) or an integer >= 1 "
-            f"(sequence positions per chunk), got {value!r}."
+            f"(sequence positions per chunk), got {_shown(value)}."
         )
     return int(value)
 
@@ -342,7 +402,7 @@ def _max_files(name: str, value: Any) -> int | None:
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ProbeConfigError(
-            f"max_files must be None (keep all) or an integer >= 1, got {value!r}."
+            f"max_files must be None (keep all) or an integer >= 1, got {_shown(value)}."
         )
     return int(value)
 

@@ -21,6 +21,7 @@ token_data and raw_tensors.
 from __future__ import annotations
 
 import contextlib
+import errno
 import gzip
 import json
 import re
@@ -30,7 +31,16 @@ from typing import Any
 import yaml
 
 from .config import ProbeConfig
-from .fileio import append_line, atomic_write, fsync_dir, remove_stale_temps
+from .fileio import (
+    append_line,
+    atomic_write,
+    fsync_dir,
+    is_regular,
+    list_names,
+    open_regular,
+    remove_stale_temps,
+    unlink,
+)
 from .result import ProbeResult, finite_or_none
 from .runs import CONFIG_NAME, JSONL_NAME, environment, git_commit, probe_version, utc_now
 
@@ -69,13 +79,13 @@ def timing_total(timing: dict[str, Any] | None) -> float | None:
         if key in timing:
             return finite_or_none(_number(timing[key]))
     values = [_number(v) for v in timing.values()]
-    return finite_or_none(sum(v for v in values if v is not None))
+    return finite_or_none(sum(v for v in values if v is not None))  # float + never raises
 
 
 def _number(value: Any) -> float | None:
     try:
         return float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an int past float range
         return None
 
 
@@ -160,7 +170,16 @@ class JsonLogWriter:
 
     def ensure_root(self) -> str | None:
         """Recreate the directory, or its ``config.yaml``, if it was removed; returns what was
-        recreated (``"directory"`` or ``"config.yaml"``), or None."""
+        recreated (``"directory"`` or ``"config.yaml"``), or None.
+
+        Raises:
+            OSError: ``root`` is a symbolic link (e.g. planted in place of the run directory
+                mid-run): it is never followed, nothing is written.
+        """
+        if self.root.is_symlink():
+            raise OSError(errno.ELOOP, f"{self.root} is a symbolic link, not the run's "
+                          "directory; a run directory is never followed through a link, so "
+                          "nothing was written")
         if not self.root.is_dir():
             self.write_config()
             return "directory"
@@ -230,7 +249,7 @@ class JsonLogWriter:
         left = []
         for path in written:
             try:
-                path.unlink()
+                unlink(path)
             except FileNotFoundError:
                 pass
             except OSError:
@@ -240,7 +259,7 @@ class JsonLogWriter:
         if left:
             return (f"{' and '.join(left)} of step {step} could not be removed and "
                     f"stay on disk in {self.root} without a {JSONL_NAME} line")
-        earlier = sorted(p.name for p in self.root.glob(f"step_{step:08d}*") if p.is_file())
+        earlier = sorted(n for n in list_names(self.root) if n.startswith(f"step_{step:08d}"))
         if earlier:  # the step was written before (a repeated step): its old files stay
             return (f"this write of step {step} left nothing on disk; the files of an earlier "
                     f"write of step {step} stay: {', '.join(earlier)}")
@@ -257,10 +276,10 @@ class JsonLogWriter:
         if limit is None or not self.root.is_dir():
             return []
         by_step: dict[int, list[Path]] = {}
-        for path in self.root.iterdir():
-            match = STEP_FILE_RE.match(path.name)
+        for name in list_names(self.root):
+            match = STEP_FILE_RE.match(name)
             if match:
-                by_step.setdefault(int(match.group(1)), []).append(path)
+                by_step.setdefault(int(match.group(1)), []).append(self.root / name)
         excess = len(by_step) - limit
         if excess <= 0:
             return []
@@ -269,7 +288,7 @@ class JsonLogWriter:
         for step in doomed:
             for path in [*by_step[step], self.root / summary_filename(step)]:
                 with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
+                    unlink(path)
                     deleted.append(path)
         return deleted
 
@@ -285,8 +304,9 @@ class JsonLogWriter:
             return []
         dropped: set[int] = set()
         path = self.jsonl_path
-        if path.is_file():
-            raw = path.read_bytes()
+        if is_regular(path) and not path.parent.is_symlink():
+            with open_regular(path) as handle:
+                raw = handle.read()
             lines = raw.splitlines(keepends=True)
             kept = []
             for line in lines:
@@ -302,10 +322,10 @@ class JsonLogWriter:
                     kept.append(line)
             if len(kept) != len(lines):
                 atomic_write(path, b"".join(kept))
-        for file in self.root.iterdir():
-            match = STEP_OR_SUMMARY_RE.match(file.name)
+        for name in list_names(self.root):
+            match = STEP_OR_SUMMARY_RE.match(name)
             if match and int(match.group(1)) >= step:
                 with contextlib.suppress(FileNotFoundError):
-                    file.unlink()
+                    unlink(self.root / name)
                 dropped.add(int(match.group(1)))
         return sorted(dropped)

@@ -131,7 +131,7 @@ class JsonSink:
             recreated = self.writer.ensure_root()
         except OSError as exc:
             raise SinkWriteError(exc, f"nothing of step {step} is on disk ({root} was removed "
-                                 "and cannot be recreated)") from exc
+                                 "or replaced and cannot be recreated)") from exc
         if recreated == "directory":
             if self._claim is not None:
                 try:

@@ -22,7 +22,7 @@ import torch
 
 from . import records
 from .attribution_report import attach, keep_inputs
-from .config import ProbeConfig, ProbeConfigError, check_step
+from .config import ProbeConfig, ProbeConfigError, check_optimizer, check_step
 from .distributed import any_rank_failed, gather_vectors, make_gather, shard, stack_vectors
 from .observer import EntropyProbeWarning, PhaseRunner, preserved_state
 from .progress import ProgressHook, log_phase, log_probe
@@ -33,6 +33,7 @@ from .scoring import CHUNK_BYTES, Scorer, sequence_terms
 from .update import (
     AdamReplay,
     adam_replay,
+    check_moves_are_probed,
     consumed_gradients,
     is_adam,
     learning_rate,
@@ -143,6 +144,7 @@ class EntropyProbe:
         follow: the prediction uses the gradients the optimizer consumes, read in after_step).
         ``step`` is the record's step index (default: a count of before_step calls).
         """
+        check_optimizer(optimizer)
         step = self._calls if step is None else check_step(step)
         self._calls += 1
         cfg = self.config
@@ -153,6 +155,7 @@ class EntropyProbe:
         self._warn_if_half()
         with preserved_state(self.model):
             with runner.phase("update"):
+                check_moves_are_probed(optimizer, self.model, self.params)
                 result.learning_rate, mixed = learning_rate(optimizer, self.params)
                 if mixed:
                     self.warn_once("lrs", "probed parameters sit in param groups with different "

@@ -17,6 +17,7 @@ used as given. Everything that can be wrong with the pool is found at constructi
 from __future__ import annotations
 
 import numbers
+import os
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -161,11 +162,19 @@ def _warn_doubled_bos(tokenizer: Any, ids: list[list[int]]) -> None:
         )
 
 
-def check_model(model) -> torch.nn.Module:
-    """The policy: a causal LM module with ``.generate`` (transformers or peft)."""
+def check_model(model, name: str = "model") -> torch.nn.Module:
+    """The policy: a causal LM module with ``.generate`` (transformers or peft). A string (a
+    model id or path) is refused naming ``name``: the probe needs the trained object itself."""
+    if isinstance(model, (str, bytes, os.PathLike)):
+        raise ProbeConfigError(
+            f"{name} must be the policy module itself, got the {type(model).__name__} "
+            f"{str(model)[:80]!r}; pass the model object (the one being trained, e.g. "
+            "AutoModelForCausalLM.from_pretrained(...) wrapped with peft.get_peft_model), not "
+            "its name or path."
+        )
     if not isinstance(model, torch.nn.Module) or not callable(getattr(model, "generate", None)):
         raise ProbeConfigError(
-            f"model must be a causal language model (a transformers PreTrainedModel or peft model "
+            f"{name} must be a causal language model (a transformers PreTrainedModel or peft model "
             f"with .generate), got {type(model).__name__}. Pass the policy, e.g. "
             "AutoModelForCausalLM wrapped with peft.get_peft_model."
         )

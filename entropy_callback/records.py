@@ -46,6 +46,11 @@ def estimate(result: ProbeResult, v: dict[str, torch.Tensor],
     result.B_E, result.T_E = int(T.numel()), int(T.sum())
     result.set(**d1.values(), **gt.values())
     result.bars_dot = d1.deltaH1 / eta if eta else None
+    if not eta:
+        result.null_reasons["bars_dot"] = (
+            "the learning rate is 0 (e.g. the first step of a warmup): bars_dot = deltaH1 / lr "
+            "is undefined" if eta == 0 else "no learning rate was read for the probed "
+            "parameters: bars_dot = deltaH1 / lr is undefined")
     result.reliable = bool(result.ess_fraction >= config.ess_threshold)
     result.diagnostics.update(gt.diagnostics, ess_threshold=config.ess_threshold)
     result.eta_sweep = sweep_points(points, eta, d1.deltaH1)
@@ -160,8 +165,11 @@ def update_check(result: ProbeResult, predicted: dict[str, torch.Tensor] | None,
     if predicted is not None:
         cos, rel, norm = flat_cosine_and_rel_error(predicted, observed)
         result.update_cosine, result.update_rel_error = cos, rel
-        reason = ("the observed step is zero (no gradient signal, e.g. all advantages zero): the "
-                  "comparison is undefined") if norm == 0 else None
+        reason = None if norm != 0 else (
+            "the observed step is zero because the learning rate is 0 (e.g. the first step of "
+            "a warmup): the comparison is undefined" if result.learning_rate == 0 else
+            "the observed step is zero (no gradient signal, e.g. all advantages zero): the "
+            "comparison is undefined")
     else:
         reason = ("no predicted step to compare: the optimizer is not Adam/AdamW (update_source "
                   "'observed')")

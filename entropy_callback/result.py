@@ -138,12 +138,13 @@ NONFINITE_REASON = (
 
 
 def finite_float(value: Any) -> float | None:
-    """``value`` as a float, or None when it is missing, not a number, or not finite."""
+    """``value`` as a float, or None when it is missing, not a number, or not finite (an
+    integer beyond the float range, e.g. one of 4000 digits, counts as not finite)."""
     if value is None or isinstance(value, bool):
         return None
     try:
         number = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
     return number if math.isfinite(number) else None
 
@@ -242,7 +243,8 @@ class ProbeResult:
             elif finite_or_none(value) is None:
                 self.set(**{q.name: None})
                 self.null_reasons.setdefault(q.name, NONFINITE_REASON)
-        if self.ess_fraction is None and self.error is None and self.reliable is not None:
+        core_missing = None in (self.deltaH1, self.deltaH_true, self.ess_fraction)
+        if core_missing and self.reliable is not None:  # a null estimate is never reliable
             self.reliable = False
         self.diagnostics = finite_tree(self.diagnostics)
         self.eta_sweep = finite_tree(self.eta_sweep)

@@ -27,9 +27,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from .fileio import FILE_MODE
+from .fileio import FILE_MODE, open_regular
+from .yamlsafe import read_yaml
 
 RUN_DIR_NAME = "entropy_probe"
 RUN_DIR_RE = re.compile(r"^entropy_probe(?:-([0-9A-Za-z][0-9A-Za-z._-]*))?$")
@@ -70,7 +69,9 @@ def run_dirs(log_dir: Path) -> list[Path]:
 
 @dataclass(frozen=True)
 class RunInfo:
-    """What ``config.yaml`` and ``probes.jsonl`` say about one run directory."""
+    """What ``config.yaml`` and ``probes.jsonl`` say about one run directory (a segment of a
+    run: a run resumed into another directory, e.g. a new Lightning logger version, has one
+    directory per segment, all with its run id)."""
 
     path: Path
     run_id: str | None
@@ -78,51 +79,152 @@ class RunInfo:
     logger_version: Any
     probes: int  # complete lines in probes.jsonl
     name: str | None = None  # the probe's name (its TensorBoard prefix), when recorded
+    opened: str | None = None  # run_metadata.timestamp: when this directory was (re)opened
+    resumed_at_step: int | None = None  # the first step of a resumed segment
+    problem: str | None = None  # why config.yaml was not read, when it was not
 
-    def describe(self) -> str:
-        """``<path> (run <id>[, probe '<name>'], started <time>, <n> probes)``."""
-        parts = [f"run {self.run_id or 'without id'}"]
-        if self.name and self.name != RUN_DIR_NAME:
+    def describe(self, segment: bool = False) -> str:
+        """``<path> (run <id>[, probe '<name>'], started <time>, <n> probes)``; with
+        ``segment``, only what differs between the segments of one run."""
+        parts = [] if segment else [f"run {self.run_id or 'without id'}"]
+        if self.name and self.name != RUN_DIR_NAME and not segment:
             parts.append(f"probe {self.name!r}")
-        if self.start_time:
+        if self.start_time and not segment:
             parts.append(f"started {self.start_time}")
         if self.logger_version is not None:
             parts.append(f"logger version {self.logger_version}")
+        if self.resumed_at_step is not None:
+            parts.append(f"resumed at step {self.resumed_at_step}")
         parts.append(f"{self.probes} probe{'s' if self.probes != 1 else ''}")
+        if self.problem:
+            parts.append(self.problem)
         return f"{self.path} ({', '.join(parts)})"
 
 
 def read_run_meta(directory: Path) -> dict[str, Any]:
-    """``run_metadata`` of ``<directory>/config.yaml``; {} when it is missing or unreadable."""
+    """``run_metadata`` of ``<directory>/config.yaml``; {} when it is missing or unreadable
+    (see :func:`read_run_meta_checked`)."""
+    return read_run_meta_checked(directory)[0]
+
+
+def read_run_meta_checked(directory: Path) -> tuple[dict[str, Any], str | None]:
+    """``run_metadata`` of ``<directory>/config.yaml`` and, when it could not be read, why.
+
+    Never blocks or recurses without bound: only a regular file is read (a FIFO or a device is
+    refused), at most 1 MiB, with YAML anchors/aliases and deep nesting refused (``yamlsafe``).
+    """
+    path = directory / CONFIG_NAME
     try:
-        with open(directory / CONFIG_NAME, encoding="utf-8") as handle:
-            body = yaml.safe_load(handle.read(1 << 20))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return {}
+        body = read_yaml(path)
+    except FileNotFoundError:
+        return {}, None
+    except (OSError, ValueError) as exc:
+        return {}, f"{CONFIG_NAME} not read: {' '.join(str(exc).split())[:200]}"
     meta = body.get("run_metadata") if isinstance(body, dict) else None
-    return meta if isinstance(meta, dict) else {}
+    if not isinstance(meta, dict):
+        return {}, f"{CONFIG_NAME} holds no run_metadata mapping"
+    return meta, None
 
 
 def read_run_info(directory: Path) -> RunInfo:
     """The id, start time, logger version and number of probes of one run directory."""
-    meta = read_run_meta(directory)
-    run_id = meta.get("run_id")
+    meta, problem = read_run_meta_checked(directory)
+    run_id, resumed = meta.get("run_id"), meta.get("resumed_at_step")
     return RunInfo(
         path=directory,
         run_id=run_id if isinstance(run_id, str) else None,
-        start_time=str(meta["start_time"]) if meta.get("start_time") else None,
-        logger_version=meta.get("logger_version"),
+        start_time=_text(meta.get("start_time")),
+        logger_version=_plain(meta.get("logger_version")),
         probes=_count_lines(directory / JSONL_NAME),
         name=meta["probe_name"] if isinstance(meta.get("probe_name"), str) else None,
+        opened=_text(meta.get("timestamp")),
+        resumed_at_step=(resumed if isinstance(resumed, int) and not isinstance(resumed, bool)
+                         and 0 <= resumed < 2**63 else None),
+        problem=problem,
     )
 
 
+def _text(value: Any) -> str | None:
+    """A scalar metadata value as short text (YAML may give a datetime); None otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float, datetime)):
+        return None
+    text = value.isoformat() if isinstance(value, datetime) else str(value)
+    return text[:64] or None
+
+
+def _plain(value: Any) -> Any:
+    """A logger version as recorded (an int or a short string), else None."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) < 2**63:
+        return value
+    return value[:64] if isinstance(value, str) else None
+
+
 def _count_lines(path: Path) -> int:
+    """Newlines in ``path`` (a regular file only; 0 when missing or not one)."""
     count = 0
-    with contextlib.suppress(OSError), open(path, "rb") as handle:
+    with contextlib.suppress(OSError), open_regular(path) as handle:
         for chunk in iter(lambda: handle.read(1 << 16), b""):
             count += chunk.count(b"\n")
     return count
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run id and its directories (segments), in order: a run resumed into another
+    directory (a new Lightning logger version) continues there under the same id.
+
+    "Later" is decided by what each segment's ``config.yaml`` records: the time it was opened
+    (``run_metadata.timestamp``), then an original segment before a resumed one
+    (``resumed_at_step``), then the logger version, then the path. A later segment resumed at
+    step s supersedes every record of step >= s of the earlier ones (those steps were run
+    again from the checkpoint), and any step it logs again.
+    """
+
+    run_id: str | None
+    segments: tuple[RunInfo, ...]
+
+    @property
+    def path(self) -> Path:
+        """The first segment's directory (a run without segments does not exist)."""
+        return self.segments[0].path
+
+    def describe(self) -> str:
+        """One segment: as :meth:`RunInfo.describe`; several: the run and each segment."""
+        if len(self.segments) == 1:
+            return self.segments[0].describe()
+        first = self.segments[0]
+        head = [f"run {self.run_id}"]
+        if first.name and first.name != RUN_DIR_NAME:
+            head.append(f"probe {first.name!r}")
+        if first.start_time:
+            head.append(f"started {first.start_time}")
+        head.append(f"{len(self.segments)} segments joined")
+        return f"{', '.join(head)}: " + "; ".join(seg.describe(segment=True)
+                                                  for seg in self.segments)
+
+
+def _natural(text: str) -> tuple:
+    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", text))
+
+
+def segment_order(info: RunInfo) -> tuple:
+    """The sort key that puts a run's segments in the order they were written (see Run)."""
+    version = info.logger_version
+    version_key = ((0, version, "") if isinstance(version, int)
+                   else (1, 0, "" if version is None else str(version)))
+    return (info.opened or "", info.resumed_at_step is not None, version_key,
+            _natural(str(info.path)))
+
+
+def group_runs(infos: list[RunInfo]) -> list[Run]:
+    """Run directories grouped by run id (in the order each id is first met), each run's
+    segments in :func:`segment_order`; a directory without a run id is a run of its own."""
+    groups: dict[Any, list[RunInfo]] = {}
+    for index, info in enumerate(infos):
+        groups.setdefault(info.run_id if info.run_id is not None else ("no id", index),
+                          []).append(info)
+    return [Run(infos_[0].run_id, tuple(sorted(infos_, key=segment_order)))
+            for infos_ in groups.values()]
 
 
 # ------------------------------------------------------------------ claiming a run directory

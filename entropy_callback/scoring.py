@@ -23,11 +23,11 @@ import warnings
 from contextlib import contextmanager
 
 import torch
-from torch.func import functional_call
 
 from .forward_mode import jvp
 from .head import SplitModel, split_model
 from .sampling import EBatch, forward_accepts
+from .variants import call_substituted, exact_variant_derivatives
 
 CHUNK_BYTES = {"cpu": 10_000_000, "accelerator": 256 << 20}
 """Bytes per chunk x vocab float64 buffer when ``chunk_size`` is None: small enough to stay in a
@@ -163,7 +163,7 @@ class Scorer:
         inputs = dict(self._inputs(mb), use_cache=False)
 
         def body(p):
-            h = functional_call(self._split, _prefixed(p), args=(), kwargs=inputs, strict=False)
+            h = call_substituted(self._split, _prefixed(p), args=(), kwargs=inputs)
             # position p predicts token p + 1: the last prompt position and the first L - 1
             # response positions predict the L response tokens
             return h[:, mb.prompt_width - 1 : mb.prompt_width - 1 + L][mask]
@@ -182,8 +182,7 @@ class Scorer:
         def head(p, h):
             if not p:
                 return split.logits(h)
-            return functional_call(split, _prefixed(p), args=(h,), kwargs={"part": "head"},
-                                   strict=False)
+            return call_substituted(split, _prefixed(p), args=(h,), kwargs={"part": "head"})
 
         rows = chunk_rows(split.vocab, self.chunk_size, self.device)
         block = head_block_rows(split.vocab, rows, self.chunk_size, self.device)
@@ -234,7 +233,7 @@ class Scorer:
         if params is None:
             out = self.model(**kwargs)
         else:
-            out = functional_call(self.model, params, args=(), kwargs=kwargs, strict=False)
+            out = call_substituted(self.model, params, args=(), kwargs=kwargs)
         logits = out.logits
         # logits at position p predict token p + 1: the L response tokens are predicted by
         # the last prompt position and the first L - 1 response positions.
@@ -256,14 +255,18 @@ class Scorer:
     def score_with_tangent(
         self, mb: EBatch, primals: dict[str, torch.Tensor], tangents: dict[str, torch.Tensor]
     ):
-        """(l, H, D_u l, D_u H), each [b, L] float64, from one forward-mode pass along u."""
+        """(l, H, D_u l, D_u H), each [b, L] float64, from one forward-mode pass along u
+        (through what peft's LoRA variants detach, e.g. DoRA's weight norm: ``variants.py``).
+        No autograd graph: forward mode does not need one (and a variant's norm, undetached, may
+        hang on a leaf peft creates, e.g. ``transpose`` of an embedding's weight)."""
         self._check_split(mb)
-        if self._split is not None:
-            return self._split_score(mb, primals, tangents)
-        with no_flash_attention():
-            (logp, ent), (dlogp, dent) = jvp(
-                lambda p: self._forward(mb, p), (primals,), (tangents,)
-            )
+        with exact_variant_derivatives(self.model), torch.no_grad():
+            if self._split is not None:
+                return self._split_score(mb, primals, tangents)
+            with no_flash_attention():
+                (logp, ent), (dlogp, dent) = jvp(
+                    lambda p: self._forward(mb, p), (primals,), (tangents,)
+                )
         return logp, ent, dlogp, dent
 
 

@@ -32,7 +32,8 @@ the ratio of those averages (not the average of per-prompt ratios). Every prompt
 ``position_ids = arange`` and an all-ones attention mask. This is deliberately independent of
 the engine's left-padding logic so that it can check it.
 
-Parameters are substituted with :func:`torch.func.functional_call`; the live weights are never
+Parameters are substituted with :func:`torch.func.functional_call` (through
+``variants.call_substituted``, right for shared containers); the live weights are never
 modified. The model is put in eval mode for the evaluation (dropout off) and its modes are
 restored afterwards.
 
@@ -51,6 +52,7 @@ import torch
 from torch import Tensor, nn
 
 from entropy_callback.config import NORMALIZATIONS
+from entropy_callback.variants import call_substituted, exact_variant_derivatives
 
 __all__ = [
     "exact_delta",
@@ -225,7 +227,7 @@ def _next_token_log_probs(
         if params is None:
             outputs = model(**kwargs)
         else:
-            outputs = torch.func.functional_call(model, dict(params), (), kwargs, strict=False)
+            outputs = call_substituted(model, dict(params), (), kwargs)
         logits = outputs.logits[:, -1, :].to(torch.float64) / temperature
         out.append(torch.log_softmax(logits, dim=-1))
     return torch.cat(out, dim=0)
@@ -375,7 +377,9 @@ def exact_directional_derivative(
 ) -> float:
     """Exact directional derivative D_u H at θ, by autograd through the enumeration.
 
-    Computes d/ds H(θ + s·u) at s = 0 with one reverse-mode pass w.r.t. the scalar s.
+    Computes d/ds H(θ + s·u) at s = 0 with one reverse-mode pass w.r.t. the scalar s, through
+    what peft's LoRA variants detach in their forward (DoRA's weight norm:
+    ``variants.exact_variant_derivatives``), so it is the derivative of H itself.
 
     Args:
         direction: u, keyed by ``model.named_parameters()`` names; each tensor has the shape
@@ -388,7 +392,7 @@ def exact_directional_derivative(
     """
     base = _base_params(model, params, list(direction))
     s = torch.zeros((), dtype=torch.float64, device=_model_device(model), requires_grad=True)
-    with torch.enable_grad():
+    with torch.enable_grad(), exact_variant_derivatives(model):
         shifted = dict(base)
         for k, u in direction.items():
             b = base[k]

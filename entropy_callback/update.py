@@ -20,15 +20,44 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .config import ProbeConfigError
+
 
 def probed_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    """theta: the LoRA parameters of a peft model, else every trainable parameter."""
-    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if hasattr(model, "peft_config"):
-        lora = {n: p for n, p in trainable.items() if "lora_" in n}
-        if lora:
-            return lora
-    return trainable
+    """theta: every trainable parameter of the model, LoRA or not, by its
+    ``model.named_parameters()`` name (a tied parameter once, under its first name).
+
+    Besides the LoRA matrices of a peft model that is whatever else it trains: the copies of
+    ``modules_to_save``, the biases of ``bias="lora_only"`` / ``"all"``, the rows of
+    ``trainable_token_indices``, DoRA's magnitudes, an unfrozen embedding. Every probed pass
+    substitutes all of them, so none is left at theta' while the others are at theta. A
+    trainable parameter outside the optimizer costs a copy and moves by zero in the rebuild.
+    """
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def check_moves_are_probed(
+    optimizer: torch.optim.Optimizer, model: torch.nn.Module,
+    params: dict[str, torch.nn.Parameter],
+) -> None:
+    """Raise ProbeConfigError naming the model's parameters that the optimizer holds and will
+    move (they have a gradient) but theta lacks: made trainable after the probe was built, or
+    given a gradient while frozen. Probing without them would put theta-side passes at a mixed
+    point (those tensors already at theta'). Tensors the optimizer holds outside the model do
+    not enter the policy's forward and are not theta's concern."""
+    probed = {id(p) for p in params.values()}
+    names = {id(p): n for n, p in model.named_parameters()}
+    missing = [names[id(p)] for g in optimizer.param_groups for p in g["params"]
+               if id(p) in names and id(p) not in probed and p.grad is not None]
+    if missing:
+        shown = ", ".join(repr(n) for n in missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise ProbeConfigError(
+            f"the optimizer moves {len(missing)} parameter(s) of the model that the probe does "
+            f"not hold ({shown}): they were frozen when the probe was built, so delta H_1 and "
+            "Delta H_true would be measured with them already moved. Make them trainable "
+            "(requires_grad=True) before the probe is built (the callbacks build it at setup / "
+            "on_train_begin), or keep them out of the optimizer."
+        )
 
 
 def is_adam(optimizer: torch.optim.Optimizer) -> bool:

@@ -122,8 +122,17 @@ CONFIG_CASES = {
     "log_dir_int": (dict(log_dir=5), ["log_dir", "path", "int"]),
     "log_dir_bytes": (dict(log_dir=b"logs"), ["log_dir", "path", "bytes"]),
     # config= takes a ProbeConfig or a mapping of its fields
-    "config_list": (dict(config=[("batch_size", 8)]), ["config=", "ProbeConfig or a mapping"]),
-    "config_string": (dict(config="probe.yaml"), ["config=", "got str"]),
+    "config_list": (dict(config=[("batch_size", 8)]), ["config=", "a ProbeConfig, a mapping"]),
+    "config_string": (dict(config="probe.yaml"), ["config='probe.yaml'", "cannot read it",
+                                                  "No such file"]),
+    "config_int_keys": (dict(config={1: 2}), ["unknown option(s) 1", "probe options are"]),
+    # numbers past the float range, and a temperature that makes logits / tau overflow
+    "temperature_10e400": (dict(temperature=10**400), ["temperature", "finite number",
+                                                       "(401 characters)"]),
+    "temperature_subnormal": (dict(temperature=1e-310), ["temperature", ">= 0.001", "1e-310"]),
+    "ess_threshold_10e400": (dict(ess_threshold=10**400), ["ess_threshold", "finite number"]),
+    "eta_10e400": (dict(eta_multipliers=(1.0, 10**400)), ["eta_multipliers", "finite non-zero"]),
+    "batch_size_10e400": (dict(batch_size=-10**400), ["batch_size", "(402 characters)"]),
     "config_mapping_typo": (dict(config={"bach_size": 8}), ["did you mean 'batch_size'"]),
     "config_mapping_bad_value": (dict(config={"strict": "false"}), ["strict", "'false'"]),
     "config_detailed_logging_list": (dict(config={"detailed_logging": ["debug"]}),
@@ -202,6 +211,66 @@ def test_engine_step_must_be_a_non_negative_integer(step, policy):
     with pytest.raises(ProbeConfigError, match=r"step must be a non-negative integer.*got"):
         probe.before_step(optimizer, step=step)
     assert not probe.pending and probe._calls == 0
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", None, torch.optim.AdamW])
+def test_engine_optimizer_must_be_an_optimizer_object(optimizer, policy):
+    model, tokenizer = policy
+    probe = EntropyProbe(model, tokenizer, probe_prompts(), **SMALL_PROBE)
+    with pytest.raises(ProbeConfigError, match=r"optimizer must be the torch.optim.Optimizer "
+                       r"that takes the step .*not its name"):
+        probe.before_step(optimizer)
+    assert not probe.pending and probe._calls == 0
+
+
+def test_a_yaml_path_is_a_config(policy, tmp_path):
+    path = tmp_path / "probe.yaml"
+    path.write_text("batch_size: 8\nmicrobatch_size: 8\nmax_new_tokens: 4\nseed: 3\n")
+    expected = ProbeConfig(batch_size=8, microbatch_size=8, max_new_tokens=4, seed=5)
+    assert EntropyProbeCallback(probe_prompts(), 2, config=path, seed=5).config == expected
+    model, tokenizer = policy
+    assert EntropyProbe(model, tokenizer, probe_prompts(), config=str(path),
+                        seed=5).config == expected
+
+
+# The HF callback (hf.py is rewritten on branch h18a, which makes it resolve its config and
+# arguments through config.py / prompts.py): the cases marked xfail fail on hf.py as of
+# e619d40 and must pass once that lands; the mark then goes.
+HF_PENDING = pytest.mark.xfail(reason="needs the hf.py rewrite (branch h18a) to use "
+                               "ProbeConfig.resolve, config.integer and prompts.check_model",
+                               strict=False)
+
+
+def hf_callback(**kwargs):
+    from entropy_callback.hf import EntropyProbeTrainerCallback
+
+    return EntropyProbeTrainerCallback(probe_prompts(), **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    pytest.param(dict(temperature=10**400), ["temperature", "finite number"], id="temp_10e400"),
+    pytest.param(dict(temperature=1e-310), ["temperature", ">= 0.001"], id="temp_subnormal"),
+    pytest.param(dict(config={1: 2}), ["unknown option(s) 1"], id="config_int_keys",
+                 marks=HF_PENDING),
+    pytest.param(dict(config="missing.yaml"), ["config='missing.yaml'"], id="config_missing",
+                 marks=HF_PENDING),
+    pytest.param(dict(model="gpt2"), ["model must be", "not its name"], id="model_a_string",
+                 marks=HF_PENDING),
+])
+def test_hf_callback_bad_input_is_a_probe_config_error(kwargs, words):
+    with pytest.raises(ProbeConfigError) as info:
+        hf_callback(**kwargs)
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))
+
+
+@HF_PENDING
+def test_hf_callback_takes_numpy_every_a_mapping_and_a_yaml_path(tmp_path):
+    path = tmp_path / "probe.yaml"
+    path.write_text("batch_size: 8\n")
+    assert hf_callback(every=np.int64(4)).every == 4
+    assert hf_callback(config={"batch_size": 8}).config.batch_size == 8
+    assert hf_callback(config=str(path)).config.batch_size == 8
 
 
 def test_largest_seed_probes_at_a_very_late_step():

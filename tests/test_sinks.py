@@ -337,7 +337,7 @@ def test_crash_before_rename_leaves_no_partial_or_temp_file(tmp_path, monkeypatc
     writer.write(make_result(20))
     before = (tmp_path / "step_00000020.json").read_bytes()
 
-    def crash(src, dst):
+    def crash(src, dst, **dir_fds):
         raise OSError("simulated crash between write and rename")
 
     monkeypatch.setattr(fileio.os, "replace", crash)

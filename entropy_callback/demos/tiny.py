@@ -80,6 +80,8 @@ def build_tiny_llama(
     dtype: torch.dtype = torch.float32,
     attn_implementation: str = "eager",
     lm_head_std: float | None = None,
+    attention_bias: bool = False,
+    tie_word_embeddings: bool = False,
 ) -> LlamaForCausalLM:
     """A randomly initialised ``LlamaForCausalLM`` sized for CPU tests (~90k parameters).
 
@@ -98,6 +100,9 @@ def build_tiny_llama(
             that the initial logits have unit scale. With the HF default (0.02) the logits,
             ``lm_head(rmsnorm(h))``, are capped near ``0.02 * hidden_size`` (about 1.3
             for 64), and LoRA on the frozen body could hardly sharpen the policy at all.
+        attention_bias: biases on the attention projections (as Qwen2-style models have).
+        tie_word_embeddings: share the input embedding with the output projection (then
+            ``lm_head_std`` initialises the shared matrix).
 
     Returns:
         The model in train mode, on CPU, with ``generation_config`` pad / eos ids set.
@@ -113,7 +118,8 @@ def build_tiny_llama(
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id,
-        tie_word_embeddings=False,
+        attention_bias=attention_bias,
+        tie_word_embeddings=tie_word_embeddings,
     )
     config._attn_implementation = attn_implementation
     std = lm_head_std if lm_head_std is not None else 1.0 / math.sqrt(hidden_size)
