@@ -21,12 +21,20 @@ from .sinks import RunLogger, Sink
 
 __version__ = "0.1.0"
 
-# name -> the module that defines it (the engine, the adapters), imported on first access
-_LAZY = {"EntropyProbe": "probe", "EntropyProbeCallback": "lightning",
-         "EntropyProbeTrainerCallback": "hf"}
-_EXTRA = {"lightning": "lightning", "hf": "hf"}  # adapter module -> the extra that installs it
+# name -> the module that defines it (the engine, the governor, the adapters), imported on
+# first access
+_LAZY = {"EntropyProbe": "probe", "EntropyGovernor": "governor", "GovernorPolicy": "governor",
+         "EntropyProbeCallback": "lightning", "EntropyProbeTrainerCallback": "hf",
+         "EntropyGovernorCallback": "governor_lightning",
+         "EntropyGovernorTrainerCallback": "governor_hf"}
+# adapter module -> the extra that installs its framework
+_EXTRA = {"lightning": "lightning", "hf": "hf", "governor_lightning": "lightning",
+          "governor_hf": "hf"}
 
 __all__ = [
+    "EntropyGovernor",
+    "EntropyGovernorCallback",
+    "EntropyGovernorTrainerCallback",
     "EntropyProbe",
     "EntropyProbeCallback",
     "EntropyProbeTrainerCallback",
@@ -34,6 +42,7 @@ __all__ = [
     "ProbeConfig",
     "ProbeConfigError",
     "ProbeFailure",
+    "GovernorPolicy",
     "ProbeResult",
     "RunLogger",
     "Sink",

@@ -312,6 +312,24 @@ class EntropyProbe:
         step not taken as skipped."""
         self._pending = None
 
+    def sample_e(self, step: int) -> EBatch:
+        """The E batch of ``step`` at the live parameters, drawn as ``before_step`` draws it
+        (the engine's own generator, seeded by ``config.seed`` and ``step``). For the governor
+        (``governor.py``); call it inside ``observer.preserved_state``. Single process."""
+        return self._sample(check_step(step))
+
+    def e_terms(self, batch: EBatch,
+                direction: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Per-sequence [B_E] float64 terms of ``batch`` at the live parameters: ``T``, ``h``,
+        ``S`` (``scoring.sequence_terms``); with ``direction`` (a step per probed parameter
+        name) the forward-mode pass along it, adding ``A``, ``Bsum``, ``C`` (the inputs of
+        ``estimators.delta_h1``). For the governor; call it inside ``preserved_state``."""
+        if direction is None:
+            return self._score_all(batch, None)
+        pending = _Pending(ProbeResult(step=self._step), None, time.perf_counter(), batch=batch)
+        live = {n: p.detach() for n, p in self.params.items()}
+        return self._derivative_pass(pending, live, direction)
+
     @property
     def device(self) -> torch.device:
         return self.scorer.device

@@ -10,6 +10,12 @@ with its standard error over the probed steps.
 
     python examples/trl_grpo.py                                   # about 30 s on one core
     python examples/trl_grpo.py --steps 60 --every 2 --temperature 0.7 --out runs/trl
+    python examples/trl_grpo.py --governor 2.0      # + EntropyGovernorTrainerCallback(floor=2.0)
+
+With ``--governor H_MIN`` the entropy governor also runs inside the same, unmodified
+GRPOTrainer: it scales each step's learning rate by alpha <= 1 so that the predicted entropy
+never goes below H_MIN (it changes training; the probe does not), and a table of its records
+follows the probe's.
 
 Then: tensorboard --logdir <out> (scalars under entropy_probe/, the Custom Scalars tab).
 """
@@ -34,6 +40,7 @@ from entropy_callback.demos.tiny import (
     build_char_tokenizer,
     build_tiny_llama,
 )
+from entropy_callback.governor_hf import EntropyGovernorTrainerCallback
 from entropy_callback.hf import EntropyProbeTrainerCallback
 
 
@@ -52,6 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=3e-3, help="learning rate")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/trl_grpo", help="GRPOConfig.output_dir")
+    parser.add_argument("--governor", type=float, metavar="H_MIN",
+                        help="also attach EntropyGovernorTrainerCallback(floor=H_MIN)")
     return parser.parse_args(argv)
 
 
@@ -101,7 +110,22 @@ def build(args: argparse.Namespace) -> tuple[GRPOTrainer, EntropyProbeTrainerCal
     probe = EntropyProbeTrainerCallback.attach(trainer, every=args.every,
                                                batch_size=args.batch_size, microbatch_size=64,
                                                **options)
+    if args.governor is not None:
+        trainer.add_callback(EntropyGovernorTrainerCallback(
+            trainer.eval_dataset, floor=args.governor, batch_size=args.batch_size,
+            microbatch_size=64, **options))
     return trainer, probe
+
+
+def print_governor(trainer: GRPOTrainer) -> None:
+    """The governor's records: alpha, its prediction at that alpha and the realized change."""
+    governor = next(cb for cb in trainer.callback_handler.callbacks
+                    if isinstance(cb, EntropyGovernorTrainerCallback))
+    print(f"\n{'step':>5} {'H':>8} {'target':>8} {'deltaH1':>10} {'alpha':>7} {'predicted':>10} "
+          f"{'realized':>10} binding")
+    for r in governor.records:
+        print(f"{r.step:>5} {r.H:8.4f} {r.target:8.4f} {r.deltaH1:+10.2e} {r.alpha:7.3f} "
+              f"{r.predicted:+10.2e} {r.realized:+10.2e} {r.binding}")
 
 
 def main(argv=None) -> list[dict]:
@@ -127,6 +151,8 @@ def main(argv=None) -> list[dict]:
         print(f"\nH_orig - TRL entropy over {len(diffs)} probed steps: {mean:+.4f} +- {se:.4f} "
               f"(SE; z = {mean / se:+.2f}) nats/token; E sampled at temperature "
               f"{probe.config.temperature}, TRL's rollouts at {args.temperature}")
+    if args.governor is not None:
+        print_governor(trainer)
     print(f"{time.perf_counter() - start:.0f} s; tensorboard --logdir {args.out}")
     return rows
 

@@ -18,12 +18,14 @@ HEAVY = ("torch", "lightning", "pytorch_lightning", "transformers", "peft", "trl
 # the engine: what runs the probe's passes (each imports torch)
 ENGINE = ("probe", "scoring", "sampling", "forward_mode", "attribution", "attribution_report",
           "estimators", "update", "head", "observer", "records", "prompts", "distributed",
-          "lightning", "hf", "testing", "demos")
+          "lightning", "hf", "testing", "demos", "governor", "governor_lightning",
+          "governor_hf")
 # the sink layer, the declarations and the reader
 LIGHT = ("entropy_callback", "entropy_callback.sinks", "entropy_callback.jsonsink",
          "entropy_callback.tensorboard", "entropy_callback.tags", "entropy_callback.jsonlog",
          "entropy_callback.result", "entropy_callback.schema", "entropy_callback.runlog",
-         "entropy_callback.cli", "entropy_callback.attribution_view")
+         "entropy_callback.cli", "entropy_callback.attribution_view",
+         "entropy_callback.governor_log")
 
 
 def _python(*args: str) -> subprocess.CompletedProcess:

@@ -240,6 +240,7 @@ def score_responses(
     response_ids: torch.Tensor,
     lengths: torch.Tensor,
     temperature: float = 1.0,
+    entropy_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Teacher-forced log-probs and entropies of the sampled responses.
 
@@ -250,7 +251,8 @@ def score_responses(
 
     Returns:
         ``(token_logp, token_entropy, response_mask)``, each [N, T]: log pi(y_k | x, y_<k)
-        (with grad), the full next-token entropy H_k in nats (detached), and the float mask.
+        (with grad), the full next-token entropy H_k in nats (detached unless
+        ``entropy_grad``, for an entropy bonus), and the float mask.
         Both are zero outside the mask. float32, or float64 for a float64 model.
     """
     t = response_ids.shape[1]
@@ -269,7 +271,7 @@ def score_responses(
     logp = F.log_softmax(logits, dim=-1)
     maskf = response_mask.to(logp.dtype)
     token_logp = logp.gather(-1, response_ids[..., None]).squeeze(-1) * maskf
-    with torch.no_grad():
+    with torch.set_grad_enabled(entropy_grad):
         token_entropy = -(logp.exp() * logp).sum(-1) * maskf
     return token_logp, token_entropy, maskf
 
@@ -280,8 +282,11 @@ class GRPOModule(lightning.LightningModule):
     Each training step takes a batch of prompts, samples ``group_size`` responses per prompt
     from the current policy, and minimises
 
-        loss = -sum_i A_i * sum_k log pi(y_ik) / (N * max_new_tokens),
+        loss = -sum_i A_i * sum_k log pi(y_ik) / (N * max_new_tokens) - c * H_bar,
         A_i = r_i - mean(r over i's group),
+
+    where H_bar is the token-mean entropy of the step's responses and c = ``entropy_coef``
+    (an entropy bonus; 0 by default, and an attribute a controller may change between steps).
 
     with N = sequences in the step. Logs ``train/reward``, ``train/entropy`` (mean per-token
     entropy of the sampled responses, nats), ``train/response_length`` and ``train/full_reward``
@@ -307,6 +312,7 @@ class GRPOModule(lightning.LightningModule):
         reward_fn: ``reward_fn(prompt, response) -> float``; ``response`` ends with "<eos>"
             when it stopped at EOS.
         seed: seed of the prompt order in ``train_dataloader``.
+        entropy_coef: c, the entropy bonus's coefficient (0: none, the loss above without it).
         probe_prompts: held-out prompts for ``EntropyProbeCallback(every=20)``, which reads
             ``pl_module.probe_prompts`` when it is given no prompts; None = not set.
     """
@@ -327,6 +333,7 @@ class GRPOModule(lightning.LightningModule):
         temperature: float = 1.0,
         reward_fn: RewardFn = reward,
         seed: int = 0,
+        entropy_coef: float = 0.0,
         probe_prompts: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
@@ -347,6 +354,7 @@ class GRPOModule(lightning.LightningModule):
         self.temperature = temperature
         self.reward_fn = reward_fn
         self.seed = seed
+        self.entropy_coef = entropy_coef
         self.probe_prompts = probe_prompts
         self.save_hyperparameters(ignore=["model", "tokenizer", "prompts", "reward_fn",
                                           "probe_prompts"])
@@ -366,7 +374,8 @@ class GRPOModule(lightning.LightningModule):
     def training_step(self, batch: list[str], batch_idx: int) -> dict[str, torch.Tensor]:
         """One Dr-GRPO step on ``batch`` (a list of prompt strings).
 
-        Returns ``loss``, ``rewards`` [N], ``advantages`` [N] and ``rollouts``: ``prompt_ids``,
+        Returns ``loss``, ``rewards`` [N], ``advantages`` [N], ``entropy`` (the responses'
+        token-mean entropy, nats, detached) and ``rollouts``: ``prompt_ids``,
         ``prompt_mask`` [N, P], ``response_ids``, ``response_mask``, ``token_logp`` (detached)
         [N, T], ``lengths`` and ``advantages`` [N], ``prompts`` (N strings).
         """
@@ -401,13 +410,17 @@ class GRPOModule(lightning.LightningModule):
             response_ids,
             lengths,
             temperature=self.temperature,
+            entropy_grad=self.entropy_coef != 0,
         )
         seq_logp = token_logp.sum(-1)
         loss = -(advantages * seq_logp).sum() / (len(prompts) * self.max_new_tokens)
+        if self.entropy_coef != 0:
+            loss = loss - self.entropy_coef * token_entropy.sum() / mask.sum()
 
         log = partial(self.log, on_step=True, on_epoch=False, batch_size=len(batch))
         log("train/reward", rewards.mean(), prog_bar=True)
-        log("train/entropy", token_entropy.sum() / mask.sum(), prog_bar=True)
+        entropy = (token_entropy.sum() / mask.sum()).detach()
+        log("train/entropy", entropy, prog_bar=True)
         log("train/response_length", lengths.float().mean())
         log("train/full_reward", (rewards >= 1.0).float().mean())
         rollouts = {
@@ -420,7 +433,8 @@ class GRPOModule(lightning.LightningModule):
             "token_logp": token_logp.detach(),
             "prompts": prompts,
         }
-        return {"loss": loss, "rewards": rewards, "advantages": advantages, "rollouts": rollouts}
+        return {"loss": loss, "rewards": rewards, "advantages": advantages, "rollouts": rollouts,
+                "entropy": entropy}
 
     def per_token_loss(self, rollouts: dict) -> torch.Tensor:
         """The attribution protocol (docs/attribution.md): the per-token Dr-GRPO losses of a
