@@ -26,6 +26,11 @@ within one run count).
     python benchmarks/probe_cost.py --vocab 150000 --hidden 128 --layers 2 --max-new-tokens 32 \\
         --memory --baseline /work/wt/base
     python benchmarks/probe_cost.py --attribution   # the probe with attribution=True vs without
+    python benchmarks/probe_cost.py --derivative reverse --memory   # reverse vs forward pass
+
+``--derivative reverse`` measures the probe with ``derivative="reverse"`` and with
+``derivative="forward"``, round by round (time and, with ``--memory``, peak memory each against
+one training step); no floor, no baseline.
 
 ``--attribution`` hands the remaining options to ``attribution_cost.py`` (the demo's Dr-GRPO
 module and character vocabulary: its per-token loss protocol is what attribution needs).
@@ -88,7 +93,8 @@ def _build(args):
     randomize_lora_b(model, std=0.05, seed=1)
     prompts = [f"{a}+{b}=" for a in range(10) for b in range(10)]
     cfg = ProbeConfig(batch_size=args.batch_size, microbatch_size=args.microbatch_size,
-                      max_new_tokens=args.max_new_tokens, log_level="minimal")
+                      max_new_tokens=args.max_new_tokens, log_level="minimal",
+                      derivative=args.derivative)
     probe = EntropyProbe(model, tok, prompts, cfg)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     opt = torch.optim.AdamW(params.values(), lr=1e-3)
@@ -224,8 +230,9 @@ def worker(args) -> dict:
 
 
 # ---------------------------------------------------------------------- orchestrating
-def _run(args, mode: str, package: Path, floor: bool = False) -> dict:
-    cmd = [sys.executable, __file__, "--worker", mode, *args.passthrough]
+def _run(args, mode: str, package: Path, floor: bool = False, derivative: str = "forward") -> dict:
+    cmd = [sys.executable, __file__, "--worker", mode, *args.passthrough,
+           f"--derivative={derivative}"]
     if floor:
         cmd.append("--floor")
     env = dict(os.environ, PYTHONPATH=str(package), OMP_NUM_THREADS=str(args.threads))
@@ -260,6 +267,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--floor", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument("--derivative", choices=("forward", "reverse"), default="forward",
+                        help="reverse: compare the reverse derivative pass with the forward one")
     args = parser.parse_args(argv)
     if args.worker:
         args.mode = args.worker
@@ -268,6 +277,8 @@ def main(argv: list[str] | None = None) -> dict:
     args.passthrough = [f"--{k}={getattr(args, k.replace('-', '_'))}" for k in (
         "vocab", "hidden", "layers", "batch-size", "microbatch-size", "max-new-tokens",
         "repeats", "threads")]
+    if args.derivative == "reverse":
+        return _reverse_report(args)
     packages = {"this": ROOT, **({"baseline": args.baseline} if args.baseline else {})}
     report: dict = {"setup": {k: getattr(args, k) for k in (
         "vocab", "hidden", "layers", "batch_size", "microbatch_size", "max_new_tokens",
@@ -297,6 +308,37 @@ def main(argv: list[str] | None = None) -> dict:
                                         for k, v in mem.items()}
         report["probe_over_train_step"] = round(
             mem["probe_this"]["peak_increment_mib"] / mem["train_step"]["peak_increment_mib"], 3)
+    print(json.dumps(report, indent=2))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(report, fh, indent=2)
+    return report
+
+
+def _reverse_report(args) -> dict:
+    """The probe with the reverse derivative pass against the forward one (and a train step)."""
+    report: dict = {"setup": {k: getattr(args, k) for k in (
+        "vocab", "hidden", "layers", "batch_size", "microbatch_size", "max_new_tokens",
+        "repeats", "rounds", "threads")}}
+    kinds = ("forward", "reverse")
+    if not args.no_time:
+        runs: dict[str, list[dict]] = {k: [] for k in kinds}
+        for _ in range(args.rounds):
+            for kind in kinds:
+                runs[kind].append(_run(args, "time", ROOT, derivative=kind))
+        best = {k: {p: min(r[p] for r in rs) for p in rs[0]} for k, rs in runs.items()}
+        report["seconds"] = {k: {p: round(v, 3) for p, v in b.items()} for k, b in best.items()}
+        report["reverse_over_forward"] = {p: round(best["reverse"][p] / best["forward"][p], 3)
+                                          for p in ("probe", "derivative")}
+    if args.memory:
+        mem = {"train_step": _run(args, "memory_train", ROOT)}
+        for kind in kinds:
+            mem[f"probe_{kind}"] = _run(args, "memory_probe", ROOT, derivative=kind)
+        report["peak_increment_mib"] = {k: round(v["peak_increment_mib"], 1)
+                                        for k, v in mem.items()}
+        train = mem["train_step"]["peak_increment_mib"]
+        report["over_train_step"] = {k: round(mem[f"probe_{k}"]["peak_increment_mib"] / train, 3)
+                                     for k in kinds}
     print(json.dumps(report, indent=2))
     if args.json:
         with open(args.json, "w") as fh:

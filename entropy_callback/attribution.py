@@ -16,10 +16,11 @@ loss scale of gradient accumulation):
 
 g_E is the gradient of the surrogate L(theta) = (1/T_E) sum_ik [H_ik + l_ik stopgrad(R_ik)]
 (docs/estimators.md: D_u L is delta H_1), from one reverse-mode pass over E
-(``surrogate_gradient``); the D_u loss_it come from one forward-mode pass over the rollouts'
-per-token losses (``rollout_derivatives``). The split of the step itself comes from the engine's
-one Adam replay (``update.adam_replay(..., split=True)``). Nothing here writes to parameters,
-``.grad`` or the optimizer state.
+(``surrogate_gradient``: ``reverse.surrogate_backward`` with one objective); the D_u loss_it
+come from one forward-mode pass over the rollouts' per-token losses (``rollout_derivatives``).
+The split of the step itself comes from the engine's one Adam replay
+(``update.adam_replay(..., split=True)``). Nothing here writes to parameters, ``.grad`` or the
+optimizer state.
 
 The protocol a LightningModule follows to be attributed (the demo's ``GRPOModule`` does):
 
@@ -41,15 +42,10 @@ from dataclasses import dataclass
 import torch
 
 from .forward_mode import jvp
-from .scoring import (
-    Scorer,
-    _prefixed,
-    chunk_rows,
-    logp_and_entropy_rows,
-    no_flash_attention,
-)
+from .reverse import surrogate_backward
+from .scoring import Scorer, no_flash_attention
 from .update import AdamReplay
-from .variants import call_substituted, exact_variant_derivatives
+from .variants import call_substituted
 
 Rollouts = Mapping[str, object]
 PerTokenLoss = Callable[[Rollouts], torch.Tensor]
@@ -78,20 +74,13 @@ def surrogate_gradient(
     """
     leaves = {n: t.detach().clone().requires_grad_(True) for n, t in theta.items()}
     total = {n: torch.zeros_like(t, dtype=torch.float64) for n, t in leaves.items()}
+
+    def weights(ent: torch.Tensor, mask: torch.Tensor) -> list[tuple[float, torch.Tensor]]:
+        return [(1.0 / denominator, _remainders(ent, mask, H_hat, normalize) / denominator)]
+
     for mb in microbatches:
-        scorer._check_split(mb)
-        with torch.enable_grad(), exact_variant_derivatives(scorer.model):
-            if scorer._split is not None:
-                grads = _split_gradient(scorer, mb, leaves, H_hat, denominator, normalize)
-            else:  # a head the split cannot reproduce: the model's full forward
-                logp, ent = scorer._forward(mb, leaves)
-                mask = mb.response_mask.to(logp.device, torch.float64)
-                R = _remainders(ent.detach(), mask, H_hat, normalize)
-                objective = ((ent + logp * R) * mask).sum() / denominator
-                grads = torch.autograd.grad(objective, list(leaves.values()), allow_unused=True)
-        for (name, _), g in zip(leaves.items(), grads, strict=True):
-            if g is not None:
-                total[name] += g.to(torch.float64)
+        for name, g in surrogate_backward(scorer, mb, leaves, weights).grads[0].items():
+            total[name] += g
     return total
 
 
@@ -102,42 +91,6 @@ def _remainders(ent: torch.Tensor, mask: torch.Tensor, H_hat: float, normalize: 
     if normalize == "per_token":
         R = R - H_hat * (mask.flip(-1).cumsum(-1).flip(-1) - mask)
     return R
-
-
-def _split_gradient(scorer: Scorer, mb, leaves, H_hat, denominator, normalize) -> tuple:
-    """The surrogate's gradient with the LM head applied per chunk of positions (memory bounded
-    by the chunk, as in scoring): the head's backward per chunk gives d/d(hidden) (and the head's
-    own parameters' part), then one backward through the body."""
-    split, device = scorer._split, scorer.device
-    mask = mb.response_mask.to(device)
-    targets = mb.response_ids.to(device)[mask]
-    hidden, _ = scorer._hidden(mb, leaves)  # [N, d], with the body's graph
-    head_leaves = {k: v for k, v in leaves.items() if k in split.head_names}
-    fixed = {k: v.detach() for k, v in head_leaves.items()}
-    ent_rows = scorer._head_rows(hidden.detach(), None, targets, fixed, None)[1]
-    ent = torch.zeros(mask.shape, dtype=torch.float64, device=device)
-    ent[mask] = ent_rows
-    R_rows = _remainders(ent, mask.to(torch.float64), H_hat, normalize)[mask]
-    rows = chunk_rows(split.vocab, scorer.chunk_size, device)
-    d_hidden = torch.zeros_like(hidden)
-    d_head = {k: torch.zeros_like(v) for k, v in head_leaves.items()}
-    for start in range(0, hidden.shape[0], rows):
-        stop = start + rows
-        h = hidden[start:stop].detach().requires_grad_(True)
-        z = (call_substituted(split, _prefixed(head_leaves), args=(h,), kwargs={"part": "head"})
-             if head_leaves else split.logits(h))
-        logp, en = logp_and_entropy_rows(z, targets[start:stop], scorer.temperature)
-        objective = (en + logp * R_rows[start:stop]).sum() / denominator
-        grads = torch.autograd.grad(objective, [h, *head_leaves.values()], allow_unused=True)
-        d_hidden[start:stop] = grads[0]
-        for (name, _), g in zip(head_leaves.items(), grads[1:], strict=True):
-            if g is not None:
-                d_head[name] += g
-    body = (torch.autograd.grad(hidden, list(leaves.values()), grad_outputs=d_hidden,
-                                allow_unused=True)
-            if hidden.requires_grad else (None,) * len(leaves))  # LoRA on the head alone
-    return tuple(g if name not in d_head else (d_head[name] if g is None else g + d_head[name])
-                 for name, g in zip(leaves, body, strict=True))
 
 
 class _Bound(torch.nn.Module):

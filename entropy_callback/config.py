@@ -22,6 +22,7 @@ NORMALIZATIONS = ("per_token", "per_sequence")
 SEED_LIMIT = 2**32  # seed * 1_000_003 + step stays below 2**64 (torch's seed range) for any step
                     # below 1.8e19
 LOG_LEVELS = ("minimal", "standard", "detailed", "debug")
+DERIVATIVES = ("auto", "forward", "reverse")
 
 
 class ProbeConfigError(ValueError):
@@ -69,6 +70,11 @@ class ProbeConfig:
         attribution: split delta H_1 into momentum, weight decay and the step's update rollouts
             and tokens, with Cui et al.'s covariance proxy beside it (docs/attribution.md;
             needs Adam/AdamW and a LightningModule following the protocol there).
+        derivative: how delta H_1's derivatives are taken: "forward" (one forward-mode pass),
+            "reverse" (backward passes of the estimator's surrogate: needs no forward-mode rule,
+            so it runs through fused attention, Hub kernels and sharded parameters) or "auto"
+            (forward where every op has a forward-mode rule and the model is unsharded,
+            reverse otherwise; each record says which ran, ``derivative`` in core_results).
 
     Every field is checked at construction (a ProbeConfigError names the field and the fix).
     A ProbeConfig is frozen: derive a changed copy with ``dataclasses.replace(cfg, seed=1)``,
@@ -94,6 +100,7 @@ class ProbeConfig:
     log_tokens: bool | None = None
     log_raw_tensors: bool | None = None
     attribution: bool = False
+    derivative: str = "auto"
 
     def __post_init__(self) -> None:
         for name, check in _CHECKS.items():
@@ -438,4 +445,5 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "log_tokens": _optional_boolean,
     "log_raw_tensors": _optional_boolean,
     "attribution": boolean,
+    "derivative": _choice(DERIVATIVES),
 }

@@ -11,6 +11,28 @@ from __future__ import annotations
 
 import torch
 
+FSDP2_REFUSAL = (
+    "EntropyProbe cannot probe a model sharded with FSDP2 (fully_shard: its parameters are "
+    "DTensors) yet. FSDP all-gathers parameters inside every forward and backward, so every rank "
+    "must run the same passes in lockstep, while the probe samples and scores its own shard of E "
+    "(decode loops and microbatch counts differ between ranks), and it evaluates the model at "
+    "substituted parameters (theta, theta + m Delta theta), which FSDP's unsharding overrides "
+    "(docs/distributed.md). Probe a DDP or single-process run of the same model instead, or "
+    "remove the probe."
+)
+
+
+def refuse_sharded(params: dict[str, torch.Tensor]) -> None:
+    """ProbeConfigError when a probed parameter is a DTensor (FSDP2, tensor parallelism)."""
+    if not torch.distributed.is_available():  # a build without distributed has no DTensor
+        return
+    from torch.distributed.tensor import DTensor
+
+    from .config import ProbeConfigError
+
+    if any(isinstance(p, DTensor) for p in params.values()):
+        raise ProbeConfigError(FSDP2_REFUSAL)
+
 
 def shard(batch_size: int, world_size: int, rank: int) -> slice:
     """Rank ``rank``'s contiguous block of the global E rows (sizes differ by at most one)."""

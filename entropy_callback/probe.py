@@ -23,11 +23,19 @@ import torch
 from . import records
 from .attribution_report import attach, keep_inputs
 from .config import ProbeConfig, ProbeConfigError, check_optimizer, check_step
-from .distributed import any_rank_failed, gather_vectors, make_gather, shard, stack_vectors
+from .distributed import (
+    any_rank_failed,
+    gather_vectors,
+    make_gather,
+    refuse_sharded,
+    shard,
+    stack_vectors,
+)
 from .observer import EntropyProbeWarning, PhaseRunner, preserved_state
-from .progress import ProgressHook, log_phase, log_probe
+from .progress import ProgressHook, log_phase, log_probe, logger
 from .prompts import check_model, check_prompts, prompt_texts, prompt_token_ids, special_ids
 from .result import ProbeResult
+from .reverse import choose_derivative, reverse_pass
 from .sampling import EBatch, draw_randomness, sample_batch
 from .scoring import CHUNK_BYTES, Scorer, sequence_terms
 from .update import (
@@ -115,6 +123,7 @@ class EntropyProbe:
                 "model has no trainable parameters to probe: the probe measures the step of the "
                 "trainable (LoRA) parameters; add adapters (peft.get_peft_model) or unfreeze some."
             )
+        refuse_sharded(self.params)
         self.scorer = Scorer(model, config.temperature, config.chunk_size)
         self.rank, self.world_size = 0, 1
         self.gather: Gather = lambda x: x
@@ -122,6 +131,7 @@ class EntropyProbe:
         self._attributable: list[_Pending] = []  # finished probes awaiting attribute(), in order
         self._calls = 0
         self._warned: set[str] = set()
+        self._derivative_said: tuple[str, str] | None = None
         dtypes = {p.dtype for p in model.parameters()}
         if torch.bfloat16 in dtypes or torch.float16 in dtypes:
             self.warn_once(
@@ -161,6 +171,7 @@ class EntropyProbe:
                     self.warn_once("lrs", "probed parameters sit in param groups with different "
                                    "learning rates; bars_dot divides by the first group's lr.")
                 result.num_params = sum(p.numel() for p in self.params.values())
+                self._choose_derivative(result)
                 pending.theta = snapshot(self.params)
                 pending.optimizer_state = optimizer_state(optimizer, self.params)
                 if is_adam(optimizer):
@@ -201,7 +212,8 @@ class EntropyProbe:
                 with runner.phase("derivative"):
                     direction = pending.predicted if pending.predicted is not None else (
                         pending.observed)
-                    pending.terms = self._derivative_pass(pending, pending.theta, direction)
+                    pending.terms = self._derivative_pass(pending, pending.theta, direction,
+                                                          result.derivative, result.diagnostics)
             if go and not runner.failed:
                 with runner.phase("rescoring"):
                     upd = self._score_all(pending.batch, None)
@@ -377,21 +389,44 @@ class EntropyProbe:
             if phase:
                 self._report(phase, stop, batch.size)
 
-    def _derivative_pass(self, pending, theta, direction) -> dict[str, torch.Tensor]:
-        """One forward-mode pass along Delta theta at theta: l, H and their derivatives."""
+    def _choose_derivative(self, result: ProbeResult) -> None:
+        """The derivative this probe takes (``config.derivative``, "auto" resolved on the model
+        as it is now), into the record; said in a log line the first time and on a change."""
+        mode, why = choose_derivative(self.model, self.config.derivative)
+        result.derivative = mode
+        if (mode, why) != self._derivative_said:
+            self._derivative_said = (mode, why)
+            logger.info("entropy probe: derivative %s (%s)", mode, why)
+
+    def _derivative_pass(self, pending, theta, direction, derivative: str = "forward",
+                         diagnostics: dict | None = None) -> dict[str, torch.Tensor]:
+        """l, H and the per-sequence derivative terms along Delta theta at theta: one
+        forward-mode pass, or the reverse pass (``reverse.py``; its check lands in
+        ``diagnostics``)."""
         start = time.perf_counter()
-        tangents = {n: direction[n].to(theta[n].dtype) for n in theta}
-        parts = []
         keep_tokens = self.config.wants("token_data")
-        for mb in self._microbatches(pending.batch, "derivative"):
-            logp, ent, dlogp, dent = self.scorer.score_with_tangent(mb, theta, tangents)
-            mask = mb.response_mask.to(logp.device)
-            parts.append(sequence_terms(logp, ent, mask, dlogp, dent))
+        microbatches = self._microbatches(pending.batch, "derivative")
+        if derivative == "reverse":
+            passes = reverse_pass(self.scorer, self.params, microbatches, theta, direction,
+                                  self.config.normalize, {} if diagnostics is None else diagnostics)
+        else:
+            passes = self._forward(microbatches, theta, direction)
+        parts = []
+        for logp, ent, terms in passes:
+            parts.append(terms)
             if keep_tokens:
                 pending.tokens.append((logp.cpu(), ent.cpu()))
         log_phase(self._step, "derivative", pending.batch.size,
                   int(pending.batch.lengths.sum()), time.perf_counter() - start)
         return _cat(parts)
+
+    def _forward(self, microbatches, theta, direction):
+        """Per microbatch (l, H, terms) from one forward-mode pass along Delta theta."""
+        tangents = {n: direction[n].to(theta[n].dtype) for n in theta}
+        for mb in microbatches:
+            logp, ent, dlogp, dent = self.scorer.score_with_tangent(mb, theta, tangents)
+            mask = mb.response_mask.to(logp.device)
+            yield logp, ent, sequence_terms(logp, ent, mask, dlogp, dent)
 
     def _score_all(self, batch: EBatch, params) -> dict[str, torch.Tensor]:
         """l and H sums of every sequence at the live parameters (``params`` None) or at

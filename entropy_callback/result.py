@@ -194,6 +194,7 @@ class ProbeResult:
     update_cosine: float | None = None
     update_rel_error: float | None = None
     update_source: str | None = None
+    derivative: str | None = None  # "forward" | "reverse": how delta H_1 was differentiated
     update_norm: float | None = None
     num_params: int = 0
     diagnostics: dict[str, Any] = field(default_factory=dict)
@@ -263,6 +264,7 @@ class ProbeResult:
             normalize=self.normalize,
             reliable=self.reliable,
             update_source=self.update_source,
+            derivative=self.derivative,
         )
         if self.error is not None:
             out["error"] = self.error

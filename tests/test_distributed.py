@@ -35,7 +35,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _probe_once(world: int, rank: int, fail: str | None = None, step: int = 3):
+def _probe_once(world: int, rank: int, fail: str | None = None, step: int = 3,
+                derivative: str = "auto"):
     """One probed AdamW step on a float64 tiny model; identical inputs on every rank.
 
     ``fail`` names the phase made to raise on this rank (``inject``)."""
@@ -46,7 +47,7 @@ def _probe_once(world: int, rank: int, fail: str | None = None, step: int = 3):
     enc = tok(["3+4=7", "1+1=2", "9+9=8"], return_tensors="pt", padding=True)
     model(**enc, labels=enc["input_ids"]).loss.backward()
     cfg = ProbeConfig(batch_size=24, microbatch_size=5, max_new_tokens=5,
-                      eta_multipliers=(0.5, 1.0), log_level="detailed")
+                      eta_multipliers=(0.5, 1.0), log_level="detailed", derivative=derivative)
     probe = EntropyProbe(model, tok, PROMPTS, cfg)
     if world > 1:
         probe.set_distributed(rank, world)
@@ -98,7 +99,8 @@ def inject(probe: EntropyProbe, fail: str | None):
             setattr(owner, name, original)
 
 
-def _worker(rank: int, port: int, out: str, phases: list[str | None], fail_rank: int) -> None:
+def _worker(rank: int, port: int, out: str, phases: list[str | None], fail_rank: int,
+            derivative: str) -> None:
     """Probe once per entry of ``phases`` (None: no failure), one step each, saving each
     result as soon as it is there: a hang shows as the first phase without a file."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -107,7 +109,8 @@ def _worker(rank: int, port: int, out: str, phases: list[str | None], fail_rank:
         for i, phase in enumerate(phases):
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                result = _probe_once(WORLD, rank, phase if rank == fail_rank else None, step=i)
+                result = _probe_once(WORLD, rank, phase if rank == fail_rank else None, step=i,
+                                     derivative=derivative)
             torch.save({"core": result.core(), "error": result.error,
                         "sequences": result.sequences,
                         "warnings": [str(w.message) for w in caught]},
@@ -117,14 +120,15 @@ def _worker(rank: int, port: int, out: str, phases: list[str | None], fail_rank:
 
 
 def _spawn(tmp_path: Path, phases: list[str | None], fail_rank: int = 1,
-           deadline_s: float = 1200.0) -> list[list[dict] | None]:
+           deadline_s: float = 1200.0, derivative: str = "auto") -> list[list[dict] | None]:
     """Run ``_worker`` on 2 ranks; per phase, both ranks' saved results, or None for a phase
     that did not finish before the deadline (the ranks are then killed, not waited for).
 
     The deadline is a hang guard only, generous for a loaded machine (the phases take seconds
     each when idle): a rank left waiting on a collective the other never joins would otherwise
     sit in gloo's 30 min timeout. No test asserts how long a phase took."""
-    ctx = mp.start_processes(_worker, args=(_free_port(), str(tmp_path), phases, fail_rank),
+    ctx = mp.start_processes(_worker, args=(_free_port(), str(tmp_path), phases, fail_rank,
+                                            derivative),
                              nprocs=WORLD, join=False, start_method="spawn")
     start = time.monotonic()
     try:
@@ -142,12 +146,14 @@ def _spawn(tmp_path: Path, phases: list[str | None], fail_rank: int = 1,
     return out
 
 
-def test_ddp_shards_give_the_single_process_result(tmp_path, monkeypatch):
+@pytest.mark.parametrize("derivative", ["forward", "reverse"])
+def test_ddp_shards_give_the_single_process_result(tmp_path, monkeypatch, derivative):
     monkeypatch.delenv("MASTER_PORT", raising=False)
-    single = _probe_once(1, 0, step=0)
-    (ranks,) = _spawn(tmp_path, [None])
+    single = _probe_once(1, 0, step=0, derivative=derivative)
+    (ranks,) = _spawn(tmp_path, [None], derivative=derivative)
     for got in ranks:  # every rank computes the same totals from the gathered statistics
         assert got["error"] is None
+        assert got["core"]["derivative"] == derivative
         for key in ("deltaH1", "deltaH1_se", "deltaH_true", "deltaH_true_se", "H_orig", "H_upd",
                     "ESS", "bars_dot", "update_cosine"):
             # float64 throughout; shards change only the microbatch shapes, so the two agree
@@ -264,3 +270,41 @@ def test_observer_contract_holds_under_ddp(tmp_path, monkeypatch):
     assert moved, "training did not move the LoRA weights: the comparison would be vacuous"
     for name, value in without.items():
         assert torch.equal(value, with_[name]), name
+
+
+FSDP2_SCRIPT = """
+import os, sys, torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from entropy_callback import EntropyProbe
+from entropy_callback.config import ProbeConfigError
+from entropy_callback.demos import build_policy
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", WORLD_SIZE="1")
+dist.init_process_group("gloo")
+model, tok = build_policy(seed=0, hidden_size=16, num_layers=1, num_heads=2,
+                          intermediate_size=32, lora_r=4)
+for layer in model.get_base_model().model.layers:
+    fully_shard(layer)
+fully_shard(model)
+try:
+    EntropyProbe(model, tok, ["1+2="], batch_size=2)
+except ProbeConfigError as exc:
+    print("refused:", exc)
+dist.destroy_process_group()
+"""
+
+
+def test_fsdp2_model_is_refused_at_construction_with_the_reason():
+    """A model sharded with FSDP2 (fully_shard, DTensor parameters; one gloo rank in a
+    subprocess) is refused when the probe is built, naming FSDP2 and what it would need,
+    instead of failing in the derivative phase of every probe."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "MASTER_PORT"}
+    done = subprocess.run([sys.executable, "-c", FSDP2_SCRIPT, str(_free_port())],
+                          env={**env, "PYTHONPATH": str(root)}, capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "refused: EntropyProbe cannot probe a model sharded with FSDP2" in done.stdout
+    assert "lockstep" in done.stdout

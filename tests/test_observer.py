@@ -107,7 +107,8 @@ def test_lightning_probe_results_are_reproducible(lightning_runs):
 
 
 # ------------------------------------------------------------------ the engine, no framework
-def plain_loop(observer, heldout_prompts, *, probed: bool, steps: int = 9, every: int = 4):
+def plain_loop(observer, heldout_prompts, *, probed: bool, steps: int = 9, every: int = 4,
+               derivative: str = "auto"):
     """A hand-written REINFORCE loop: AdamW with weight decay, norm clipping, LoRA dropout.
 
     It draws from all three global RNGs (python: prompts; torch: sampling and dropout; numpy:
@@ -125,7 +126,7 @@ def plain_loop(observer, heldout_prompts, *, probed: bool, steps: int = 9, every
     probe = None
     if probed:
         config = ProbeConfig(batch_size=16, microbatch_size=8, max_new_tokens=4, seed=7,
-                             log_level="detailed")
+                             log_level="detailed", derivative=derivative)
         probe = EntropyProbe(model, tok, heldout_prompts, config)
     pool = make_prompts(64, seed=0)
     results = []
@@ -152,11 +153,16 @@ def plain_loop(observer, heldout_prompts, *, probed: bool, steps: int = 9, every
     return observer.capture(model, optimizer), results, model
 
 
-def test_plain_loop_with_the_engine_is_bitwise_the_loop_without(observer, heldout_prompts):
+@pytest.mark.parametrize("derivative", ["forward", "reverse"])
+def test_plain_loop_with_the_engine_is_bitwise_the_loop_without(observer, heldout_prompts,
+                                                                derivative):
+    """Either derivative pass (the reverse one runs backward passes: never into .grad)."""
     without, _, _ = plain_loop(observer, heldout_prompts, probed=False)
-    probed, results, model = plain_loop(observer, heldout_prompts, probed=True)
+    probed, results, model = plain_loop(observer, heldout_prompts, probed=True,
+                                        derivative=derivative)
     assert [r.step for r in results] == [0, 4, 8]
     for r in results:
+        assert r.derivative == derivative
         assert r.ok and math.isfinite(r.deltaH1) and math.isfinite(r.deltaH_true), r.error
         assert r.update_cosine >= 1 - 1e-6 and r.update_rel_error <= 1e-5
     assert _lora_dropout_active(model)

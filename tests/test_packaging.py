@@ -19,7 +19,7 @@ HEAVY = ("torch", "lightning", "pytorch_lightning", "transformers", "peft", "trl
 ENGINE = ("probe", "scoring", "sampling", "forward_mode", "attribution", "attribution_report",
           "estimators", "update", "head", "observer", "records", "prompts", "distributed",
           "lightning", "hf", "testing", "demos", "governor", "governor_lightning",
-          "governor_hf")
+          "governor_hf", "reverse", "injection", "variants")
 # the sink layer, the declarations and the reader
 LIGHT = ("entropy_callback", "entropy_callback.sinks", "entropy_callback.jsonsink",
          "entropy_callback.tensorboard", "entropy_callback.tags", "entropy_callback.jsonlog",
