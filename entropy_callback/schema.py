@@ -23,6 +23,8 @@ __all__ = ["render", "schema"]
 
 NUMBER = ["number", "null"]
 UPDATE_SOURCES = ["adam_reconstruction", "observed", "skipped", None]
+# core_results entries a record may lack (derivative: records written before it existed)
+OPTIONAL_CORE = ("derivative", "error", "null_reasons")
 PHASES = ("update, sampling, derivative, update_check, rescoring, sweep, estimators, "
           "distributed, tensorboard, logger, json")
 
@@ -88,6 +90,10 @@ def _core_properties() -> dict[str, Any]:
             "gradients it consumed; observed: θ' − θ after the step (not Adam); skipped: the "
             "optimizer did not take the step (every estimate null, the reason in null_reasons); "
             "null: the update phase failed")},
+        derivative={"enum": ["forward", "reverse", None], "description": (
+            "how delta H_1's derivatives were taken: forward (one forward-mode pass) or reverse "
+            "(backward passes of the estimator's surrogate); config derivative='auto' resolved "
+            "per probe; null if the update phase failed")},
         error=_ref("error"),
         null_reasons={"type": "object", "additionalProperties": {"type": "string"},
                       "description": "field name -> why it is null"},
@@ -97,7 +103,7 @@ def _core_properties() -> dict[str, Any]:
 
 def _core_results() -> dict[str, Any]:
     props = _core_properties()
-    return _object(props, [k for k in props if k not in ("error", "null_reasons")],
+    return _object(props, [k for k in props if k not in OPTIONAL_CORE],
                    description="the core numbers of one probe (one probes.jsonl line holds the "
                    "same)")
 
@@ -105,7 +111,7 @@ def _core_results() -> dict[str, Any]:
 def _probes_line() -> dict[str, Any]:
     props = {**_core_properties(),
              "timing_total": _num("total probe time in seconds (timing.total)")}
-    return _object(props, [k for k in props if k not in ("error", "null_reasons")],
+    return _object(props, [k for k in props if k not in OPTIONAL_CORE],
                    description="one line of probes.jsonl: core_results plus timing_total")
 
 
