@@ -295,6 +295,10 @@ def main(argv: list[str] | None = None) -> dict:
         report["seconds"] = {name: {k: round(v, 3) for k, v in b.items()
                                     if not k.startswith("floor.")} for name, b in best.items()}
         report["floor_seconds"] = {k: round(v, 3) for k, v in floor.items()}
+        phase_floor = {"sampling": floor["sampling"], "rescoring": floor["rescoring"],
+                       "derivative": floor["derivative"] + floor["derivative_head"]}
+        report["phase_over_floor"] = {name: {k: round(b[k] / v, 3) for k, v in phase_floor.items()}
+                                      for name, b in best.items()}
         report["probe_over_floor"] = round(this["probe"] / floor["total"], 3)
         report["probe_over_floor_without_head_matmuls"] = round(
             this["probe"] / (floor["total"] - floor["derivative_head"]), 3)

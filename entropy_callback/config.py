@@ -56,7 +56,8 @@ class ProbeConfig:
         ess_threshold: an estimate whose ESS / B_E falls below this is flagged unreliable.
         chunk_size: sequence positions per float64 log-softmax chunk, or None (the default) to
             size chunks by bytes: about 10 MB per chunk x vocab float64 buffer on a CPU (8 rows
-            at a 150k vocabulary), 256 MiB on an accelerator. Scoring memory is about
+            at a 150k vocabulary; 1 MiB for scoring's and the forward pass's head maths), 256 MiB
+            on an accelerator. Scoring memory is about
             chunk x vocab x 8 bytes x a few, whatever the microbatch, length or vocabulary.
         strict: re-raise failures inside the probe instead of turning them into warnings.
         log_dir: where the JSON records go (``<log_dir>/entropy_probe/``); None = the trainer

@@ -85,7 +85,7 @@ def test_byte_sized_chunks_inside_larger_head_blocks_score_the_same(monkeypatch)
     (budgets shrunk to this tiny vocabulary), equal to one fixed chunk size."""
     import entropy_callback.scoring as scoring
 
-    monkeypatch.setitem(scoring.CHUNK_BYTES, "cpu", 3 * 8 * VOCAB)
+    monkeypatch.setitem(scoring.MATHS_CHUNK_BYTES, "cpu", 3 * 8 * VOCAB)
     monkeypatch.setitem(scoring.HEAD_BLOCK_BYTES, "cpu", 7 * 4 * VOCAB)
     model = _policy("untied")
     with preserved_state(model):
