@@ -39,7 +39,8 @@ from .reverse import choose_derivative, reverse_pass
 from .sampling import EBatch, draw_randomness, sample_batch
 from .scoring import CHUNK_BYTES, Scorer, sequence_terms
 from .update import (
-    adam_step,
+    AdamReplay,
+    adam_replay,
     check_moves_are_probed,
     consumed_gradients,
     is_adam,
@@ -74,6 +75,7 @@ class _Pending:
     optimizer_state: dict[str, dict[str, object]] = field(default_factory=dict)
     grads: dict[str, torch.Tensor | None] = field(default_factory=dict)
     predicted: dict[str, torch.Tensor] | None = None
+    replay: AdamReplay | None = None  # the Adam replay (its affine split with attribution=True)
     observed: dict[str, torch.Tensor] | None = None
     batch: EBatch | None = None
     terms: dict[str, torch.Tensor] | None = None
@@ -280,8 +282,10 @@ class EntropyProbe:
                                  pending.observed)
         if skipped is None:
             if is_adam(optimizer):
-                pending.predicted = adam_step(optimizer, self.params, pending.theta,
-                                              pending.optimizer_state, pending.grads)
+                pending.replay = adam_replay(optimizer, self.params, pending.theta,
+                                             pending.optimizer_state, pending.grads,
+                                             split=pending.attribution is not None)
+                pending.predicted = pending.replay.delta
             records.update_check(pending.result, pending.predicted, pending.observed)
         return skipped
 
