@@ -1,5 +1,6 @@
 """What users see of an attribution: the parts record, Cui's covariance proxy, the top rollouts
-and tokens, and the TensorBoard scalars (docs/attribution.md).
+and tokens (docs/attribution.md). The parts are declared in ``result.QUANTITIES`` (section
+"attribution"); their tags are derived in :mod:`entropy_callback.tags`.
 
 Units: every part is in the units of delta H_1 (nats per token, or per response with
 ``normalize="per_sequence"``); the parts plus ``residual`` sum to delta H_1.
@@ -7,24 +8,23 @@ Units: every part is in the units of delta H_1 (nats per token, or per response 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 
 from .attribution import (
-    AdamParamState,
     PerTokenLoss,
     Rollouts,
     StepAttribution,
     attribute_step,
     check_rollouts,
     concat_rollouts,
-    snapshot_adam,
     surrogate_gradient,
 )
+from .result import ATTRIBUTION_PARTS
 from .scoring import Scorer
+from .update import AdamReplay
 
 TOP_K = 8
 
@@ -93,8 +93,7 @@ def parts(
         "cui_proxy": None if cov is None else -cov,
         "cui_proxy_lr": None if cov is None or learning_rate is None else -learning_rate * cov,
     }
-    return {k: (v if not isinstance(v, float) or math.isfinite(v) else None)
-            for k, v in out.items()}
+    return {q.name: out[q.name] for q in ATTRIBUTION_PARTS}  # declared order; cleaned in the result
 
 
 def _cat_tokens(tokens: list[torch.Tensor], width: int) -> torch.Tensor:
@@ -144,19 +143,6 @@ def top(
     return {"top_rollouts": [rollout(i) for i in by_rollout], "top_tokens": top_tokens}
 
 
-def scalars(section: dict[str, Any] | None, prefix: str = "entropy_probe") -> dict[str, float]:
-    """TensorBoard tags ``<prefix>/attribution/<part>`` of a record's attribution section
-    (missing values left out; ``prefix``: the probe's name)."""
-    if not section:
-        return {}
-    names = ("momentum", "weight_decay", "rollouts", "rollouts_pos_adv", "rollouts_neg_adv",
-             "tokens_pos_adv_high_p", "tokens_pos_adv_low_p", "tokens_neg_adv_high_p",
-             "tokens_neg_adv_low_p", "residual", "cui_proxy", "cui_proxy_lr")
-    values = section.get("parts", {})
-    return {f"{prefix}/attribution/{n}": float(values[n]) for n in names
-            if isinstance(values.get(n), (int, float)) and math.isfinite(values[n])}
-
-
 def build_section(
     *,
     model: torch.nn.Module,
@@ -166,7 +152,7 @@ def build_section(
     per_token_loss: PerTokenLoss,
     rollouts: list[Rollouts],
     theta: Mapping[str, torch.Tensor],
-    states: Mapping[str, AdamParamState],
+    replay: AdamReplay,
     raw_grads: Mapping[str, torch.Tensor],
     consumed_grads: Mapping[str, torch.Tensor],
     H_hat: float,
@@ -183,7 +169,7 @@ def build_section(
     ``top_tokens`` when ``detailed``)."""
     g_E = surrogate_gradient(scorer, microbatches, theta, H_hat, denominator, normalize)
     att = attribute_step(model=model, per_token_loss=per_token_loss, rollouts=rollouts,
-                         theta=theta, states=states, raw_grads=raw_grads,
+                         theta=theta, replay=replay, raw_grads=raw_grads,
                          consumed_grads=consumed_grads, g_E=g_E, loss_scale=loss_scale)
     out: dict[str, Any] = {"parts": parts(att, rollouts, deltaH1, learning_rate)}
     if detailed:
@@ -192,12 +178,10 @@ def build_section(
 
 
 def keep_inputs(optimizer: torch.optim.Optimizer, params: Mapping[str, torch.nn.Parameter]):
-    """Before the step (engine's before_step): the Adam state and the raw gradients (copies)."""
-    return {
-        "states": snapshot_adam(optimizer, params),
-        "raw": {n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
-                for n, p in params.items()},
-    }
+    """Before the step (engine's before_step): the raw gradients (copies, before any clipping).
+    The Adam state is the engine's one snapshot, the step's split its one replay."""
+    return {"raw": {n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
+                    for n, p in params.items()}}
 
 
 DDP_UNSUPPORTED = (

@@ -388,7 +388,20 @@ def _log_dir(name: str, value: Any) -> str | None:
             f"log_dir must be None (the trainer logger's directory) or a path (str or "
             f"os.PathLike), got {value!r} ({type(value).__name__})."
         )
-    return os.fspath(value)
+    path = os.fspath(value)
+    if "\0" in path:
+        raise ProbeConfigError(
+            f"log_dir contains a NUL byte ({path!r}): no file system accepts one; pass a "
+            "directory path without it."
+        )
+    try:
+        os.fsencode(path)
+    except UnicodeEncodeError as exc:
+        raise ProbeConfigError(
+            f"log_dir {path!r} cannot be encoded for the file system ({exc.reason}); pass a "
+            "path of valid characters."
+        ) from exc
+    return path
 
 
 def _chunk_size(name: str, value: Any) -> int | None:

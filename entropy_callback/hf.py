@@ -31,7 +31,7 @@ from .hf_support import (
 from .observer import contained
 from .prompts import check_model
 from .session import ProbeSession
-from .tensorboard import PREFIX
+from .tags import PREFIX
 
 __all__ = ["EntropyProbeTrainerCallback", "format_prompts"]
 

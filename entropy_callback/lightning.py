@@ -18,7 +18,7 @@ from .observer import EntropyProbeWarning, contained
 from .progress import lightning_postfix
 from .prompts import check_prompts
 from .session import ProbeSession
-from .tensorboard import PREFIX
+from .tags import PREFIX
 
 
 class EntropyProbeCallback(Callback):

@@ -13,13 +13,10 @@ from contextlib import ExitStack, contextmanager
 import numpy as np
 import torch
 
+from .errors import EntropyProbeWarning, ProbeFailure
 
-class EntropyProbeWarning(UserWarning):
-    """Something about the probe the user should know; training goes on."""
-
-
-class ProbeFailure(RuntimeError):
-    """Raised with ``strict=True`` when a phase of the probe fails."""
+__all__ = ["EntropyProbeWarning", "PhaseRunner", "ProbeFailure", "full_fp32_precision",
+           "preserved_state", "without_autocast", "without_training_hooks"]
 
 
 @contextmanager

@@ -36,7 +36,8 @@ from .reverse import choose_derivative, reverse_pass
 from .sampling import EBatch, draw_randomness, sample_batch
 from .scoring import CHUNK_BYTES, Scorer, sequence_terms
 from .update import (
-    adam_step,
+    AdamReplay,
+    adam_replay,
     check_moves_are_probed,
     consumed_gradients,
     is_adam,
@@ -76,6 +77,7 @@ class Measurement:
     optimizer_state: dict[str, dict[str, object]] = field(default_factory=dict)
     grads: dict[str, torch.Tensor | None] = field(default_factory=dict)
     predicted: dict[str, torch.Tensor] | None = None
+    replay: AdamReplay | None = None  # the Adam replay (its affine split with attribution=True)
     observed: dict[str, torch.Tensor] | None = None
     batch: EBatch | None = None
     terms: dict[str, torch.Tensor] | None = None
@@ -296,7 +298,8 @@ class EntropyProbe:
         """The record's attribution section of a finished probe (docs/attribution.md), or an
         ``{"error": ...}`` section saying why there is none; never fails the record."""
         result, cfg = pending.result, self.config
-        if pending.attribution is None or result.deltaH1 is None or result.error is not None:
+        if (pending.attribution is None or pending.replay is None or result.deltaH1 is None
+                or result.error is not None):
             return None
         if self.world_size > 1:  # a known limitation, said once at setup by the adapter
             return {"error": {"phase": "attribution", "type": "NotSupported",
@@ -315,7 +318,7 @@ class EntropyProbe:
                 model=self.model, scorer=self.scorer,
                 microbatches=self._microbatches(pending.batch), tokenizer=self.tokenizer,
                 per_token_loss=per_token_loss, rollouts=list(rollouts),
-                theta=pending.theta, states=pending.attribution["states"],
+                theta=pending.theta, replay=pending.replay,
                 raw_grads=pending.attribution["raw"], consumed_grads=consumed,
                 H_hat=result.H_orig, denominator=float(denominator), normalize=cfg.normalize,
                 deltaH1=result.deltaH1, learning_rate=result.learning_rate,
@@ -334,8 +337,10 @@ class EntropyProbe:
                                  pending.observed)
         if skipped is None:
             if is_adam(optimizer):
-                pending.predicted = adam_step(optimizer, self.params, pending.theta,
-                                              pending.optimizer_state, pending.grads)
+                pending.replay = adam_replay(optimizer, self.params, pending.theta,
+                                             pending.optimizer_state, pending.grads,
+                                             split=pending.attribution is not None)
+                pending.predicted = pending.replay.delta
             records.update_check(pending.result, pending.predicted, pending.observed)
         return skipped
 

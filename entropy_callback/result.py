@@ -1,11 +1,17 @@
 """The result of one probe and its JSON record (sections and names as in the seed formats).
 
 Every reported scalar is declared once, in ``QUANTITIES``: its name, where it lives in the record
-(a ``ProbeResult`` field, or an entry of ``ground_truth.diagnostics``),
-whether it is a ``probes.jsonl`` field and whether it is a TensorBoard scalar. ``core()``,
-``sanitize()`` and ``tensorboard.scalars`` derive from it. Adding a quantity is one line here
-plus the estimator that returns it under that name (``ProbeResult.set``); a "field" quantity
-also needs its typed attribute on ``ProbeResult``.
+(a ``ProbeResult`` field, an entry of ``ground_truth.diagnostics``, or a part of the
+``attribution`` section), whether it is a ``probes.jsonl`` field, whether it is a TensorBoard
+scalar, its unit and description. ``core()``, the clean-up at construction, the tags
+(``tags.scalars``), the attribution table of ``entropy-probe attribution`` and
+``docs/log-schema.json`` (``python -m entropy_callback.schema``) derive from it. Adding a quantity
+is one line here plus the estimator that returns it under that name (``ResultDraft.set``); a
+"field" quantity also needs its typed attribute on ``ProbeResult``, an "attribution" part its
+entry in ``attribution_report.parts``. This module imports no torch.
+
+The engine fills a mutable ``ResultDraft`` and hands out one ``ProbeResult``: frozen (its
+fields and every dict or list inside it refuse writes), non-finite numbers already cleaned.
 """
 
 from __future__ import annotations
@@ -19,10 +25,14 @@ from typing import Any
 class Quantity:
     """One reported scalar.
 
-    ``section``: "field" (a ``ProbeResult`` attribute) or "diagnostics" (an entry of
-    ``ProbeResult.diagnostics``, written under ``ground_truth.diagnostics``). ``core``: one of
-    the numbers of ``core_results`` and of a ``probes.jsonl`` line. ``scalar``: written to
-    TensorBoard as ``entropy_probe/<name>``. ``unit``: for the docs and the reader.
+    ``section``: "field" (a ``ProbeResult`` attribute), "diagnostics" (an entry of
+    ``ProbeResult.diagnostics``, written under ``ground_truth.diagnostics``) or "attribution"
+    (an entry of the record's ``attribution.parts``). ``core``: one of the numbers of
+    ``core_results`` and of a ``probes.jsonl`` line. ``scalar``: written to TensorBoard as
+    ``<probe name>/<name>`` (``<probe name>/attribution/<name>`` for an attribution part).
+    ``unit``: for the docs and the reader. ``doc``: its description in the log schema.
+    ``label``: its row in the attribution table (attribution parts; "" = not a row).
+    ``integer``: a count (never null) rather than a number that may be null.
     """
 
     name: str
@@ -30,30 +40,101 @@ class Quantity:
     core: bool
     scalar: bool
     unit: str
+    doc: str = ""
+    label: str = ""
+    integer: bool = False
 
 
+SECTIONS = ("field", "diagnostics", "attribution")
 _NATS = "nats per token (per_token) or per response (per_sequence)"
+_PART = "the units of δH₁"
 QUANTITIES: tuple[Quantity, ...] = (
-    Quantity("deltaH1", "field", True, True, _NATS),
-    Quantity("deltaH1_se", "field", True, True, _NATS),
-    Quantity("deltaH_true", "field", True, True, _NATS + "; bias-corrected (jackknife)"),
-    Quantity("deltaH_true_se", "field", True, True, _NATS),
-    Quantity("bars_dot", "field", True, True, "entropy units per unit learning rate"),
-    Quantity("learning_rate", "field", True, True, "the probed param group's lr"),
-    Quantity("H_orig", "field", True, True, _NATS),
-    Quantity("H_upd", "field", True, True, _NATS),
-    Quantity("ess_fraction", "field", True, True, "ESS / B_E, in [0, 1]"),
-    Quantity("update_cosine", "field", True, True, "cosine, predicted vs observed step"),
-    Quantity("update_rel_error", "field", True, True, "‖predicted − observed‖/‖observed‖"),
-    Quantity("ESS", "field", True, False, "effective sample size, sequences"),
-    Quantity("update_norm", "field", False, False, "‖observed step‖ over the probed parameters"),
-    Quantity("deltaH_true_raw", "diagnostics", False, False, _NATS + "; plain SNIS, O(1/B) bias"),
+    Quantity("deltaH1", "field", True, True, _NATS,
+             "predicted entropy change δH₁ = ĝ·Δθ of step t, entropy units; positive = entropy "
+             "rises"),
+    Quantity("deltaH1_se", "field", True, True, _NATS,
+             "standard error of deltaH1 (delta method), entropy units"),
+    Quantity("deltaH_true", "field", True, True, _NATS + "; bias-corrected (jackknife)",
+             "measured entropy change H(θ') − H(θ): the SNIS ratio H_upd − H_orig on the same E "
+             "tokens with its O(1/B) bias removed by the jackknife (ground_truth.diagnostics "
+             "holds the raw value and the bias), entropy units; positive = entropy rises"),
+    Quantity("deltaH_true_se", "field", True, True, _NATS,
+             "jackknife standard error of deltaH_true, entropy units"),
+    Quantity("bars_dot", "field", True, True, "entropy units per unit learning rate",
+             "deltaH1 / learning_rate: the predicted change per unit learning rate"),
+    Quantity("learning_rate", "field", True, True, "the probed param group's lr",
+             "η, the lr of the param group holding the probed parameters at step t"),
+    Quantity("H_orig", "field", True, True, _NATS,
+             "entropy of the policy before the step, on E, entropy units"),
+    Quantity("H_upd", "field", True, True, _NATS,
+             "entropy after the step (importance-weighted), entropy units"),
+    Quantity("ess_fraction", "field", True, True, "ESS / B_E, in [0, 1]",
+             "ESS / B_E of the importance weights, in (0, 1]"),
+    Quantity("update_cosine", "field", True, True, "cosine, predicted vs observed step",
+             "cosine between the reconstructed Adam step and the observed θ' − θ (≈ 1)"),
+    Quantity("update_rel_error", "field", True, True, "‖predicted − observed‖/‖observed‖",
+             "‖Δθ_pred − Δθ_obs‖ / ‖Δθ_obs‖"),
+    Quantity("ESS", "field", True, False, "effective sample size, sequences",
+             "effective sample size (Σw)² / Σw² of the importance weights"),
+    Quantity("update_norm", "field", False, False, "‖observed step‖ over the probed parameters",
+             "‖θ' − θ‖ over the probed parameters (update.norm)"),
+    Quantity("deltaH_true_raw", "diagnostics", False, False, _NATS + "; plain SNIS, O(1/B) bias",
+             "the plain SNIS ratio H_upd − H_orig (biased at O(1/B)), entropy units"),
     Quantity("deltaH_true_bias", "diagnostics", False, False,
-             _NATS + "; jackknife estimate of the raw value's bias (raw − corrected)"),
+             _NATS + "; jackknife estimate of the raw value's bias (raw − corrected)",
+             "jackknife estimate of the raw value's O(1/B) bias, (B − 1)(mean_i raw₋ᵢ − raw); "
+             "deltaH_true = deltaH_true_raw − deltaH_true_bias"),
+    # attribution=True (docs/attribution.md): the parts of δH₁, in the table's order
+    Quantity("momentum", "attribution", False, True, _PART,
+             "ĝ_E · momentum: the earlier steps' gradients", "momentum (earlier steps' gradients)"),
+    Quantity("weight_decay", "attribution", False, True, _PART, "ĝ_E · decay", "weight decay"),
+    Quantity("rollouts", "attribution", False, True, _PART,
+             "Σ_i δH_i over the step's update rollouts", "this step's rollouts"),
+    Quantity("rollouts_pos_adv", "attribution", False, True, _PART,
+             "Σ_i δH_i over the rollouts with advantage > 0", "  advantage > 0"),
+    Quantity("rollouts_neg_adv", "attribution", False, True, _PART,
+             "Σ_i δH_i over the rollouts with advantage < 0", "  advantage < 0"),
+    Quantity("rollouts_zero_adv", "attribution", False, False, _PART,
+             "Σ_i δH_i over the rollouts with advantage = 0", "  advantage = 0"),
+    Quantity("tokens_pos_adv_high_p", "attribution", False, True, _PART,
+             "Σ δH_it over tokens with A > 0 and log π above the step's mean",
+             "  tokens A>0, high p"),
+    Quantity("tokens_pos_adv_low_p", "attribution", False, True, _PART,
+             "Σ δH_it over tokens with A > 0 and log π below the step's mean",
+             "  tokens A>0, low p"),
+    Quantity("tokens_neg_adv_high_p", "attribution", False, True, _PART,
+             "Σ δH_it over tokens with A < 0 and log π above the step's mean",
+             "  tokens A<0, high p"),
+    Quantity("tokens_neg_adv_low_p", "attribution", False, True, _PART,
+             "Σ δH_it over tokens with A < 0 and log π below the step's mean",
+             "  tokens A<0, low p"),
+    Quantity("residual", "attribution", False, True, _PART,
+             "deltaH1 − (momentum + weight_decay + rollouts)", "residual (δH₁ − parts)"),
+    Quantity("cui_proxy", "attribution", False, True, "nats × advantage units",
+             "Cui et al.'s proxy −Cov_tokens(log π(y_t), A_t) over the update rollouts",
+             "Cui proxy −Cov(log π, A)"),
+    Quantity("cui_proxy_lr", "attribution", False, True, "nats × advantage units × lr",
+             "learning_rate × cui_proxy", "  × learning rate"),
+    Quantity("gradient_consumed", "attribution", False, False, _PART,
+             "ĝ_E · κ g / D with the gradient the optimizer consumed"),
+    Quantity("reverse_total", "attribution", False, False, _PART, "ĝ_E · Δθ (reverse mode)"),
+    Quantity("clip_coefficient", "attribution", False, False, "dimensionless",
+             "c: the clipping coefficient times the loss scale"),
+    Quantity("clip_offset", "attribution", False, False, "relative norm",
+             "‖consumed − c_clip raw‖ / ‖consumed‖ (0 for clipping by norm)"),
+    Quantity("protocol_error", "attribution", False, False, "relative",
+             "how far per_token_loss's gradient is from the one the step consumed"),
+    Quantity("num_rollouts", "attribution", False, False, "rollouts",
+             "update rollouts of the step", integer=True),
+    Quantity("num_tokens", "attribution", False, False, "tokens",
+             "response tokens of the update rollouts", integer=True),
 )
 QUANTITY = {q.name: q for q in QUANTITIES}
+RECORD_QUANTITIES = tuple(q for q in QUANTITIES if q.section != "attribution")
+ATTRIBUTION_PARTS = tuple(q for q in QUANTITIES if q.section == "attribution")
 CORE_FIELDS = tuple(q.name for q in QUANTITIES if q.core)
-SCALAR_FIELDS = tuple(q.name for q in QUANTITIES if q.scalar)
+SCALAR_FIELDS = tuple(q.name for q in RECORD_QUANTITIES if q.scalar)
+ATTRIBUTION_SCALARS = tuple(q.name for q in ATTRIBUTION_PARTS if q.scalar)
 NONFINITE_REASON = (
     "non-finite value (NaN/inf log-probs or entropies, or collapsed importance weights)"
 )
@@ -76,6 +157,18 @@ def finite_or_none(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+def finite_tree(value: Any) -> Any:
+    """``finite_or_none`` through dicts, lists and tuples (a new container; leaves as they are
+    otherwise): the one non-finite clean-up of a record's sections."""
+    if isinstance(value, dict):
+        return {k: finite_tree(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_tree(v) for v in value]
+    return finite_or_none(value)
+
+
 
 
 class FrozenDict(dict):
@@ -193,7 +286,7 @@ class ProbeResult:
         values["diagnostics"] = dict(values["diagnostics"])
         reasons = dict(values["null_reasons"])
         error = values["error"]
-        for q in QUANTITIES:
+        for q in RECORD_QUANTITIES:
             where = values if q.section == "field" else values["diagnostics"]
             value = where.get(q.name)
             if value is None:
@@ -207,12 +300,8 @@ class ProbeResult:
         if core_missing and values["reliable"] is not None:  # a null estimate is never reliable
             values["reliable"] = False
         values["null_reasons"] = reasons
-        values["diagnostics"] = {k: finite_or_none(v) for k, v in values["diagnostics"].items()}
-        values["eta_sweep"] = [{k: finite_or_none(v) for k, v in p.items()}
-                               for p in values["eta_sweep"]]
-        for name in ("sequences", "raw_tensors"):
-            values[name] = {k: [finite_or_none(x) for x in col]
-                            for k, col in values[name].items()}
+        for name in ("diagnostics", "eta_sweep", "sequences", "raw_tensors", "attribution"):
+            values[name] = finite_tree(values[name])
         for name, value in values.items():
             object.__setattr__(self, name, frozen(value))
 

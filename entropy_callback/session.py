@@ -43,7 +43,7 @@ from .observer import EntropyProbeWarning, contained
 from .probe import EntropyProbe, Measurement
 from .result import ProbeResult
 from .sinks import RunLogger
-from .tensorboard import PREFIX
+from .tags import PREFIX
 
 StepHook = Callable[["ProbeSession", int], Any]
 _OPEN: weakref.WeakSet[ProbeSession] = weakref.WeakSet()  # sessions of this process with a run
@@ -162,8 +162,7 @@ class ProbeSession:
             if resume is not None and resume.get("run_dir") is not None:
                 metadata["resumed_from_dir"] = str(resume["run_dir"])  # the earlier segment
             logger = RunLogger(self.config, log_dir, metadata=metadata, name=self.name,
-                               **logger_options)
-            logger.sinks.extend(self.sinks)
+                               sinks=self.sinks, **logger_options)
             self.run_logger = logger
             logger.open(resume_state=resume, start_step=int(start_step))
             self._writing = True

@@ -110,14 +110,12 @@ def _worker(rank: int, port: int, out: str, phases: list[str | None], fail_rank:
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         for i, phase in enumerate(phases):
-            start = time.monotonic()
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 result = _probe_once(WORLD, rank, phase if rank == fail_rank else None, step=i,
                                      derivative=derivative)
             torch.save({"core": result.core(), "error": thawed(result.error),
                         "sequences": thawed(result.sequences),  # plain lists for torch.load
-                        "seconds": time.monotonic() - start,
                         "warnings": [str(w.message) for w in caught]},
                        Path(out) / f"{i}_rank{rank}.pt")
     finally:
@@ -125,9 +123,13 @@ def _worker(rank: int, port: int, out: str, phases: list[str | None], fail_rank:
 
 
 def _spawn(tmp_path: Path, phases: list[str | None], fail_rank: int = 1,
-           deadline_s: float = 240.0, derivative: str = "auto") -> list[list[dict] | None]:
+           deadline_s: float = 1200.0, derivative: str = "auto") -> list[list[dict] | None]:
     """Run ``_worker`` on 2 ranks; per phase, both ranks' saved results, or None for a phase
-    that did not finish before the deadline (the ranks are then killed, not waited for)."""
+    that did not finish before the deadline (the ranks are then killed, not waited for).
+
+    The deadline is a hang guard only, generous for a loaded machine (the phases take seconds
+    each when idle): a rank left waiting on a collective the other never joins would otherwise
+    sit in gloo's 30 min timeout. No test asserts how long a phase took."""
     ctx = mp.start_processes(_worker, args=(_free_port(), str(tmp_path), phases, fail_rank,
                                             derivative),
                              nprocs=WORLD, join=False, start_method="spawn")
@@ -187,9 +189,6 @@ def test_failure_on_one_rank_in_any_phase_is_skipped_by_all_without_hanging(fail
     assert "injected failure" in ranks[1]["error"]["message"]
     assert ranks[0]["error"]["phase"] == "distributed"  # rank 0 learns it through the agreement
     for got in ranks:
-        # a probe of this tiny model takes ~0.1-1 s; a rank waiting on a collective that the
-        # other never joins would take gloo's 30 min timeout (here: the 240 s deadline)
-        assert got["seconds"] < 30, got["seconds"]
         assert any("entropy probe failed" in w for w in got["warnings"])
 
 
