@@ -44,6 +44,7 @@ __all__ = [
     "ProbeFailure",
     "GovernorPolicy",
     "ProbeResult",
+    "ProbeSession",
     "RunLogger",
     "Sink",
     "__version__",

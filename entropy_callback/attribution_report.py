@@ -22,7 +22,6 @@ from .attribution import (
     concat_rollouts,
     surrogate_gradient,
 )
-from .observer import PhaseRunner, preserved_state
 from .result import ATTRIBUTION_PARTS
 from .scoring import Scorer
 from .update import AdamReplay
@@ -94,7 +93,7 @@ def parts(
         "cui_proxy": None if cov is None else -cov,
         "cui_proxy_lr": None if cov is None or learning_rate is None else -learning_rate * cov,
     }
-    return {q.name: out[q.name] for q in ATTRIBUTION_PARTS}  # declared order; sanitize cleans
+    return {q.name: out[q.name] for q in ATTRIBUTION_PARTS}  # declared order; cleaned in the result
 
 
 def _cat_tokens(tokens: list[torch.Tensor], width: int) -> torch.Tensor:
@@ -191,38 +190,11 @@ DDP_UNSUPPORTED = (
 )
 
 
-def attach(probe, pending, rollouts: list[Rollouts], per_token_loss, loss_scale: float) -> None:
-    """Run the attribution of a finished probe and store it as ``result.attribution``.
-
-    A failure (or rollouts outside the protocol) becomes ``{"error": ...}`` in the section and a
-    warning; it never marks the rest of the record failed (unless ``strict``)."""
-    result, cfg = pending.result, probe.config
-    if probe.world_size > 1:  # a known limitation, said once at setup by the adapter
-        result.attribution = {"error": {"phase": "attribution", "type": "NotSupported",
-                                        "message": DDP_UNSUPPORTED}}
-        return
-    runner = PhaseRunner(result.step, cfg.strict, result.timing)
-    with preserved_state(probe.model), runner.phase("attribution"):
-        reasons = [r for r in map(check_rollouts, rollouts) if r] or (
-            [] if rollouts else ["training_step returned no 'rollouts' this step"])
-        if not callable(per_token_loss):
-            reasons.append("the LightningModule has no per_token_loss(rollouts) method")
-        if reasons:
-            raise ValueError("; ".join(reasons) + " (see docs/attribution.md)")
-        inputs = pending.attribution
-        # the engine's copies of p.grad as the optimizer read it (None: no gradient, no update)
-        consumed = {n: torch.zeros_like(pending.theta[n]) if g is None else g
-                    for n, g in pending.grads.items()}
-        denominator = result.T_E if cfg.normalize == "per_token" else result.B_E
-        result.attribution = build_section(
-            model=probe.model, scorer=probe.scorer,
-            microbatches=probe._microbatches(pending.batch), tokenizer=probe.tokenizer,
-            per_token_loss=per_token_loss, rollouts=rollouts, theta=pending.theta,
-            replay=pending.replay, raw_grads=inputs["raw"],
-            consumed_grads=consumed, H_hat=result.H_orig,
-            denominator=float(denominator), normalize=cfg.normalize, deltaH1=result.deltaH1,
-            learning_rate=result.learning_rate, loss_scale=loss_scale,
-            detailed=cfg.log_level in ("detailed", "debug"))
-    if runner.error is not None:
-        result.attribution = {"error": {k: v for k, v in runner.error.items()
-                                        if k != "traceback"}}
+def rollout_problems(rollouts: Sequence[Rollouts] | None, per_token_loss) -> str | None:
+    """Why the step's rollouts cannot be attributed (docs/attribution.md), or None."""
+    reasons = [r for r in map(check_rollouts, rollouts or []) if r] or (
+        [] if rollouts else ["no rollouts were given for this step (training_step returned "
+                             "no 'rollouts')"])
+    if not callable(per_token_loss):
+        reasons.append("no per_token_loss(rollouts) method was given")
+    return "; ".join(reasons) + " (see docs/attribution.md)" if reasons else None

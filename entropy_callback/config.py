@@ -22,6 +22,11 @@ NORMALIZATIONS = ("per_token", "per_sequence")
 SEED_LIMIT = 2**32  # seed * 1_000_003 + step stays below 2**64 (torch's seed range) for any step
                     # below 1.8e19
 LOG_LEVELS = ("minimal", "standard", "detailed", "debug")
+# What one probe measures; every other field is how it is computed in memory (microbatch_size,
+# chunk_size: the same numbers to rounding) or how it is logged and reported.
+MEASUREMENT_FIELDS = ("batch_size", "max_new_tokens", "temperature", "normalize",
+                      "eta_multipliers", "seed", "add_special_tokens", "ess_threshold",
+                      "attribution")
 DERIVATIVES = ("auto", "forward", "reverse")
 
 
@@ -130,7 +135,12 @@ class ProbeConfig:
         return out
 
     def config_hash(self) -> str:
-        blob = json.dumps(self.to_dict(), sort_keys=True, default=str).encode()
+        """The measurement's identity: a hash of the fields that decide what is measured
+        (``MEASUREMENT_FIELDS``), not of how it is computed in memory or logged. A resume whose
+        hash differs is a new run; changing ``log_level``, ``compress``, ``log_dir``,
+        ``max_files``, ``strict`` or the memory knobs continues the run."""
+        measured = {k: v for k, v in self.to_dict().items() if k in MEASUREMENT_FIELDS}
+        blob = json.dumps(measured, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     @classmethod

@@ -3,18 +3,21 @@
 Every reported scalar is declared once, in ``QUANTITIES``: its name, where it lives in the record
 (a ``ProbeResult`` field, an entry of ``ground_truth.diagnostics``, or a part of the
 ``attribution`` section), whether it is a ``probes.jsonl`` field, whether it is a TensorBoard
-scalar, its unit and description. ``core()``, ``sanitize()``, the tags (``tags.scalars``), the
-attribution table of ``entropy-probe attribution`` and ``docs/log-schema.json``
-(``python -m entropy_callback.schema``) derive from it. Adding a quantity is one line here plus
-the estimator that returns it under that name (``ProbeResult.set``); a "field" quantity also
-needs its typed attribute on ``ProbeResult``, an "attribution" part its entry in
-``attribution_report.parts``. This module imports no torch.
+scalar, its unit and description. ``core()``, the clean-up at construction, the tags
+(``tags.scalars``), the attribution table of ``entropy-probe attribution`` and
+``docs/log-schema.json`` (``python -m entropy_callback.schema``) derive from it. Adding a quantity
+is one line here plus the estimator that returns it under that name (``ResultDraft.set``); a
+"field" quantity also needs its typed attribute on ``ProbeResult``, an "attribution" part its
+entry in ``attribution_report.parts``. This module imports no torch.
+
+The engine fills a mutable ``ResultDraft`` and hands out one ``ProbeResult``: frozen (its
+fields and every dict or list inside it refuse writes), non-finite numbers already cleaned.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 
@@ -166,14 +169,71 @@ def finite_tree(value: Any) -> Any:
     return finite_or_none(value)
 
 
-@dataclass
+
+
+class FrozenDict(dict):
+    """A dict that refuses writes (a ``ProbeResult``'s sections); JSON sees a dict. For
+    ``torch.load(weights_only=True)`` save plain copies (``thawed``, ``result.to_dict()``)."""
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("a ProbeResult is read-only; build a changed copy with "
+                        "dataclasses.replace(result, ...)")
+
+    __setitem__ = __delitem__ = __ior__ = _refuse
+    clear = pop = popitem = setdefault = update = _refuse
+
+    def __reduce__(self):
+        return FrozenDict, (dict(self),)
+
+
+class FrozenList(list):
+    """A list that refuses writes (a ``ProbeResult``'s rows); JSON and pickle see a list."""
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("a ProbeResult is read-only; build a changed copy with "
+                        "dataclasses.replace(result, ...)")
+
+    __setitem__ = __delitem__ = __iadd__ = __imul__ = _refuse
+    append = clear = extend = insert = pop = remove = reverse = sort = _refuse
+
+    def __reduce__(self):
+        return FrozenList, (list(self),)
+
+
+def frozen(value: Any) -> Any:
+    """``value`` with every dict and list inside it read-only (other objects as they are)."""
+    if isinstance(value, dict):
+        return FrozenDict({k: frozen(v) for k, v in value.items()})
+    if isinstance(value, list):
+        return FrozenList(frozen(v) for v in value)
+    return value
+
+
+def thawed(value: Any) -> Any:
+    """A writable deep copy of ``value``'s dicts and lists (for a JSON record)."""
+    if isinstance(value, dict):
+        return {k: thawed(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [thawed(v) for v in value]
+    return value
+
+
+@dataclass(frozen=True)
 class ProbeResult:
-    """One probed optimizer step.
+    """One probed optimizer step, read-only.
 
     Units: entropies in nats per token (``normalize="per_token"``) or nats per response
     (``"per_sequence"``); ``bars_dot`` in those units per unit learning rate.
     Any field may be None when the probe could not compute it; ``null_reasons`` says why, and
-    ``error`` is set (phase, type, message) when a phase failed.
+    ``error`` is set (phase, type, message) when a phase failed. ``batch_statistics["U_batch"]``
+    holds the update batch's reward/advantage statistics when the adapter had them;
+    ``attribution`` the split of delta H_1 (docs/attribution.md) when asked for.
+
+    Built once (by the engine, or directly), cleaned once at construction: a declared quantity
+    that is non-finite becomes None with its ``null_reasons`` entry (``NONFINITE_REASON``), one
+    missing because a phase failed gets the failed phase as its reason. Nothing can write to it
+    afterwards (``dataclasses.FrozenInstanceError``, ``TypeError`` for its dicts and lists);
+    ``dataclasses.replace(result, ...)`` makes a changed, cleaned copy.
     """
 
     step: int
@@ -213,48 +273,40 @@ class ProbeResult:
     def ok(self) -> bool:
         return self.error is None
 
-    def set(self, **values: Any) -> None:
-        """Store declared quantities by name: a field, or an entry of ``diagnostics``."""
-        for name, value in values.items():
-            if QUANTITY[name].section == "field":
-                setattr(self, name, value)
-            else:
-                self.diagnostics[name] = value
-
     def get(self, name: str) -> Any:
         """A declared quantity's value (None when absent)."""
         if QUANTITY[name].section == "field":
             return getattr(self, name)
         return self.diagnostics.get(name)
 
-    def sanitize(self) -> None:
-        """The one place where non-finite numbers become None (JSON has no NaN/inf).
-
-        A declared quantity that is non-finite, or missing because a phase failed, gets a
-        ``null_reasons`` entry; diagnostics, η-sweep points, per-sequence columns and raw vectors
-        are cleaned too. Idempotent; ``to_dict`` calls it.
-        """
+    def __post_init__(self) -> None:
+        """The one place where non-finite numbers become None (JSON has no NaN/inf), then every
+        dict and list inside is made read-only."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values["diagnostics"] = dict(values["diagnostics"])
+        reasons = dict(values["null_reasons"])
+        error = values["error"]
         for q in RECORD_QUANTITIES:
-            value = self.get(q.name)
+            where = values if q.section == "field" else values["diagnostics"]
+            value = where.get(q.name)
             if value is None:
-                if self.error is not None and q.core:
-                    self.null_reasons.setdefault(
-                        q.name, f"phase '{self.error['phase']}' failed: {self.error['type']}"
-                    )
+                if error is not None and q.core:
+                    reasons.setdefault(q.name, f"phase '{error['phase']}' failed: "
+                                               f"{error['type']}")
             elif finite_or_none(value) is None:
-                self.set(**{q.name: None})
-                self.null_reasons.setdefault(q.name, NONFINITE_REASON)
-        core_missing = None in (self.deltaH1, self.deltaH_true, self.ess_fraction)
-        if core_missing and self.reliable is not None:  # a null estimate is never reliable
-            self.reliable = False
-        self.diagnostics = finite_tree(self.diagnostics)
-        self.eta_sweep = finite_tree(self.eta_sweep)
-        self.sequences = finite_tree(self.sequences)
-        self.raw_tensors = finite_tree(self.raw_tensors)
-        self.attribution = finite_tree(self.attribution)
+                where[q.name] = None
+                reasons.setdefault(q.name, NONFINITE_REASON)
+        core_missing = None in (values["deltaH1"], values["deltaH_true"], values["ess_fraction"])
+        if core_missing and values["reliable"] is not None:  # a null estimate is never reliable
+            values["reliable"] = False
+        values["null_reasons"] = reasons
+        for name in ("diagnostics", "eta_sweep", "sequences", "raw_tensors", "attribution"):
+            values[name] = finite_tree(values[name])
+        for name, value in values.items():
+            object.__setattr__(self, name, frozen(value))
 
     def core(self) -> dict[str, Any]:
-        """core_results: the numbers one line of probes.jsonl carries (call after sanitize)."""
+        """core_results: the numbers one line of probes.jsonl carries."""
         out: dict[str, Any] = {"step": self.step}
         for name in CORE_FIELDS:
             out[name] = self.get(name)
@@ -267,7 +319,7 @@ class ProbeResult:
             derivative=self.derivative,
         )
         if self.error is not None:
-            out["error"] = self.error
+            out["error"] = dict(self.error)
         if self.null_reasons:
             out["null_reasons"] = dict(self.null_reasons)
         return out
@@ -298,9 +350,8 @@ class ProbeResult:
 
         ``standard`` adds ground_truth and batch_statistics; ``sequences`` the per-sequence
         records; ``token_data`` the token-level data; ``raw_tensors`` the per-sequence raw
-        vectors (each only when the probe collected it).
+        vectors (each only when the probe collected it). A new, writable dict.
         """
-        self.sanitize()
         record: dict[str, Any] = {
             "core_results": self.core(),
             "timing": {k: float(v) for k, v in self.timing.items()},
@@ -325,7 +376,7 @@ class ProbeResult:
             record["raw_tensors"] = self.raw_tensors
         if self.attribution is not None:
             record["attribution"] = self.attribution
-        return record
+        return thawed(record)
 
 
 def _rows(columns: dict[str, list]) -> list[dict[str, Any]]:
@@ -333,3 +384,46 @@ def _rows(columns: dict[str, list]) -> list[dict[str, Any]]:
     names = list(columns)
     n = len(columns[names[0]]) if names else 0
     return [{k: columns[k][i] for k in names} for i in range(n)]
+
+
+_FIELDS = {f.name: f for f in fields(ProbeResult)}
+
+
+class ResultDraft:
+    """The engine's writable working copy of one probe's result, with ``ProbeResult``'s fields
+    (and no others); ``freeze()`` hands out the one ``ProbeResult``."""
+
+    def __init__(self, **values: Any) -> None:
+        for name, f in _FIELDS.items():
+            if name in values:
+                value = values.pop(name)
+            elif f.default_factory is not MISSING:
+                value = f.default_factory()
+            else:
+                value = f.default
+            object.__setattr__(self, name, value)
+        if values:
+            raise TypeError(f"ProbeResult has no field(s) {sorted(values)}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name not in _FIELDS:
+            raise AttributeError(f"ProbeResult has no field {name!r}")
+        object.__setattr__(self, name, value)
+
+    def set(self, **values: Any) -> None:
+        """Store declared quantities by name: a field, or an entry of ``diagnostics``."""
+        for name, value in values.items():
+            if QUANTITY[name].section == "field":
+                setattr(self, name, value)
+            else:
+                self.diagnostics[name] = value
+
+    def get(self, name: str) -> Any:
+        """A declared quantity's value (None when absent)."""
+        if QUANTITY[name].section == "field":
+            return getattr(self, name)
+        return self.diagnostics.get(name)
+
+    def freeze(self, **values: Any) -> ProbeResult:
+        """The ``ProbeResult`` of what the draft holds, with ``values`` on top (cleaned once)."""
+        return ProbeResult(**{**{name: getattr(self, name) for name in _FIELDS}, **values})

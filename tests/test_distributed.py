@@ -20,8 +20,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from entropy_callback import EntropyProbe, ProbeConfig, load_run, records
-from entropy_callback.demos import build_policy
+from entropy_callback import EntropyProbe, ProbeConfig, distributed, load_run, records
+from entropy_callback.demos import GRPOModule, build_policy
+from entropy_callback.result import thawed
 from entropy_callback.runlog import load_step
 from entropy_callback.testing import randomize_lora_b
 
@@ -66,6 +67,8 @@ FAILURES = {
     "rescoring": ("probe", "_score_all", "rescoring"),
     "sweep": ("probe", "_score_all", "sweep"),
     "collect": ("probe", "_local_vectors", "collect"),
+    # packing this rank's shard for the all_gather: every rank still enters the collective
+    "gather": ("distributed", "pad_shard", "gather"),
     "estimators": ("probe", "_estimate", "estimators"),
     "delta_h1": ("records", "delta_h1", "estimators"),
     "records": ("records", "fill", "records"),
@@ -79,7 +82,7 @@ def inject(probe: EntropyProbe, fail: str | None):
         yield
         return
     where, name, _ = FAILURES[fail]
-    owner = probe if where == "probe" else records
+    owner = {"probe": probe, "records": records, "distributed": distributed}[where]
     original = getattr(owner, name)
     calls = []
 
@@ -111,8 +114,8 @@ def _worker(rank: int, port: int, out: str, phases: list[str | None], fail_rank:
                 warnings.simplefilter("always")
                 result = _probe_once(WORLD, rank, phase if rank == fail_rank else None, step=i,
                                      derivative=derivative)
-            torch.save({"core": result.core(), "error": result.error,
-                        "sequences": result.sequences,
+            torch.save({"core": result.core(), "error": thawed(result.error),
+                        "sequences": thawed(result.sequences),  # plain lists for torch.load
                         "warnings": [str(w.message) for w in caught]},
                        Path(out) / f"{i}_rank{rank}.pt")
     finally:
@@ -270,6 +273,44 @@ def test_observer_contract_holds_under_ddp(tmp_path, monkeypatch):
     assert moved, "training did not move the LoRA weights: the comparison would be vacuous"
     for name, value in without.items():
         assert torch.equal(value, with_[name]), name
+
+
+class RankOneOddRewards(GRPOModule):
+    """The demo module; on rank 1 only, training_step's ``rewards`` live on the meta device,
+    so reading them for the U-batch statistics fails there (e619d40: rank 1 raised out of
+    on_train_batch_end and the run ended)."""
+
+    def training_step(self, batch, batch_idx):
+        out = super().training_step(batch, batch_idx)
+        if self.global_rank == 1:
+            out["rewards"] = torch.empty_like(out["rewards"], device="meta")
+        return out
+
+
+def test_a_fault_on_rank_one_outside_the_probe_phases_does_not_end_the_run(tmp_path,
+                                                                            monkeypatch):
+    import lightning as L
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from entropy_callback import EntropyProbeCallback
+    from entropy_callback.demos import make_prompts
+
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    L.seed_everything(0)
+    model, tok = build_policy(seed=0)
+    module = RankOneOddRewards(model, tok, make_prompts(64, seed=0), prompts_per_step=2,
+                               group_size=2, max_new_tokens=4, total_steps=4)
+    probe = EntropyProbeCallback(prompts=make_prompts(16, seed=1), every=1, batch_size=8,
+                                 max_new_tokens=4)
+    trainer = L.Trainer(accelerator="cpu", devices=WORLD, strategy="ddp_spawn", max_steps=3,
+                        logger=TensorBoardLogger(tmp_path, name="ddp"), callbacks=[probe],
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.fit(module)
+    records = load_run(tmp_path / "ddp" / "version_0")
+    assert [r["step"] for r in records] == [0, 1, 2]
+    for r in records:  # rank 0's records: its own U-batch statistics, the estimates complete
+        assert r.get("error") is None and r["deltaH1"] is not None
 
 
 FSDP2_SCRIPT = """

@@ -1,6 +1,6 @@
 """One declaration per reported quantity (``result.QUANTITIES``): a real probe's every declared
 scalar reaches the record sections and TensorBoard tags the declaration names, and NaN clean-up
-happens in one place (``ProbeResult.sanitize``)."""
+happens in one place (a ``ProbeResult``'s construction), after which it is read-only."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from entropy_callback.result import (
     RECORD_QUANTITIES,
     SECTIONS,
     ProbeResult,
+    ResultDraft,
 )
 from entropy_callback.tags import PREFIX, attribution_scalars, scalars
 from entropy_callback.testing import randomize_lora_b
@@ -79,17 +80,47 @@ def test_every_declared_quantity_reaches_the_sections_it_declares(result):
             point["deltaH_true_raw"] - point["deltaH_true_bias"], rel=1e-12, abs=1e-15)
 
 
-def test_set_refuses_an_undeclared_quantity(result):
+def test_set_refuses_an_undeclared_quantity():
     with pytest.raises(KeyError):
-        result.set(deltaH_2=0.1)
+        ResultDraft(step=0).set(deltaH_2=0.1)
+
+
+def test_a_result_refuses_every_write(result):
+    """Nothing changes a ProbeResult after the engine returned it: its fields, and every dict
+    and list inside it, refuse writes; a changed copy comes from dataclasses.replace."""
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        result.deltaH1 = 0.0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        result.error = {"phase": "x"}
+    writes = [lambda: result.null_reasons.update(deltaH1="x"),
+              lambda: result.timing.__setitem__("total", 0.0),
+              lambda: result.diagnostics.pop("deltaH_true_raw"),
+              lambda: result.eta_sweep[0].__setitem__("H_upd", 0.0),
+              lambda: result.eta_sweep.append({}),
+              lambda: result.sequences["rb_entropy"].__setitem__(0, 0.0),
+              lambda: result.batch_statistics["E_batch"].clear(),
+              lambda: result.warnings.append("x")]
+    for write in writes:
+        with pytest.raises(TypeError, match="read-only"):
+            write()
+    copy = dataclasses.replace(result, deltaH1=float("nan"))
+    assert copy.deltaH1 is None and copy.null_reasons["deltaH1"] == NONFINITE_REASON
+    assert result.deltaH1 is not None and "deltaH1" not in result.null_reasons
+    record = result.to_dict()  # a plain, writable copy
+    record["core_results"]["deltaH1"] = None
+    assert result.deltaH1 is not None
 
 
 def test_non_finite_values_are_cleaned_in_one_place(result):
-    result.set(deltaH1=float("nan"), deltaH_true_bias=float("inf"))
-    result.eta_sweep[0]["H_upd"] = float("-inf")
-    result.sequences["rb_entropy"][0] = float("nan")
-    result.attribution = {"parts": {"momentum": float("nan"), "residual": 0.5}}
-    record = result.to_dict()  # calls sanitize
+    sweep = [dict(p) for p in result.eta_sweep]
+    sweep[0]["H_upd"] = float("-inf")
+    sequences = {k: list(v) for k, v in result.sequences.items()}
+    sequences["rb_entropy"][0] = float("nan")
+    result = dataclasses.replace(  # cleaned at construction
+        result, deltaH1=float("nan"), eta_sweep=sweep, sequences=sequences,
+        diagnostics={**result.diagnostics, "deltaH_true_bias": float("inf")},
+        attribution={"parts": {"momentum": float("nan"), "residual": 0.5}})
+    record = result.to_dict()
     assert record["core_results"]["deltaH1"] is None
     assert record["core_results"]["null_reasons"]["deltaH1"] == NONFINITE_REASON
     assert record["ground_truth"]["diagnostics"]["deltaH_true_bias"] is None

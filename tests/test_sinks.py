@@ -7,6 +7,7 @@ token, steps of a few 1e-4 nats per token, learning rate 1e-5.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import gzip
 import io
 import json
@@ -357,10 +358,10 @@ def test_crash_before_rename_leaves_no_partial_or_temp_file(tmp_path, monkeypatc
 
 
 def test_error_and_odd_values_are_written_not_raised(tmp_path):
-    result = error_result(60)
-    result.timing["score_upd"] = float("inf")
-    result.batch_statistics = {"lengths": np.array([3, 5]), "mean": np.float32(4.0),
-                               "S": torch.tensor([-1.5, float("nan")])}  # fmt: skip
+    result = dataclasses.replace(
+        error_result(60), timing={**error_result(60).timing, "score_upd": float("inf")},
+        batch_statistics={"lengths": np.array([3, 5]), "mean": np.float32(4.0),
+                          "S": torch.tensor([-1.5, float("nan")])})  # fmt: skip
     path = JsonLogWriter(tmp_path, ProbeConfig(log_level="debug")).write(result)
     record = json.loads(path.read_text())  # strict JSON: no NaN / Infinity tokens
     assert record["core_results"]["error"]["phase"] == "after_step"
