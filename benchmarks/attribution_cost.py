@@ -1,8 +1,9 @@
 """The probe with attribution against without, side by side in one run (issue #13's cost).
 
 Alternate Dr-GRPO steps of the demo module go through a probe with ``attribution=True`` or one
-without; "with" counts before_step + after_step + attribute (the reverse pass over E and the
-forward-mode pass over the update rollouts). Reported: medians over ``--repeats`` and the ratio.
+without; "with" counts before_step + measure + finish with the rollouts (the reverse pass over
+E and the forward-mode pass over the update rollouts). Reported: medians over ``--repeats`` and
+the ratio.
 
     python benchmarks/attribution_cost.py
     python benchmarks/probe_cost.py --attribution      # the same, through probe_cost
@@ -25,8 +26,8 @@ from entropy_callback.testing import randomize_lora_b
 def attribution_cost(args) -> dict:
     """The probe with ``attribution=True`` against without, on the demo's Dr-GRPO steps (32
     rollouts of <= 6 tokens per step): alternate steps go through one probe or the other;
-    "with" counts before_step + after_step + attribute (the reverse pass over E and the
-    forward-mode pass over the rollouts)."""
+    "with" counts before_step + measure + finish with the rollouts (the reverse pass over E and
+    the forward-mode pass over the rollouts)."""
     import warnings
 
     from entropy_callback.demos.grpo import GRPOModule, make_prompts
@@ -55,10 +56,12 @@ def attribution_cost(args) -> dict:
         start = time.perf_counter()
         probes[flag].before_step(opt, step=rep)
         opt.step()
-        result = probes[flag].after_step()
+        measurement = probes[flag].measure()
         middle = time.perf_counter()
+        facts = dict(rollouts=[out["rollouts"]], per_token_loss=module.per_token_loss) if flag \
+            else {}
+        result = probes[flag].finish(measurement, **facts)
         if flag:
-            probes[flag].attribute(result, [out["rollouts"]], module.per_token_loss)
             assert "parts" in result.attribution, result.attribution
         end = time.perf_counter()
         if rep >= 2:  # the first pair warms up

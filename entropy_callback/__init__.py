@@ -3,9 +3,10 @@
 Predicted (first order, delta H_1 = g_hat . Delta theta from the live AdamW state) and true
 (Delta H_true by self-normalised importance sampling) entropy change of probed steps.
 
-``import entropy_callback`` loads the engine and the sinks only; the framework adapters are
-imported on first use (``from entropy_callback import EntropyProbeCallback`` imports Lightning
-then), so an engine or plain-loop user never imports Lightning or transformers' Trainer.
+``import entropy_callback`` loads the config, the result and the sink layer only (no torch): the
+engine and the framework adapters are imported on first use (``entropy_callback.EntropyProbe``
+imports torch then, ``EntropyProbeCallback`` Lightning, ``EntropyProbeTrainerCallback``
+transformers), so the ``entropy-probe`` reader and a log-only user never load them.
 """
 
 from __future__ import annotations
@@ -13,19 +14,22 @@ from __future__ import annotations
 from typing import Any
 
 from .config import ProbeConfig, ProbeConfigError
-from .governor import EntropyGovernor, GovernorPolicy
-from .observer import EntropyProbeWarning, ProbeFailure
-from .probe import EntropyProbe
+from .errors import EntropyProbeWarning, ProbeFailure
 from .result import ProbeResult
 from .runlog import load_run
-from .sinks import RunLogger
+from .sinks import RunLogger, Sink
 
 __version__ = "0.1.0"
 
-# name -> the adapter module that defines it, imported on first access
-_LAZY = {"EntropyProbeCallback": "lightning", "EntropyProbeTrainerCallback": "hf",
+# name -> the module that defines it (the engine, the governor, the adapters), imported on
+# first access
+_LAZY = {"EntropyProbe": "probe", "EntropyGovernor": "governor", "GovernorPolicy": "governor",
+         "EntropyProbeCallback": "lightning", "EntropyProbeTrainerCallback": "hf",
          "EntropyGovernorCallback": "governor_lightning",
          "EntropyGovernorTrainerCallback": "governor_hf"}
+# adapter module -> the extra that installs its framework
+_EXTRA = {"lightning": "lightning", "hf": "hf", "governor_lightning": "lightning",
+          "governor_hf": "hf"}
 
 __all__ = [
     "EntropyGovernor",
@@ -40,7 +44,9 @@ __all__ = [
     "ProbeFailure",
     "GovernorPolicy",
     "ProbeResult",
+    "ProbeSession",
     "RunLogger",
+    "Sink",
     "__version__",
     "load_run",
 ]
@@ -52,7 +58,14 @@ def __getattr__(name: str) -> Any:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     from importlib import import_module
 
-    value = getattr(import_module(f".{module}", __name__), name)
+    try:
+        value = getattr(import_module(f".{module}", __name__), name)
+    except ModuleNotFoundError as exc:
+        extra = _EXTRA.get(module)
+        if extra is None or exc.name is None or exc.name.startswith(__name__):
+            raise
+        raise ImportError(f"{name} needs {exc.name}, which is not installed: pip install "
+                          f"'entropy-callback[{extra}]'") from exc
     globals()[name] = value
     return value
 

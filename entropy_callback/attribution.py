@@ -18,7 +18,9 @@ g_E is the gradient of the surrogate L(theta) = (1/T_E) sum_ik [H_ik + l_ik stop
 (docs/estimators.md: D_u L is delta H_1), from one reverse-mode pass over E
 (``surrogate_gradient``: ``reverse.surrogate_backward`` with one objective); the D_u loss_it
 come from one forward-mode pass over the rollouts' per-token losses (``rollout_derivatives``).
-Nothing here writes to parameters, ``.grad`` or the optimizer state.
+The split of the step itself comes from the engine's one Adam replay
+(``update.adam_replay(..., split=True)``). Nothing here writes to parameters, ``.grad`` or the
+optimizer state.
 
 The protocol a LightningModule follows to be attributed (the demo's ``GRPOModule`` does):
 
@@ -42,119 +44,12 @@ import torch
 from .forward_mode import jvp
 from .reverse import surrogate_backward
 from .scoring import Scorer, no_flash_attention
+from .update import AdamReplay
 from .variants import call_substituted
 
 Rollouts = Mapping[str, object]
 PerTokenLoss = Callable[[Rollouts], torch.Tensor]
 ROLLOUT_KEYS = ("response_mask", "advantages", "token_logp")
-
-
-@dataclass
-class AdamParamState:
-    """One parameter's Adam state and group hyperparameters before the step (float64 copies)."""
-
-    exp_avg: torch.Tensor | None
-    exp_avg_sq: torch.Tensor | None
-    max_exp_avg_sq: torch.Tensor | None
-    step: float
-    lr: float
-    beta1: float
-    beta2: float
-    eps: float
-    weight_decay: float
-    amsgrad: bool
-    maximize: bool
-    decoupled: bool
-
-
-def _value(x) -> float:
-    return float(x.item()) if torch.is_tensor(x) else float(x)
-
-
-def _copy(x: torch.Tensor | None) -> torch.Tensor | None:
-    return None if x is None else x.detach().to(torch.float64, copy=True)
-
-
-def snapshot_adam(
-    optimizer: torch.optim.Optimizer, params: Mapping[str, torch.nn.Parameter]
-) -> dict[str, AdamParamState]:
-    """Copies of the Adam/AdamW state of ``params`` (a parameter outside the optimizer is left
-    out: it does not move)."""
-    groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
-    out = {}
-    for name, p in params.items():
-        group = groups.get(id(p))
-        if group is None:
-            continue
-        state = optimizer.state.get(p, {})
-        decoupled = group.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW))
-        out[name] = AdamParamState(
-            exp_avg=_copy(state.get("exp_avg")),
-            exp_avg_sq=_copy(state.get("exp_avg_sq")),
-            max_exp_avg_sq=_copy(state.get("max_exp_avg_sq")),
-            step=_value(state["step"]) if "step" in state else 0.0,
-            lr=_value(group["lr"]),
-            beta1=_value(group["betas"][0]),
-            beta2=_value(group["betas"][1]),
-            eps=float(group["eps"]),
-            weight_decay=float(group["weight_decay"]),
-            amsgrad=bool(group.get("amsgrad", False)),
-            maximize=bool(group.get("maximize", False)),
-            decoupled=bool(decoupled),
-        )
-    return out
-
-
-@dataclass
-class LinearStep:
-    """The step as an affine function of the gradient, per tensor, float64:
-    dtheta = momentum + decay + scale * g (scale = kappa / D, s' held fixed)."""
-
-    momentum: dict[str, torch.Tensor]
-    decay: dict[str, torch.Tensor]
-    scale: dict[str, torch.Tensor]
-
-    def step(self, grads: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """dtheta for the gradient ``grads`` (with this step's D)."""
-        return {
-            n: self.momentum[n] + self.decay[n] + self.scale[n] * grads[n].to(torch.float64)
-            for n in self.scale
-        }
-
-
-def linear_step(
-    theta: Mapping[str, torch.Tensor],
-    states: Mapping[str, AdamParamState],
-    grads: Mapping[str, torch.Tensor],
-) -> LinearStep:
-    """The Adam/AdamW step of ``grads`` (the gradients the optimizer consumed) from the state
-    before it, split as in the module docstring. Parameters without a state entry are left out."""
-    momentum, decay, scale = {}, {}, {}
-    for name, st in states.items():
-        th = theta[name].detach().to(torch.float64)
-        g = grads[name].detach().to(torch.float64)
-        sign = -1.0 if st.maximize else 1.0
-        g_eff = sign * g
-        coupled = st.weight_decay != 0 and not st.decoupled
-        if coupled:
-            g_eff = g_eff + st.weight_decay * th
-        t = st.step + 1.0
-        m = st.exp_avg if st.exp_avg is not None else torch.zeros_like(th)
-        s = st.exp_avg_sq if st.exp_avg_sq is not None else torch.zeros_like(th)
-        s_new = st.beta2 * s.to(th.device) + (1 - st.beta2) * g_eff * g_eff
-        if st.amsgrad:
-            s_max = st.max_exp_avg_sq if st.max_exp_avg_sq is not None else torch.zeros_like(th)
-            s_new = torch.maximum(s_max.to(th.device), s_new)
-        D = s_new.sqrt() / math.sqrt(1 - st.beta2**t) + st.eps
-        bias1 = 1 - st.beta1**t
-        kappa = -st.lr * (1 - st.beta1) / bias1
-        momentum[name] = -st.lr * st.beta1 * m.to(th.device) / (bias1 * D)
-        if coupled:
-            decay[name] = kappa * st.weight_decay * th / D
-        else:
-            decay[name] = -st.lr * st.weight_decay * th
-        scale[name] = sign * kappa / D
-    return LinearStep(momentum, decay, scale)
 
 
 def _dot(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
@@ -312,7 +207,7 @@ def attribute_step(
     per_token_loss: PerTokenLoss,
     rollouts: list[Rollouts],
     theta: Mapping[str, torch.Tensor],
-    states: Mapping[str, AdamParamState],
+    replay: AdamReplay,
     raw_grads: Mapping[str, torch.Tensor],
     consumed_grads: Mapping[str, torch.Tensor],
     g_E: Mapping[str, torch.Tensor],
@@ -322,14 +217,15 @@ def attribute_step(
 
     Args:
         rollouts: the step's micro-batches' ``rollouts`` (protocol in the module docstring).
-        theta, states: the probed parameters and their Adam state before the step.
+        theta: the probed parameters before the step.
+        replay: the step's ``update.adam_replay(..., split=True)`` (its affine split in g).
         raw_grads: the gradients before clipping (``p.grad`` at ``on_before_optimizer_step``).
         consumed_grads: the gradients the optimizer read (after clipping).
         g_E: ``surrogate_gradient`` at theta.
         loss_scale: what the trainer multiplied each micro-batch's loss by before backward
             (1 / ``accumulate_grad_batches`` in Lightning's automatic optimization).
     """
-    step = linear_step(theta, states, consumed_grads)
+    step = replay
     names = list(step.scale)
     # u only where g != 0: u . g is unchanged, and where torch's backward gave every token a zero
     # gradient (an embedding's padding row) forward mode would count a derivative g never had

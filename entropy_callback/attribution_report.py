@@ -1,5 +1,6 @@
 """What users see of an attribution: the parts record, Cui's covariance proxy, the top rollouts
-and tokens, and the TensorBoard scalars (docs/attribution.md).
+and tokens (docs/attribution.md). The parts are declared in ``result.QUANTITIES`` (section
+"attribution"); their tags are derived in :mod:`entropy_callback.tags`.
 
 Units: every part is in the units of delta H_1 (nats per token, or per response with
 ``normalize="per_sequence"``); the parts plus ``residual`` sum to delta H_1.
@@ -7,25 +8,23 @@ Units: every part is in the units of delta H_1 (nats per token, or per response 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 
 from .attribution import (
-    AdamParamState,
     PerTokenLoss,
     Rollouts,
     StepAttribution,
     attribute_step,
     check_rollouts,
     concat_rollouts,
-    snapshot_adam,
     surrogate_gradient,
 )
-from .observer import PhaseRunner, preserved_state
+from .result import ATTRIBUTION_PARTS
 from .scoring import Scorer
+from .update import AdamReplay
 
 TOP_K = 8
 
@@ -94,8 +93,7 @@ def parts(
         "cui_proxy": None if cov is None else -cov,
         "cui_proxy_lr": None if cov is None or learning_rate is None else -learning_rate * cov,
     }
-    return {k: (v if not isinstance(v, float) or math.isfinite(v) else None)
-            for k, v in out.items()}
+    return {q.name: out[q.name] for q in ATTRIBUTION_PARTS}  # declared order; cleaned in the result
 
 
 def _cat_tokens(tokens: list[torch.Tensor], width: int) -> torch.Tensor:
@@ -145,19 +143,6 @@ def top(
     return {"top_rollouts": [rollout(i) for i in by_rollout], "top_tokens": top_tokens}
 
 
-def scalars(section: dict[str, Any] | None, prefix: str = "entropy_probe") -> dict[str, float]:
-    """TensorBoard tags ``<prefix>/attribution/<part>`` of a record's attribution section
-    (missing values left out; ``prefix``: the probe's name)."""
-    if not section:
-        return {}
-    names = ("momentum", "weight_decay", "rollouts", "rollouts_pos_adv", "rollouts_neg_adv",
-             "tokens_pos_adv_high_p", "tokens_pos_adv_low_p", "tokens_neg_adv_high_p",
-             "tokens_neg_adv_low_p", "residual", "cui_proxy", "cui_proxy_lr")
-    values = section.get("parts", {})
-    return {f"{prefix}/attribution/{n}": float(values[n]) for n in names
-            if isinstance(values.get(n), (int, float)) and math.isfinite(values[n])}
-
-
 def build_section(
     *,
     model: torch.nn.Module,
@@ -167,7 +152,7 @@ def build_section(
     per_token_loss: PerTokenLoss,
     rollouts: list[Rollouts],
     theta: Mapping[str, torch.Tensor],
-    states: Mapping[str, AdamParamState],
+    replay: AdamReplay,
     raw_grads: Mapping[str, torch.Tensor],
     consumed_grads: Mapping[str, torch.Tensor],
     H_hat: float,
@@ -184,7 +169,7 @@ def build_section(
     ``top_tokens`` when ``detailed``)."""
     g_E = surrogate_gradient(scorer, microbatches, theta, H_hat, denominator, normalize)
     att = attribute_step(model=model, per_token_loss=per_token_loss, rollouts=rollouts,
-                         theta=theta, states=states, raw_grads=raw_grads,
+                         theta=theta, replay=replay, raw_grads=raw_grads,
                          consumed_grads=consumed_grads, g_E=g_E, loss_scale=loss_scale)
     out: dict[str, Any] = {"parts": parts(att, rollouts, deltaH1, learning_rate)}
     if detailed:
@@ -193,12 +178,10 @@ def build_section(
 
 
 def keep_inputs(optimizer: torch.optim.Optimizer, params: Mapping[str, torch.nn.Parameter]):
-    """Before the step (engine's before_step): the Adam state and the raw gradients (copies)."""
-    return {
-        "states": snapshot_adam(optimizer, params),
-        "raw": {n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
-                for n, p in params.items()},
-    }
+    """Before the step (engine's before_step): the raw gradients (copies, before any clipping).
+    The Adam state is the engine's one snapshot, the step's split its one replay."""
+    return {"raw": {n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
+                    for n, p in params.items()}}
 
 
 DDP_UNSUPPORTED = (
@@ -207,38 +190,11 @@ DDP_UNSUPPORTED = (
 )
 
 
-def attach(probe, pending, rollouts: list[Rollouts], per_token_loss, loss_scale: float) -> None:
-    """Run the attribution of a finished probe and store it as ``result.attribution``.
-
-    A failure (or rollouts outside the protocol) becomes ``{"error": ...}`` in the section and a
-    warning; it never marks the rest of the record failed (unless ``strict``)."""
-    result, cfg = pending.result, probe.config
-    if probe.world_size > 1:  # a known limitation, said once at setup by the adapter
-        result.attribution = {"error": {"phase": "attribution", "type": "NotSupported",
-                                        "message": DDP_UNSUPPORTED}}
-        return
-    runner = PhaseRunner(result.step, cfg.strict, result.timing)
-    with preserved_state(probe.model), runner.phase("attribution"):
-        reasons = [r for r in map(check_rollouts, rollouts) if r] or (
-            [] if rollouts else ["training_step returned no 'rollouts' this step"])
-        if not callable(per_token_loss):
-            reasons.append("the LightningModule has no per_token_loss(rollouts) method")
-        if reasons:
-            raise ValueError("; ".join(reasons) + " (see docs/attribution.md)")
-        inputs = pending.attribution
-        # the engine's copies of p.grad as the optimizer read it (None: no gradient, no update)
-        consumed = {n: torch.zeros_like(pending.theta[n]) if g is None else g
-                    for n, g in pending.grads.items()}
-        denominator = result.T_E if cfg.normalize == "per_token" else result.B_E
-        result.attribution = build_section(
-            model=probe.model, scorer=probe.scorer,
-            microbatches=probe._microbatches(pending.batch), tokenizer=probe.tokenizer,
-            per_token_loss=per_token_loss, rollouts=rollouts, theta=pending.theta,
-            states=inputs["states"], raw_grads=inputs["raw"],
-            consumed_grads=consumed, H_hat=result.H_orig,
-            denominator=float(denominator), normalize=cfg.normalize, deltaH1=result.deltaH1,
-            learning_rate=result.learning_rate, loss_scale=loss_scale,
-            detailed=cfg.log_level in ("detailed", "debug"))
-    if runner.error is not None:
-        result.attribution = {"error": {k: v for k, v in runner.error.items()
-                                        if k != "traceback"}}
+def rollout_problems(rollouts: Sequence[Rollouts] | None, per_token_loss) -> str | None:
+    """Why the step's rollouts cannot be attributed (docs/attribution.md), or None."""
+    reasons = [r for r in map(check_rollouts, rollouts or []) if r] or (
+        [] if rollouts else ["no rollouts were given for this step (training_step returned "
+                             "no 'rollouts')"])
+    if not callable(per_token_loss):
+        reasons.append("no per_token_loss(rollouts) method was given")
+    return "; ".join(reasons) + " (see docs/attribution.md)" if reasons else None

@@ -12,21 +12,10 @@ from __future__ import annotations
 import html
 from typing import Any, TextIO
 
-from .result import finite_float
+from .result import ATTRIBUTION_PARTS, finite_float
 
-PART_ROWS = (
-    ("momentum", "momentum (earlier steps' gradients)"),
-    ("weight_decay", "weight decay"),
-    ("rollouts", "this step's rollouts"),
-    ("rollouts_pos_adv", "  advantage > 0"),
-    ("rollouts_neg_adv", "  advantage < 0"),
-    ("rollouts_zero_adv", "  advantage = 0"),
-    ("tokens_pos_adv_high_p", "  tokens A>0, high p"),
-    ("tokens_pos_adv_low_p", "  tokens A>0, low p"),
-    ("tokens_neg_adv_high_p", "  tokens A<0, high p"),
-    ("tokens_neg_adv_low_p", "  tokens A<0, low p"),
-    ("residual", "residual (δH₁ − parts)"),
-)
+# the table's rows: every attribution part declared with a label (result.QUANTITIES)
+PART_ROWS = tuple((q.name, q.label) for q in ATTRIBUTION_PARTS if q.label)
 
 
 def section(record: dict[str, Any], step: int) -> dict[str, Any]:
@@ -107,8 +96,6 @@ def parts_lines(att: dict[str, Any], deltaH1: Any) -> list[str]:
     parts = att["parts"]
     rows = [("δH₁ (predicted)", _num(deltaH1))]
     rows += [(label, _num(parts.get(key))) for key, label in PART_ROWS]
-    rows.append(("Cui proxy −Cov(log π, A)", _num(parts.get("cui_proxy"))))
-    rows.append(("  × learning rate", _num(parts.get("cui_proxy_lr"))))
     width = max(len(label) for label, _ in rows)
     return [f"{label.ljust(width)}  {value}" for label, value in rows]
 

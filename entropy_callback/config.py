@@ -22,6 +22,11 @@ NORMALIZATIONS = ("per_token", "per_sequence")
 SEED_LIMIT = 2**32  # seed * 1_000_003 + step stays below 2**64 (torch's seed range) for any step
                     # below 1.8e19
 LOG_LEVELS = ("minimal", "standard", "detailed", "debug")
+# What one probe measures; every other field is how it is computed in memory (microbatch_size,
+# chunk_size: the same numbers to rounding) or how it is logged and reported.
+MEASUREMENT_FIELDS = ("batch_size", "max_new_tokens", "temperature", "normalize",
+                      "eta_multipliers", "seed", "add_special_tokens", "ess_threshold",
+                      "attribution")
 DERIVATIVES = ("auto", "forward", "reverse")
 
 
@@ -130,7 +135,12 @@ class ProbeConfig:
         return out
 
     def config_hash(self) -> str:
-        blob = json.dumps(self.to_dict(), sort_keys=True, default=str).encode()
+        """The measurement's identity: a hash of the fields that decide what is measured
+        (``MEASUREMENT_FIELDS``), not of how it is computed in memory or logged. A resume whose
+        hash differs is a new run; changing ``log_level``, ``compress``, ``log_dir``,
+        ``max_files``, ``strict`` or the memory knobs continues the run."""
+        measured = {k: v for k, v in self.to_dict().items() if k in MEASUREMENT_FIELDS}
+        blob = json.dumps(measured, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     @classmethod
@@ -378,7 +388,20 @@ def _log_dir(name: str, value: Any) -> str | None:
             f"log_dir must be None (the trainer logger's directory) or a path (str or "
             f"os.PathLike), got {value!r} ({type(value).__name__})."
         )
-    return os.fspath(value)
+    path = os.fspath(value)
+    if "\0" in path:
+        raise ProbeConfigError(
+            f"log_dir contains a NUL byte ({path!r}): no file system accepts one; pass a "
+            "directory path without it."
+        )
+    try:
+        os.fsencode(path)
+    except UnicodeEncodeError as exc:
+        raise ProbeConfigError(
+            f"log_dir {path!r} cannot be encoded for the file system ({exc.reason}); pass a "
+            "path of valid characters."
+        ) from exc
+    return path
 
 
 def _chunk_size(name: str, value: Any) -> int | None:

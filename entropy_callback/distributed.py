@@ -1,10 +1,11 @@
 """Multi-process probes: each rank samples and scores its shard of E; the per-sequence vectors
 are all-gathered so that every rank computes the single-process result on the union.
 
-Two collectives per probe, both reached by every rank whatever failed: ``any_rank_failed`` (the
-agreement), then, only when no rank failed, one ``all_gather`` of every per-sequence vector at
-once (``gather_vectors``). Everything after it (estimators, records) is a pure function of the
-gathered vectors, so a failure there cannot leave another rank waiting. A model sharded with
+Two collectives per probe, both reached by every rank whatever failed: one ``all_gather`` of
+every per-sequence vector at once, which carries each rank's failure flag too (so it is the
+first agreement: a rank that failed, or has nothing to send, still enters it), then
+``any_rank_failed`` after the pure estimators and records. Nothing that can fail on one rank
+runs between a rank's arrival at a collective and the collective itself. A model sharded with
 FSDP2 adds its lockstep checks before every forward (``sharded.py``).
 """
 
@@ -26,13 +27,22 @@ def _backend_device(model_device: torch.device) -> torch.device:
     return model_device if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
-def make_gather(batch_size: int, world_size: int, model_device: torch.device):
-    """A function [..., n_rank] -> [..., batch_size]: every rank's shard along the last dim,
-    concatenated in rank order.
+def pad_shard(x: torch.Tensor, rows: int, width: int, device: torch.device) -> torch.Tensor:
+    """[rows + 1, width] float64 on ``device``: ``x`` ([rows, n_rank]) padded to the widest
+    shard, and a last row of zeros (the failure flag: this rank did not fail)."""
+    buf = torch.zeros(rows + 1, width, dtype=torch.float64, device=device)
+    buf[:rows, : x.shape[-1]] = x.to(device=device, dtype=torch.float64)
+    return buf
 
-    Shards may differ in size by one row; they are padded to the largest for ``all_gather``.
-    Every rank must call it the same number of times in the same order (the engine calls it
-    once per probe, after the agreement, on every rank).
+
+def make_gather(batch_size: int, world_size: int, model_device: torch.device):
+    """``gather(x, rows)``: x [rows, n_rank] (or None: this rank failed) -> [rows, batch_size],
+    every rank's shard concatenated in rank order, or None when any rank sent None.
+
+    Every rank enters the one ``all_gather`` whatever happened before: a rank whose own
+    packing fails sends the failure flag instead, and raises its error after the collective.
+    Shards may differ in size by one row; they are padded to the largest. Every rank must call
+    it the same number of times in the same order (the engine: once per probe).
     """
     import torch.distributed as dist
 
@@ -41,12 +51,23 @@ def make_gather(batch_size: int, world_size: int, model_device: torch.device):
     width = max(sizes)
     device = _backend_device(model_device)
 
-    def gather(x: torch.Tensor) -> torch.Tensor:
-        buf = torch.zeros(*x.shape[:-1], width, dtype=x.dtype, device=device)
-        buf[..., : x.shape[-1]] = x.to(device)
+    def gather(x: torch.Tensor | None, rows: int) -> torch.Tensor | None:
+        error, buf = None, None
+        if x is not None:
+            try:
+                buf = pad_shard(x, rows, width, device)
+            except Exception as exc:  # raised after the collective, which every rank enters
+                error = exc
+        if buf is None:  # nothing to send: the failure flag alone
+            buf = torch.zeros(rows + 1, width, dtype=torch.float64, device=device)
+            buf[rows] = 1.0
         out = [torch.empty_like(buf) for _ in range(world_size)]
         dist.all_gather(out, buf)
-        return torch.cat([o[..., :n] for o, n in zip(out, sizes, strict=True)], dim=-1).cpu()
+        if error is not None:
+            raise error
+        if any(float(o[rows, 0]) != 0.0 for o in out):
+            return None
+        return torch.cat([o[:rows, :n] for o, n in zip(out, sizes, strict=True)], dim=-1).cpu()
 
     return gather
 
@@ -66,8 +87,3 @@ def stack_vectors(vectors: dict[str, torch.Tensor]) -> torch.Tensor:
 
     Float64 holds every integer vector (lengths, indices, flags) exactly."""
     return torch.stack([x.reshape(-1).to(torch.float64).cpu() for x in vectors.values()])
-
-
-def gather_vectors(names: list[str], local: torch.Tensor, gather) -> dict[str, torch.Tensor]:
-    """One collective for every per-sequence vector: [k, n_rank] -> {name: [B_E]}."""
-    return dict(zip(names, gather(local).unbind(0), strict=True))

@@ -6,7 +6,7 @@ touches (RNG streams, modes, gradients, optimizer state, the lr after the step) 
 
 At the optimizer's step pre-hook (inside the closure when there is one, so the gradients are
 final: after clipping, GradScaler's unscale, any repair) it rebuilds the step Adam/AdamW is about
-to take from the live state and the current ``p.grad`` (``update.adam_step``), samples E at theta
+to take from the live state and the current ``p.grad`` (``update.adam_replay``), samples E at theta
 (the engine's own RNG), predicts delta H_1 along that step (one forward-mode pass) and chooses
 
     alpha = clip(min(D / -delta H_1, ceiling), alpha_min, 1)  when delta H_1 < -D, else ceiling
@@ -50,7 +50,7 @@ from .config import ProbeConfig, ProbeConfigError
 from .estimators import delta_h1, snis
 from .observer import PhaseRunner, preserved_state
 from .probe import EntropyProbe
-from .update import adam_step, is_adam
+from .update import adam_replay, is_adam
 
 POLICY_DEFAULTS = dict(fraction=0.5, alpha_min=0.001, every=1, margin_se=2.0, trust_se=2.0,
                        trust_rel=0.5, shrink=0.5, grow=2.0)
@@ -321,7 +321,7 @@ class EntropyGovernor:
         theta = {n: p.detach() for n, p in params.items()}
         state = {n: dict(optimizer.state.get(p, {})) for n, p in params.items()}
         grads = {n: None if p.grad is None else p.grad.detach() for n, p in params.items()}
-        direction = adam_step(optimizer, params, theta, state, grads)
+        direction = adam_replay(optimizer, params, theta, state, grads).delta
         batch = probe.sample_e(record.step)
         terms = probe.e_terms(batch, direction)
         cfg = probe.config

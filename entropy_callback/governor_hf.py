@@ -27,7 +27,8 @@ from .config import ProbeConfig, ProbeConfigError
 from .fileio import atomic_write
 from .governor import EntropyGovernor, GovernorPolicy, GovernorRecord, resolve_options
 from .governor_log import PREFIX, GovernorLog
-from .hf import format_prompts, logging_dir, unwrap_optimizer
+from .hf_support import format_prompts, logging_dir
+from .session import unwrap_optimizer
 
 STATE_FILE = "entropy_governor.state.json"
 

@@ -20,11 +20,13 @@ import math
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .governor import GovernorRecord
-from .observer import EntropyProbeWarning
+from .errors import EntropyProbeWarning
 from .runs import new_run_id, utc_now
+
+if TYPE_CHECKING:  # a sink imports no engine module (the record is only read here)
+    from .governor import GovernorRecord
 
 PREFIX = "entropy_governor"
 JSONL_NAME = "governor.jsonl"

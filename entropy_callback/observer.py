@@ -13,13 +13,10 @@ from contextlib import ExitStack, contextmanager
 import numpy as np
 import torch
 
+from .errors import EntropyProbeWarning, ProbeFailure
 
-class EntropyProbeWarning(UserWarning):
-    """Something about the probe the user should know; training goes on."""
-
-
-class ProbeFailure(RuntimeError):
-    """Raised with ``strict=True`` when a phase of the probe fails."""
+__all__ = ["EntropyProbeWarning", "PhaseRunner", "ProbeFailure", "full_fp32_precision",
+           "preserved_state", "without_autocast", "without_training_hooks"]
 
 
 @contextmanager
@@ -164,24 +161,40 @@ class PhaseRunner:
     def phase(self, name: str):
         start = time.perf_counter()
         try:
-            yield
-        except Exception as exc:  # the observer contract: never crash the run
-            self.error = {
+            with contained(name, self.step, self.strict, self):
+                yield
+        finally:
+            self.timing[name] = self.timing.get(name, 0.0) + time.perf_counter() - start
+
+
+@contextmanager
+def contained(name: str, step: int | None, strict: bool, runner: PhaseRunner | None = None,
+              allow: tuple[type[Exception], ...] = ()):
+    """The barrier between the probe and training: an exception inside becomes an
+    ``EntropyProbeWarning`` (and ``runner.error``, when a runner is given and holds none yet);
+    with ``strict`` it is raised as ``ProbeFailure``. ``step`` None: not at a step (setup).
+    ``allow``: exception types that pass through (bad input at setup: ``ProbeConfigError``)."""
+    try:
+        yield
+    except allow:
+        raise
+    except Exception as exc:  # the observer contract: never crash the run
+        where = f"phase '{name}'" + ("" if step is None else f" at step {step}")
+        if runner is not None and runner.error is None:
+            runner.error = {
                 "phase": name,
                 "type": type(exc).__name__,
                 "message": str(exc)[:2000],
                 "traceback": traceback.format_exc(limit=8)[-4000:],
             }
-            if self.strict:
-                raise ProbeFailure(
-                    f"entropy probe failed in phase '{name}' at step {self.step}: {exc}"
-                ) from exc
-            warnings.warn(
-                f"entropy probe failed in phase '{name}' at step {self.step} "
-                f"({type(exc).__name__}: {exc}); training continues and the JSON log holds an "
-                "error record. Pass strict=True to raise instead.",
-                EntropyProbeWarning,
-                stacklevel=2,
-            )
-        finally:
-            self.timing[name] = self.timing.get(name, 0.0) + time.perf_counter() - start
+        if strict:
+            if isinstance(exc, ProbeFailure):
+                raise
+            raise ProbeFailure(f"entropy probe failed in {where}: {exc}") from exc
+        warnings.warn(
+            f"entropy probe failed in {where} ({type(exc).__name__}: {exc}); training "
+            "continues" + (" and the JSON log holds an error record" if runner else "")
+            + ". Pass strict=True to raise instead.",
+            EntropyProbeWarning,
+            stacklevel=3,
+        )

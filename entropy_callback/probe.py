@@ -7,7 +7,10 @@
     result = probe.after_step()         # p.grad as Adam read it: rebuild Delta theta, delta H_1
                                         # at theta; rescore E at theta', Delta H_true by SNIS
 
-A plain PyTorch loop can use it directly; the Lightning adapter decides when to call it.
+``after_step`` is ``finish(measure())``: an adapter whose update-batch facts (rewards,
+rollouts) arrive after the optimizer step calls ``measure()`` in the step's post-hook and
+``finish(measurement, batch_statistics=..., rollouts=...)`` once it has them. Either way the
+engine builds one frozen ``ProbeResult``. ``session.ProbeSession`` decides when to call it.
 """
 
 from __future__ import annotations
@@ -15,26 +18,20 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from . import records
-from .attribution_report import attach, keep_inputs
+from .attribution_report import DDP_UNSUPPORTED, build_section, keep_inputs, rollout_problems
 from .config import ProbeConfig, ProbeConfigError, check_optimizer, check_step
-from .distributed import (
-    any_rank_failed,
-    gather_vectors,
-    make_gather,
-    shard,
-    stack_vectors,
-)
-from .observer import EntropyProbeWarning, PhaseRunner, preserved_state
+from .distributed import any_rank_failed, make_gather, shard, stack_vectors
+from .observer import EntropyProbeWarning, PhaseRunner, contained, preserved_state
 from .progress import ProgressHook, log_phase, log_probe, logger
 from .prompts import check_model, check_prompts, prompt_texts, prompt_token_ids, special_ids
-from .result import ProbeResult
+from .result import ProbeResult, ResultDraft
 from .reverse import choose_derivative, reverse_pass
 from .sampling import EBatch, draw_randomness, sample_batch
 from .scoring import CHUNK_BYTES, Scorer, sequence_terms
@@ -52,7 +49,8 @@ from .sharded import (
     sharded_phase,
 )
 from .update import (
-    adam_step,
+    AdamReplay,
+    adam_replay,
     check_moves_are_probed,
     consumed_gradients,
     is_adam,
@@ -64,12 +62,17 @@ from .update import (
     step_not_taken,
 )
 
-Gather = Callable[[torch.Tensor], torch.Tensor]
+Gather = Callable[[torch.Tensor | None, int], torch.Tensor | None]
+
+
+def _local_gather(x: torch.Tensor | None, rows: int) -> torch.Tensor | None:
+    return x
 
 
 @dataclass
-class _Pending:
-    """What before_step leaves for after_step, and what after_step derives from it.
+class Measurement:
+    """One probed step between ``before_step`` and ``finish``: what before_step left, what
+    ``measure`` derived from it. Adapters read ``step`` and ``skipped`` only.
 
     Pre-step quantities (delta H_1 is a function of these alone): ``theta`` (copies of the
     probed parameters at theta), ``optimizer_state`` (copies of their optimizer state before the
@@ -82,7 +85,7 @@ class _Pending:
     (all-gathered) tensors, and ``lockstep`` the probe's checks.
     """
 
-    result: ProbeResult
+    result: ResultDraft
     runner: PhaseRunner
     started: float
     optimizer: torch.optim.Optimizer | None = None
@@ -90,6 +93,7 @@ class _Pending:
     optimizer_state: dict[str, dict[str, object]] = field(default_factory=dict)
     grads: dict[str, torch.Tensor | None] = field(default_factory=dict)
     predicted: dict[str, torch.Tensor] | None = None
+    replay: AdamReplay | None = None  # the Adam replay (its affine split with attribution=True)
     observed: dict[str, torch.Tensor] | None = None
     batch: EBatch | None = None
     terms: dict[str, torch.Tensor] | None = None
@@ -97,6 +101,17 @@ class _Pending:
     attribution: dict | None = None  # attribution_report.keep_inputs, with attribution=True
     observed_local: dict[str, torch.Tensor] | None = None
     lockstep: Lockstep | None = None
+    skip_reason: str | None = None
+
+    @property
+    def step(self) -> int:
+        """The probed step's index."""
+        return self.result.step
+
+    @property
+    def skipped(self) -> bool:
+        """True when the optimizer did not take the step (its record is marked skipped)."""
+        return self.skip_reason is not None
 
 
 class EntropyProbe:
@@ -143,12 +158,11 @@ class EntropyProbe:
         self.sharded = is_sharded(self.params)
         self.scorer = Scorer(model, config.temperature, config.chunk_size, split=not self.sharded)
         self.rank, self.world_size = 0, 1
-        self.gather: Gather = lambda x: x
+        self.gather: Gather = _local_gather
         self._lockstep: Lockstep | None = None  # the running probe's (sharded models)
         if self.sharded:  # refuses what it cannot probe; E sharded over the default group
             self.set_distributed(*check_sharded_config(config))
-        self._pending: _Pending | None = None
-        self._attributable: list[_Pending] = []  # finished probes awaiting attribute(), in order
+        self._pending: Measurement | None = None
         self._calls = 0
         self._warned: set[str] = set()
         self._derivative_said: tuple[str, str] | None = None
@@ -178,14 +192,14 @@ class EntropyProbe:
         step = self._calls if step is None else check_step(step)
         self._calls += 1
         cfg = self.config
-        result = ProbeResult(step=step, normalize=cfg.normalize)
+        result = ResultDraft(step=step, normalize=cfg.normalize)
         runner = PhaseRunner(step, cfg.strict, result.timing)
-        pending = _Pending(result, runner, time.perf_counter(), optimizer=optimizer)
+        pending = Measurement(result, runner, time.perf_counter(), optimizer=optimizer)
         if self.sharded:
             pending.lockstep = Lockstep(self.device)
         self._pending, self._lockstep = pending, pending.lockstep
         self._warn_if_half()
-        with preserved_state(self.model):
+        with contained("update", step, cfg.strict, runner), preserved_state(self.model):
             with self._phase(pending, "update"):
                 check_moves_are_probed(optimizer, self.model, self.params)
                 result.learning_rate, mixed = learning_rate(optimizer, self.params)
@@ -213,27 +227,34 @@ class EntropyProbe:
             with self._phase(pending, "sampling"):
                 pending.batch = self._sample(step)
 
-    def after_step(self) -> ProbeResult | None:
+    def after_step(self, **facts: Any) -> ProbeResult | None:
         """After the optimizer's step (its step post-hook, or right after ``optimizer.step()``,
-        while ``p.grad`` still holds what it read): rebuild Delta theta from the snapshot and the
-        consumed gradients, check it against theta' - theta, predict delta H_1 at theta along
-        it, rescore E at theta' for Delta H_true.
+        while ``p.grad`` still holds what it read): ``finish(measure(), **facts)``.
 
         A step the optimizer did not take (see ``update.step_not_taken``) gives a record with
         ``update_source == "skipped"``, null estimates and the reason. Returns the ProbeResult,
         or None when no before_step is pending.
         """
+        measurement = self.measure()
+        return None if measurement is None else self.finish(measurement, **facts)
+
+    def measure(self) -> Measurement | None:
+        """Rebuild Delta theta from the snapshot and the consumed gradients, check it against
+        theta' - theta, predict delta H_1 at theta along it, rescore E at theta' for
+        Delta H_true. None when no before_step is pending. Every rank reaches the same
+        collectives whatever fails (docs/distributed.md); nothing raises unless strict."""
         pending, self._pending = self._pending, None
         if pending is None:
             return None
         result, runner, cfg = pending.result, pending.runner, self.config
         self._lockstep = pending.lockstep
-        skipped = None
-        with preserved_state(self.model):
+        collected = None
+        with contained("restore", pending.step, cfg.strict, runner), ExitStack() as stack:
             if not runner.failed:
                 with self._phase(pending, "update_check"):
-                    skipped = self._rebuild_step(pending)
-            go = not runner.failed and skipped is None
+                    stack.enter_context(preserved_state(self.model))
+                    pending.skip_reason = self._rebuild_step(pending)
+            go = not runner.failed and pending.skip_reason is None
             if go:
                 with self._phase(pending, "derivative"):
                     direction = pending.predicted if pending.predicted is not None else (
@@ -252,55 +273,91 @@ class EntropyProbe:
                         moved = {n: (pending.theta[n].to(torch.float64) + m * d).to(
                             pending.theta[n].dtype) for n, d in step.items()}
                         sweep[m] = self._score_all(pending.batch, moved)
-            collected = None
             if go and not runner.failed:
                 with self._phase(pending, "collect"):
                     collected = self._local_vectors(pending, sweep)
-            # every rank arrives here (a skipped step too); after it, one gather, then pure code
-            self._agree(runner, ready=collected is not None)
-            if not runner.failed and collected is not None:
-                with runner.phase("gather"):
-                    vectors = gather_vectors(*collected, self.gather)
-            if not runner.failed and collected is not None:
-                with runner.phase("estimators"):
-                    d1, points = self._estimate(pending, vectors)
-            if not runner.failed and collected is not None:
-                with runner.phase("records"):
+        # every rank arrives here (a skipped step too): one gather that is also the agreement
+        vectors = self._gather(runner, collected)
+        if vectors is not None and not runner.failed:
+            with runner.phase("estimators"), preserved_state(self.model):
+                d1, points = self._estimate(pending, vectors)
+            if not runner.failed:
+                with runner.phase("records"), preserved_state(self.model):
                     texts = (records.texts(pending.batch, self.prompts, self.tokenizer,
                                            pending.tokens, cfg) if self.world_size == 1 else None)
                     records.fill(result, cfg, vectors, d1, points[1.0], texts)
-            self._agree(runner)  # a failure after the gather on one rank: every rank skips it
-        if skipped is not None:
-            self._mark_skipped(result, skipped)
-        result.error = runner.error
-        result.timing["total"] = time.perf_counter() - pending.started
-        result.sanitize()
-        ok = pending.attribution is not None and not runner.failed and result.deltaH1 is not None
-        if ok:
-            self._attributable.append(pending)
-        log_probe(result)
-        return result
+        self._agree(runner)  # a failure after the gather on one rank: every rank skips it
+        return pending
 
-    def attribute(self, result: ProbeResult, rollouts: list, per_token_loss,
-                  loss_scale: float = 1.0) -> None:
-        """With ``attribution=True``, after ``after_step`` returned ``result``: split its delta H_1
-        into parts (docs/attribution.md) and store them as ``result.attribution``.
+    def finish(self, measurement: Measurement, *, batch_statistics: Mapping | None = None,
+               rollouts: Sequence | None = None, per_token_loss=None,
+               loss_scale: float = 1.0) -> ProbeResult:
+        """The one ``ProbeResult`` of a measured step, frozen; the measurement's snapshots are
+        released.
 
-        ``rollouts``: the step's micro-batches' ``training_step(...)["rollouts"]``;
-        ``per_token_loss``: the module's method; ``loss_scale``: what each micro-batch's loss was
-        multiplied by before backward (1 / accumulate_grad_batches in Lightning).
-        Several steps finished before their rollouts came (PPO inner epochs: several optimizer
-        steps in one batch) are attributed one call each, in order; the probes finished before
-        ``result`` are released unattributed.
+        Args:
+            batch_statistics: the update batch's statistics (``records.u_statistics``), stored
+                as ``batch_statistics["U_batch"]``.
+            rollouts: with ``attribution=True``: the step's micro-batches' rollouts
+                (docs/attribution.md); ``per_token_loss``: the loss protocol's method;
+                ``loss_scale``: what each micro-batch's loss was multiplied by before backward
+                (1 / accumulation steps). Without them the record's attribution section says why.
         """
-        index = next((i for i, p in enumerate(self._attributable) if p.result is result), None)
-        if index is None:
-            return
-        pending = self._attributable[index]
-        del self._attributable[:index + 1]
-        attach(self, pending, rollouts, per_token_loss, loss_scale)
+        pending, result, runner = measurement, measurement.result, measurement.runner
+        frozen = None
+        with contained("finish", result.step, self.config.strict, runner):
+            if batch_statistics is not None:
+                result.batch_statistics["U_batch"] = dict(batch_statistics)
+            if pending.skip_reason is not None:
+                self._mark_skipped(result, pending.skip_reason)
+            result.error = runner.error
+            if self.config.attribution:
+                result.attribution = self._attribution(pending, rollouts, per_token_loss,
+                                                       loss_scale)
+            result.timing["total"] = time.perf_counter() - pending.started
+            frozen = result.freeze(error=runner.error)
+        if frozen is None:  # the record itself could not be built: its error, nothing else
+            frozen = ProbeResult(step=result.step, normalize=result.normalize,
+                                 error=runner.error)
+        with contained("log", result.step, self.config.strict):
+            log_probe(frozen)
+        return frozen
 
-    def _rebuild_step(self, pending: _Pending) -> str | None:
+    def _attribution(self, pending: Measurement, rollouts, per_token_loss,
+                     loss_scale: float) -> dict | None:
+        """The record's attribution section of a finished probe (docs/attribution.md), or an
+        ``{"error": ...}`` section saying why there is none; never fails the record."""
+        result, cfg = pending.result, self.config
+        if (pending.attribution is None or pending.replay is None or result.deltaH1 is None
+                or result.error is not None):
+            return None
+        if self.world_size > 1:  # a known limitation, said once at setup by the adapter
+            return {"error": {"phase": "attribution", "type": "NotSupported",
+                              "message": DDP_UNSUPPORTED}}
+        runner = PhaseRunner(result.step, cfg.strict, result.timing)
+        section = None
+        with runner.phase("attribution"), preserved_state(self.model):
+            problems = rollout_problems(rollouts, per_token_loss)
+            if problems:
+                raise ValueError(problems)
+            # the engine's copies of p.grad as the optimizer read it (None: no gradient)
+            consumed = {n: torch.zeros_like(pending.theta[n]) if g is None else g
+                        for n, g in pending.grads.items()}
+            denominator = result.T_E if cfg.normalize == "per_token" else result.B_E
+            section = build_section(
+                model=self.model, scorer=self.scorer,
+                microbatches=self._microbatches(pending.batch), tokenizer=self.tokenizer,
+                per_token_loss=per_token_loss, rollouts=list(rollouts),
+                theta=pending.theta, replay=pending.replay,
+                raw_grads=pending.attribution["raw"], consumed_grads=consumed,
+                H_hat=result.H_orig, denominator=float(denominator), normalize=cfg.normalize,
+                deltaH1=result.deltaH1, learning_rate=result.learning_rate,
+                loss_scale=loss_scale, detailed=cfg.log_level in ("detailed", "debug"))
+        if runner.error is not None:
+            return {"error": {k: v for k, v in runner.error.items() if k != "traceback"}}
+        return section
+
+    def _rebuild_step(self, pending: Measurement) -> str | None:
         """Read what the optimizer consumed, rebuild Delta theta, compare with the observed one.
         Returns why the step was not taken, or None."""
         optimizer = pending.optimizer
@@ -312,8 +369,10 @@ class EntropyProbe:
                                  pending.observed)
         if skipped is None:
             if is_adam(optimizer):
-                pending.predicted = adam_step(optimizer, self.params, pending.theta,
-                                              pending.optimizer_state, pending.grads)
+                pending.replay = adam_replay(optimizer, self.params, pending.theta,
+                                             pending.optimizer_state, pending.grads,
+                                             split=pending.attribution is not None)
+                pending.predicted = pending.replay.delta
             if self.sharded:  # every rank gets here unless one failed: the gathers follow a check
                 self._lockstep.check()
                 pending.observed_local = pending.observed
@@ -323,7 +382,7 @@ class EntropyProbe:
             records.update_check(pending.result, pending.predicted, pending.observed)
         return skipped
 
-    def _mark_skipped(self, result: ProbeResult, reason: str) -> None:
+    def _mark_skipped(self, result: ResultDraft, reason: str) -> None:
         """A step not taken: null estimates, the reason, one warning per run."""
         records.mark_skipped(result, reason)
         self.warn_once(
@@ -358,10 +417,11 @@ class EntropyProbe:
                 "parameters), so E's shards must be equal. Set batch_size to a multiple of "
                 f"{world_size}.")
         self.rank, self.world_size = int(rank), int(world_size)
+        self.gather = _local_gather
         if self.world_size > 1:
             self.gather = make_gather(self.config.batch_size, self.world_size, self.device)
 
-    def _phase(self, pending: _Pending, name: str):
+    def _phase(self, pending: Measurement, name: str):
         return sharded_phase(pending.runner, pending.lockstep, self.model, name)
 
     def cancel(self) -> None:
@@ -384,7 +444,8 @@ class EntropyProbe:
         ``estimators.delta_h1``). For the governor; call it inside ``preserved_state``."""
         if direction is None:
             return self._score_all(batch, None)
-        pending = _Pending(ProbeResult(step=self._step), None, time.perf_counter(), batch=batch)
+        pending = Measurement(ResultDraft(step=self._step), None, time.perf_counter(),
+                              batch=batch)
         live = {n: p.detach() for n, p in self.params.items()}
         return self._derivative_pass(pending, live, direction)
 
@@ -439,7 +500,7 @@ class EntropyProbe:
             if phase:
                 self._report(phase, stop, batch.size)
 
-    def _choose_derivative(self, result: ProbeResult) -> None:
+    def _choose_derivative(self, result: ResultDraft) -> None:
         """The derivative this probe takes (``config.derivative``, "auto" resolved on the model
         as it is now), into the record; said in a log line the first time and on a change."""
         mode, why = choose_derivative(self.model, self.config.derivative)
@@ -509,26 +570,53 @@ class EntropyProbe:
             self.warn_once("progress", f"the progress hook failed ({exc!r}); progress is off.")
 
     # ------------------------------------------------------------------ estimators
-    def _local_vectors(self, pending: _Pending, sweep: dict[float, dict]):
-        """This rank's per-sequence vectors, stacked for the one gather (names, [k, n_rank])."""
+    def _vector_names(self) -> list[str]:
+        """The per-sequence vectors' names, in gather order (the same on every rank)."""
+        names = ["T", "h", "S", "A", "Bsum", "C"]
+        for j in range(len(self.config.multipliers)):
+            names += [f"S_upd:{j}", f"h_upd:{j}"]
+        return [*names, "prompt_length", "prompt_index", "stopped"]
+
+    def _local_vectors(self, pending: Measurement, sweep: dict[float, dict]) -> torch.Tensor:
+        """This rank's per-sequence vectors, stacked for the one gather ([k, n_rank])."""
         batch = pending.batch
         vectors = {k: pending.terms[k] for k in ("T", "h", "S", "A", "Bsum", "C")}
         for j, m in enumerate(self.config.multipliers):
             vectors[f"S_upd:{j}"], vectors[f"h_upd:{j}"] = sweep[m]["S"], sweep[m]["h"]
         vectors.update(prompt_length=batch.prompt_lengths, prompt_index=batch.prompt_index,
                        stopped=batch.stopped)
-        return list(vectors), stack_vectors(vectors)
+        return stack_vectors(vectors)
 
-    def _agree(self, runner: PhaseRunner, ready: bool = True) -> None:
-        """Under DDP, every rank learns whether any rank failed or has nothing to gather
-        (``ready`` False); a rank that was ready and did not fail records the failure as its
-        own (phase "distributed") and skips what is left. Reached by every rank, always."""
-        if self.world_size > 1 and any_rank_failed(runner.failed or not ready, self.device):
+    def _gather(self, runner: PhaseRunner,
+                local: torch.Tensor | None) -> dict[str, torch.Tensor] | None:
+        """Every rank's vectors ({name: [B_E]}), or None when any rank has none (it failed,
+        or the step was skipped). Under DDP this is the agreement too: every rank enters the
+        one all_gather whatever happened before, its own failure included; a rank that was
+        ready learns another's failure here (phase "distributed")."""
+        names = self._vector_names()
+        ready = local is not None and not runner.failed
+        gathered = None
+        with runner.phase("gather"):
+            gathered = self.gather(local if ready else None, len(names))
+        if gathered is None:
             if ready and not runner.failed:
                 with runner.phase("distributed"):
                     raise RuntimeError("the probe failed on another rank; all ranks skip it")
+            return None
+        return dict(zip(names, gathered.unbind(0), strict=True))
 
-    def _estimate(self, pending: _Pending, vectors: dict[str, torch.Tensor]):
+    def _agree(self, runner: PhaseRunner) -> None:
+        """Under DDP, every rank learns whether any rank failed; a rank that did not records
+        the failure as its own (phase "distributed"). Reached by every rank, always."""
+        if self.world_size > 1:
+            failed = runner.failed
+            with runner.phase("agreement"):
+                failed = any_rank_failed(failed, self.device)
+            if failed and not runner.failed:
+                with runner.phase("distributed"):
+                    raise RuntimeError("the probe failed on another rank; all ranks skip it")
+
+    def _estimate(self, pending: Measurement, vectors: dict[str, torch.Tensor]):
         """delta H_1 and Delta H_true from the gathered vectors (pure: no collective)."""
         return records.estimate(pending.result, vectors, self.config)
 

@@ -1,6 +1,6 @@
 """From the gathered per-sequence vectors to the ProbeResult: pure functions, no collectives.
 
-Every rank calls these on the same gathered vectors (``distributed.gather_vectors``), so every
+Every rank calls these on the same gathered vectors (``distributed.make_gather``), so every
 rank computes the single-process result; nothing here talks to another process, which is what
 keeps a failure on one rank from leaving the others waiting.
 
@@ -18,7 +18,7 @@ import torch
 
 from .config import ProbeConfig
 from .estimators import SNIS, DeltaH1, delta_h1, loglog_slope, snis
-from .result import CORE_FIELDS, ProbeResult
+from .result import CORE_FIELDS, ResultDraft
 from .update import flat_cosine_and_rel_error
 
 MAX_TOKEN_RECORDS = 32  # debug level: token-level data for at most this many sequences
@@ -33,7 +33,7 @@ class Texts:
     token_data: list[dict] = field(default_factory=list)
 
 
-def estimate(result: ProbeResult, v: dict[str, torch.Tensor],
+def estimate(result: ResultDraft, v: dict[str, torch.Tensor],
              config: ProbeConfig) -> tuple[DeltaH1, dict[float, SNIS]]:
     """delta H_1, Delta H_true at every sweep point, and the result's quantities from them."""
     T, h = v["T"], v["h"]
@@ -104,7 +104,7 @@ def texts(batch, prompts: list[str], tokenizer, tokens: list, config: ProbeConfi
     return out
 
 
-def fill(result: ProbeResult, config: ProbeConfig, v: dict[str, torch.Tensor], d1: DeltaH1,
+def fill(result: ResultDraft, config: ProbeConfig, v: dict[str, torch.Tensor], d1: DeltaH1,
          gt: SNIS, local: Texts | None) -> None:
     """batch_statistics, and at higher levels sequences, token_data and raw_tensors.
 
@@ -158,7 +158,7 @@ def fill(result: ProbeResult, config: ProbeConfig, v: dict[str, torch.Tensor], d
         }
 
 
-def update_check(result: ProbeResult, predicted: dict[str, torch.Tensor] | None,
+def update_check(result: ResultDraft, predicted: dict[str, torch.Tensor] | None,
                  observed: dict[str, torch.Tensor]) -> None:
     """update_cosine / update_rel_error of the rebuilt step against the observed one, and
     update_norm = ||theta' - theta|| (each with a reason when undefined)."""
@@ -179,7 +179,7 @@ def update_check(result: ProbeResult, predicted: dict[str, torch.Tensor] | None,
     result.update_norm = float(torch.sqrt(sum((d ** 2).sum() for d in observed.values())))
 
 
-def mark_skipped(result: ProbeResult, reason: str) -> None:
+def mark_skipped(result: ResultDraft, reason: str) -> None:
     """A step the optimizer did not take: update_source "skipped", null estimates, the reason."""
     result.update_source = "skipped"
     result.update_norm = None

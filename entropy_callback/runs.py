@@ -21,6 +21,7 @@ import platform
 import re
 import secrets
 import subprocess
+import weakref
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
@@ -229,12 +230,16 @@ def group_runs(infos: list[RunInfo]) -> list[Run]:
 
 # ------------------------------------------------------------------ claiming a run directory
 class RunClaim:
-    """A run's directory, and the lock that says a live process writes it."""
+    """A run's directory, and the lock that says a live process writes it.
+
+    The lock is released by ``release()`` (``RunLogger.close``), or when the claim is collected
+    (a finalizer: the last resort for a run whose training raised past its adapter)."""
 
     def __init__(self, path: Path, created: bool) -> None:
         self.path = path
         self.created = created  # False: an existing directory of this run (a resume)
         self._fd: int | None = None
+        self._finalizer: weakref.finalize | None = None
 
     def lock(self) -> None:
         """Take ``<path>/.lock`` exclusively (again, after the directory was recreated).
@@ -260,13 +265,19 @@ class RunClaim:
             os.close(fd)
             return
         self._fd = fd
+        self._finalizer = weakref.finalize(self, _close_quietly, fd)
 
     def release(self) -> None:
         """Drop the lock (closing the descriptor releases the flock)."""
         if self._fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(self._fd)
+            self._finalizer.detach()
+            _close_quietly(self._fd)
             self._fd = None
+
+
+def _close_quietly(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)
 
 
 def claim_run_dir(log_dir: Path, run_id: str, resume: bool) -> RunClaim:

@@ -1,8 +1,8 @@
 """TensorBoard sink: one scalar per quantity per probed step, and a Custom Scalars layout.
 
-Tags live under ``entropy_probe/`` and are written at ``step = result.step`` (the probed
-optimizer step t, the same index every sink uses). Entropy quantities are in nats per token
-(``normalize="per_token"``) or nats per response (``"per_sequence"``); timings in seconds.
+The tags and the layout are derived in :mod:`entropy_callback.tags` (torch-free, shared with the
+metric-logger sink); this module only writes them. ``torch.utils.tensorboard`` is imported when
+a writer is created, never at import.
 
 Example::
 
@@ -15,66 +15,13 @@ Adapters do not use it directly: ``sinks.RunLogger`` opens it with the other sin
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
-from .attribution_report import scalars as attribution_scalars
-from .result import SCALAR_FIELDS, ProbeResult, finite_float
+from .result import ProbeResult
+from .tags import LAYOUT_SUBDIR, PREFIX, layout, layout_subdir, scalars
 
-PREFIX = "entropy_probe"
-MULTILINE_CHART = "predicted vs true ΔH"
-MARGIN_CHART = "ΔH_true ± 2 SE"
-
-
-def layout(prefix: str = PREFIX) -> dict[str, dict[str, list[Any]]]:
-    """The Custom Scalars layout, in ``SummaryWriter.add_custom_scalars`` form.
-
-    Multiline tags are regexes (anchored with ``$`` so that ``deltaH1`` does not also match
-    ``deltaH1_se``); the margin chart takes exact tags (value, lower, upper).
-    """
-    true = f"{prefix}/deltaH_true"
-    quoted = re.escape(prefix)
-    return {
-        prefix: {
-            MULTILINE_CHART: ["Multiline", [rf"{quoted}/deltaH1$", rf"{quoted}/deltaH_true$"]],
-            MARGIN_CHART: ["Margin", [true, f"{true}_lo2se", f"{true}_hi2se"]],
-        }
-    }
-
-
-def layout_subdir(prefix: str = PREFIX) -> str:
-    """The run subdirectory holding the layout of the probe named ``prefix``."""
-    return f"{prefix}_layout"
-
-
-LAYOUT_SUBDIR = layout_subdir()
-
-
-def scalars(result: ProbeResult, prefix: str = PREFIX) -> dict[str, float]:
-    """The tag -> value pairs one probe writes (missing and non-finite values left out).
-
-    One ``<prefix>/<name>`` per quantity declared with ``scalar=True`` in ``result.QUANTITIES``
-    (``prefix``: the probe's name, ``entropy_probe`` by default).
-
-    ``deltaH_true_lo2se`` / ``deltaH_true_hi2se`` are ΔH_true ∓ 2 SE (nats per token), written
-    only when both ΔH_true and its standard error are known; ``time/<phase>`` are seconds.
-    """
-    out: dict[str, float] = {}
-    for name in SCALAR_FIELDS:
-        value = finite_float(result.get(name))
-        if value is not None:
-            out[f"{prefix}/{name}"] = value
-    true, se = finite_float(result.deltaH_true), finite_float(result.deltaH_true_se)
-    if true is not None and se is not None:
-        out[f"{prefix}/deltaH_true_lo2se"] = true - 2.0 * se
-        out[f"{prefix}/deltaH_true_hi2se"] = true + 2.0 * se
-    out.update(attribution_scalars(result.attribution, prefix))
-    for phase, seconds in (result.timing or {}).items():
-        value = finite_float(seconds)
-        if value is not None:
-            out[f"{prefix}/time/{phase}"] = value
-    return out
+__all__ = ["LAYOUT_SUBDIR", "PREFIX", "TensorBoardSink", "layout", "layout_subdir", "scalars"]
 
 
 class TensorBoardSink:

@@ -1,5 +1,9 @@
 """Exact oracle for the probe (estimators.md §7): every response enumerated.
 
+A declared API (``__all__``; docs/usage.md, "Install"): the project's tests and benchmarks use
+it, and so can anyone validating the probe on a policy of their own small enough to enumerate.
+It imports torch; ``exact_float64`` needs transformers.
+
 With a tiny vocabulary and a short ``max_new_tokens`` every response can be listed, so the
 policy entropy H(θ), its directional derivative D_u H and the true change
 ΔH = H(θ + Δθ) − H(θ) can be computed *exactly* (up to float64 round-off). The probe's δH₁ must
@@ -56,6 +60,7 @@ __all__ = [
     "exact_directional_derivative",
     "exact_entropy",
     "exact_response_distribution",
+    "randomize_lora_b",
 ]
 
 # Largest number of live prefixes (per prompt) the oracle will enumerate.

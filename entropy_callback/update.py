@@ -2,16 +2,21 @@
 and the step rebuilt from what the optimizer consumed.
 
 Before the step the probe copies theta and the optimizer state of the probed parameters
-(``snapshot``, ``optimizer_state``). After it, ``adam_step`` replays torch's Adam/AdamW on those
-copies with the gradients the optimizer really read (``consumed_gradients``: torch's Adam leaves
-``p.grad`` as it read it), so whatever ran between the probe's hook and the Adam math (a trainer's
-or module's clipping, gradient repair, GradScaler's unscale, parameters left without gradients)
-is in the prediction, and delta H_1 stays a function of pre-step quantities only.
+(``snapshot``, ``optimizer_state``: the one snapshot). After it, ``adam_replay`` replays torch's
+Adam/AdamW once on those copies with the gradients the optimizer really read
+(``consumed_gradients``: torch's Adam leaves ``p.grad`` as it read it), so whatever ran between
+the probe's hook and the Adam math (a trainer's or module's clipping, gradient repair,
+GradScaler's unscale, parameters left without gradients) is in the prediction, and delta H_1
+stays a function of pre-step quantities only. The same replay gives the step's affine split in
+the gradient, which the attribution needs (``AdamReplay``).
 ``step_not_taken`` tells a step the optimizer skipped. Nothing here writes to parameters,
 gradients or optimizer state.
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
 
 import torch
 
@@ -133,65 +138,134 @@ def step_not_taken(
             "skipped it for inf/NaN gradients)")
 
 
-def adam_step(
+@dataclass
+class AdamReplay:
+    """The Adam/AdamW step of the probed parameters, replayed once from the snapshot.
+
+    ``delta``: Delta theta per tensor, float64, from torch's own arithmetic in the parameter's
+    dtype (what the optimizer did, rounding included). With ``split``, the same step as an
+    affine function of the consumed gradient g, per tensor, float64, with this step's second
+    moment s' (so D) held fixed (docs/attribution.md)::
+
+        Delta theta = momentum + decay + scale * g,    D = sqrt(s' / (1 - b2^t)) + eps
+        momentum = -lr b1 m / ((1 - b1^t) D),          scale = kappa / D (-kappa if maximize),
+        decay = -lr wd theta (AdamW),  kappa wd theta / D (Adam),  kappa = -lr (1 - b1) / (1 - b1^t)
+
+    A parameter without a gradient or outside the optimizer has a zero step and no split entry.
+    """
+
+    delta: dict[str, torch.Tensor]
+    momentum: dict[str, torch.Tensor] = field(default_factory=dict)
+    decay: dict[str, torch.Tensor] = field(default_factory=dict)
+    scale: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def step(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Delta theta of the split for the gradient ``grads`` (with this step's D), float64."""
+        return {n: self.momentum[n] + self.decay[n] + self.scale[n] * grads[n].to(torch.float64)
+                for n in self.scale}
+
+
+def adam_replay(
     optimizer: torch.optim.Optimizer,
     params: dict[str, torch.nn.Parameter],
     theta: dict[str, torch.Tensor],
     state: dict[str, dict[str, object]],
     grads: dict[str, torch.Tensor | None],
-) -> dict[str, torch.Tensor]:
-    """Delta theta of the Adam/AdamW step from theta, the state before it and the gradients it
-    consumed, per tensor, in float64.
+    split: bool = False,
+) -> AdamReplay:
+    """The one replay of an Adam/AdamW step: from theta, the state before it (``optimizer_state``)
+    and the gradients it consumed, with the param groups' hyperparameters as the optimizer used
+    them (read right after its step). ``split``: also the affine split (``AdamReplay``).
 
-    torch's single-tensor arithmetic, op for op, on copies in the parameter's own dtype (so a
-    bf16 step is rounded where torch rounds it):
+    ``delta`` is torch's single-tensor arithmetic, op for op, on copies in the parameter's own
+    dtype (so a bf16 step is rounded where torch rounds it):
 
         t = step + 1
         AdamW: theta <- theta (1 - lr wd)        Adam: g <- g + wd theta
         m' = lerp(m, g, 1 - b1);  s' = b2 s + (1 - b2) g^2   (amsgrad: s' = max(s_max, s'))
         theta' = theta - lr / (1 - b1^t) * m' / (sqrt(s') / sqrt(1 - b2^t) + eps)
 
-    The result is theta' - theta in float64. A parameter whose gradient is None gets no update,
-    exactly as torch skips it.
+    then theta' - theta in float64. A parameter whose gradient is None gets no update, exactly as
+    torch skips it. The split is the same formulas in float64.
     """
     groups = group_of(optimizer)
-    out = {}
+    replay = AdamReplay(delta={})
     for name, theta0 in theta.items():
         g, group = grads.get(name), groups.get(id(params[name]))
         if g is None or group is None:
-            out[name] = torch.zeros_like(theta0, dtype=torch.float64)
+            replay.delta[name] = torch.zeros_like(theta0, dtype=torch.float64)
             continue
-        lr = _value(group["lr"])
-        beta1, beta2 = (_value(b) for b in group["betas"])
-        eps, wd = float(group["eps"]), float(group["weight_decay"])
-        st = state.get(name, {})
-        if group.get("maximize", False):
-            g = -g
-        t = (_value(st["step"]) if "step" in st else 0.0) + 1.0
-        new = theta0.clone()
-        if wd != 0:
-            if _decoupled(optimizer, group):
-                new.mul_(1 - lr * wd)
-            else:
-                g = g.add(theta0, alpha=wd)
-        m = _moment(st, "exp_avg", theta0)
-        s = _moment(st, "exp_avg_sq", theta0)
-        m.lerp_(g, 1 - beta1)
-        s.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        if group.get("amsgrad", False):
-            s = torch.maximum(_moment(st, "max_exp_avg_sq", theta0), s)
-        bias_correction2_sqrt = (1 - beta2**t) ** 0.5
-        denom = (s.sqrt() / bias_correction2_sqrt).add_(eps)
-        new.addcdiv_(m, denom, value=-(lr / (1 - beta1**t)))
-        out[name] = new.to(torch.float64) - theta0.to(torch.float64)
-    return out
+        h = _Hyper(optimizer, group, state.get(name, {}))
+        replay.delta[name] = _torch_step(h, theta0, g)
+        if split:
+            replay.momentum[name], replay.decay[name], replay.scale[name] = _affine(h, theta0, g)
+    return replay
+
+
+class _Hyper:
+    """One parameter's step: its group's hyperparameters (as the optimizer used them) and its
+    state before the step (``st``; ``t`` the step count this step reaches)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, group: dict, st: dict) -> None:
+        self.lr = _value(group["lr"])
+        self.beta1, self.beta2 = (_value(b) for b in group["betas"])
+        self.eps, self.wd = float(group["eps"]), float(group["weight_decay"])
+        self.decoupled = _decoupled(optimizer, group)
+        self.maximize = bool(group.get("maximize", False))
+        self.amsgrad = bool(group.get("amsgrad", False))
+        self.t = (_value(st["step"]) if "step" in st else 0.0) + 1.0
+        self.st = st
+
+
+def _torch_step(h: _Hyper, theta0: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """theta' - theta by torch's arithmetic in the parameter's dtype, float64 out."""
+    if h.maximize:
+        g = -g
+    new = theta0.clone()
+    if h.wd != 0:
+        if h.decoupled:
+            new.mul_(1 - h.lr * h.wd)
+        else:
+            g = g.add(theta0, alpha=h.wd)
+    m = _moment(h.st, "exp_avg", theta0)
+    s = _moment(h.st, "exp_avg_sq", theta0)
+    m.lerp_(g, 1 - h.beta1)
+    s.mul_(h.beta2).addcmul_(g, g, value=1 - h.beta2)
+    if h.amsgrad:
+        s = torch.maximum(_moment(h.st, "max_exp_avg_sq", theta0), s)
+    bias_correction2_sqrt = (1 - h.beta2**h.t) ** 0.5
+    denom = (s.sqrt() / bias_correction2_sqrt).add_(h.eps)
+    new.addcdiv_(m, denom, value=-(h.lr / (1 - h.beta1**h.t)))
+    return new.to(torch.float64) - theta0.to(torch.float64)
+
+
+def _affine(h: _Hyper, theta0: torch.Tensor, g: torch.Tensor):
+    """(momentum, decay, scale) of the step, float64, s' held at this step's value."""
+    th = theta0.detach().to(torch.float64)
+    sign = -1.0 if h.maximize else 1.0
+    g_eff = sign * g.detach().to(torch.float64)
+    coupled = h.wd != 0 and not h.decoupled
+    if coupled:
+        g_eff = g_eff + h.wd * th
+    m = _moment(h.st, "exp_avg", th).to(torch.float64)
+    s_new = h.beta2 * _moment(h.st, "exp_avg_sq", th).to(torch.float64) + (
+        1 - h.beta2) * g_eff * g_eff
+    if h.amsgrad:
+        s_new = torch.maximum(_moment(h.st, "max_exp_avg_sq", th).to(torch.float64), s_new)
+    D = s_new.sqrt() / math.sqrt(1 - h.beta2**h.t) + h.eps
+    bias1 = 1 - h.beta1**h.t
+    kappa = -h.lr * (1 - h.beta1) / bias1
+    momentum = -h.lr * h.beta1 * m / (bias1 * D)
+    decay = kappa * h.wd * th / D if coupled else -h.lr * h.wd * th
+    return momentum, decay, sign * kappa / D
 
 
 def _moment(state: dict, key: str, like: torch.Tensor) -> torch.Tensor:
-    """A copy of an Adam moment, or zeros as torch initialises it before the first step."""
+    """A copy of an Adam moment (on ``like``'s device), or zeros as torch initialises it before
+    the first step."""
     value = state.get(key)
     if torch.is_tensor(value):
-        return value.clone()
+        return value.to(like.device, copy=True)
     return torch.zeros_like(like, memory_format=torch.preserve_format)
 
 

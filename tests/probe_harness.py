@@ -113,16 +113,34 @@ class StepClock(lightning.Callback):
         self.step = None
 
 
+class ListSink:
+    """A sink keeping every result it is given, in order."""
+
+    name = "collect"
+
+    def __init__(self) -> None:
+        self.results: list = []
+
+    def log(self, result) -> None:
+        self.results.append(result)
+
+    def flush(self) -> None:
+        """Nothing buffered."""
+
+    def close(self) -> None:
+        """Nothing to close."""
+
+
 class Collect(EntropyProbeCallback):
-    """The probe callback, keeping every result it emits, in order."""
+    """The probe callback, keeping every result it emits, in order (through a sink)."""
 
     def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.results = []
+        self._collected = ListSink()
+        super().__init__(*args, sinks=[self._collected], **kwargs)
 
-    def _emit(self, trainer, result):
-        self.results.append(result)
-        super()._emit(trainer, result)
+    @property
+    def results(self) -> list:
+        return self._collected.results
 
 
 class LargestTensor(TorchDispatchMode):

@@ -26,8 +26,6 @@ from entropy_callback import ProbeConfigError, cli
 from entropy_callback.attribution import (
     _Bound,
     attribute_step,
-    linear_step,
-    snapshot_adam,
     surrogate_gradient,
 )
 from entropy_callback.attribution_report import build_section, parts
@@ -40,7 +38,7 @@ from entropy_callback.runlog import load_step
 from entropy_callback.sampling import draw_randomness, sample_batch
 from entropy_callback.scoring import Scorer, sequence_terms
 from entropy_callback.testing import exact_float64, randomize_lora_b
-from entropy_callback.update import probed_parameters
+from entropy_callback.update import adam_replay, optimizer_state, probed_parameters
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 SCHEMA = Draft202012Validator(json.loads(
@@ -62,17 +60,24 @@ class Capture(Callback):
         if trainer.global_step != PROBED_STEP:
             return
         params = probed_parameters(pl_module.model)
-        self.data["theta"] = {n: p.detach().clone() for n, p in params.items()}
-        self.data["states"] = snapshot_adam(optimizer, params)
-        self.data["raw"] = {n: p.grad.detach().clone() for n, p in params.items()}
+        data = self.data
+        data["theta"] = {n: p.detach().clone() for n, p in params.items()}
+        data["state"] = optimizer_state(optimizer, params)
+        data["raw"] = {n: p.grad.detach().clone() for n, p in params.items()}
+
+        def after_step(opt, args, kwargs) -> None:  # as the engine: the gradients Adam read
+            handle.remove()
+            data["consumed"] = {n: p.grad.detach().clone() for n, p in params.items()}
+            data["replay"] = adam_replay(opt, params, data["theta"], data["state"],
+                                         data["consumed"], split=True)
+            data["lr"] = opt.param_groups[0]["lr"]
+
+        handle = optimizer.register_step_post_hook(after_step)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._step != PROBED_STEP:
             return
         self.data["rollouts"].append(outputs["rollouts"])
-        if trainer.global_step == PROBED_STEP + 1:  # the step's last micro-batch
-            params = probed_parameters(pl_module.model)
-            self.data["consumed"] = {n: p.grad.detach().clone() for n, p in params.items()}
 
 
 class AdamModule(GRPOModule):
@@ -150,7 +155,7 @@ def _attribute(data: dict[str, Any]):
                              float(t["h"].sum() / t["T"].sum()), float(t["T"].sum()))
     return g_E, attribute_step(
         model=data["model"], per_token_loss=data["module"].per_token_loss,
-        rollouts=data["rollouts"], theta=data["theta"], states=data["states"],
+        rollouts=data["rollouts"], theta=data["theta"], replay=data["replay"],
         raw_grads=data["raw"], consumed_grads=data["consumed"], g_E=g_E,
         loss_scale=data["loss_scale"])
 
@@ -188,7 +193,7 @@ def test_each_rollout_is_the_change_when_its_gradient_is_removed(stepped):
     if stepped["setup"] == "adamw_value_clip":
         pytest.skip("value clipping has no per-rollout split")
     _, att = _attribute(stepped)
-    step = linear_step(stepped["theta"], stepped["states"], stepped["consumed"])
+    step = stepped["replay"]
     c = att.c
     for part, rollouts in enumerate(stepped["rollouts"]):
         for row in range(rollouts["response_mask"].shape[0]):
@@ -217,11 +222,11 @@ def section() -> dict[str, Any]:
     out = build_section(
         model=data["model"], scorer=data["scorer"], microbatches=[E],
         tokenizer=data["tokenizer"], per_token_loss=data["module"].per_token_loss,
-        rollouts=data["rollouts"], theta=data["theta"], states=data["states"],
+        rollouts=data["rollouts"], theta=data["theta"], replay=data["replay"],
         raw_grads=data["raw"], consumed_grads=data["consumed"],
         H_hat=float(t["h"].sum() / t["T"].sum()), denominator=float(t["T"].sum()),
         normalize="per_token", deltaH1=_delta_h1(data, data["observed"]),
-        learning_rate=data["states"][next(iter(data["states"]))].lr,
+        learning_rate=data["lr"],
         loss_scale=data["loss_scale"], detailed=True)
     return {"section": out, "data": data}
 
@@ -250,7 +255,7 @@ def test_cui_proxy_is_minus_the_token_covariance_of_log_prob_and_advantage(secti
     p = section["section"]["parts"]
     assert p["num_tokens"] == len(rows)
     assert p["cui_proxy"] == pytest.approx(-cov, rel=1e-12)
-    lr = section["data"]["states"][next(iter(section["data"]["states"]))].lr
+    lr = section["data"]["lr"]
     assert p["cui_proxy_lr"] == pytest.approx(-lr * cov, rel=1e-12)
 
 
@@ -387,7 +392,7 @@ def test_per_token_advantages_give_the_same_parts_as_per_rollout_ones(section):
     g_E = {n: torch.ones_like(t, dtype=torch.float64) for n, t in data["theta"].items()}
     att = attribute_step(
         model=data["model"], per_token_loss=data["module"].per_token_loss,
-        rollouts=data["rollouts"], theta=data["theta"], states=data["states"],
+        rollouts=data["rollouts"], theta=data["theta"], replay=data["replay"],
         raw_grads=data["raw"], consumed_grads=data["consumed"], g_E=g_E,
         loss_scale=data["loss_scale"])
     wide = [{**r, "advantages": r["advantages"][:, None].expand_as(r["token_logp"])}

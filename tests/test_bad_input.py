@@ -233,14 +233,8 @@ def test_a_yaml_path_is_a_config(policy, tmp_path):
                         seed=5).config == expected
 
 
-# The HF callback (hf.py is rewritten on branch h18a, which makes it resolve its config and
-# arguments through config.py / prompts.py): the cases marked xfail fail on hf.py as of
-# e619d40 and must pass once that lands; the mark then goes.
-HF_PENDING = pytest.mark.xfail(reason="needs the hf.py rewrite (branch h18a) to use "
-                               "ProbeConfig.resolve, config.integer and prompts.check_model",
-                               strict=False)
-
-
+# The HF callback resolves its config and arguments through config.py / prompts.py (these
+# cases failed on hf.py as of e619d40).
 def hf_callback(**kwargs):
     from entropy_callback.hf import EntropyProbeTrainerCallback
 
@@ -250,12 +244,9 @@ def hf_callback(**kwargs):
 @pytest.mark.parametrize("kwargs, words", [
     pytest.param(dict(temperature=10**400), ["temperature", "finite number"], id="temp_10e400"),
     pytest.param(dict(temperature=1e-310), ["temperature", ">= 0.001"], id="temp_subnormal"),
-    pytest.param(dict(config={1: 2}), ["unknown option(s) 1"], id="config_int_keys",
-                 marks=HF_PENDING),
-    pytest.param(dict(config="missing.yaml"), ["config='missing.yaml'"], id="config_missing",
-                 marks=HF_PENDING),
-    pytest.param(dict(model="gpt2"), ["model must be", "not its name"], id="model_a_string",
-                 marks=HF_PENDING),
+    pytest.param(dict(config={1: 2}), ["unknown option(s) 1"], id="config_int_keys"),
+    pytest.param(dict(config="missing.yaml"), ["config='missing.yaml'"], id="config_missing"),
+    pytest.param(dict(model="gpt2"), ["model must be", "not its name"], id="model_a_string"),
 ])
 def test_hf_callback_bad_input_is_a_probe_config_error(kwargs, words):
     with pytest.raises(ProbeConfigError) as info:
@@ -264,7 +255,6 @@ def test_hf_callback_bad_input_is_a_probe_config_error(kwargs, words):
         assert word in str(info.value), (word, str(info.value))
 
 
-@HF_PENDING
 def test_hf_callback_takes_numpy_every_a_mapping_and_a_yaml_path(tmp_path):
     path = tmp_path / "probe.yaml"
     path.write_text("batch_size: 8\n")
@@ -364,7 +354,7 @@ def test_sharding_strategy_disables_the_probe_with_one_warning(strategy, tmp_pat
     assert f"disabled under {strategy.__name__}" in messages[0] and "DDP" in messages[0]
     assert callback.probe is None and callback.json is None
     callback.on_train_start(trainer, module)  # a disabled callback does nothing
-    assert callback._hooks == []
+    assert callback.session._handles == []
 
 
 def test_deepspeed_is_recognised_as_unsupported():

@@ -27,7 +27,7 @@ from entropy_callback.demos.grpo import make_prompts
 from entropy_callback.governor import EntropyGovernor
 from entropy_callback.governor_lightning import EntropyGovernorCallback
 from entropy_callback.governor_log import JSONL_NAME, read_records
-from entropy_callback.update import adam_step, optimizer_state, snapshot
+from entropy_callback.update import adam_replay, optimizer_state, snapshot
 
 STEPS = 8
 # lr 1e-2 (the tiny task's default is 3e-3): the steps after warmup move the entropy by
@@ -90,8 +90,8 @@ def test_alpha_only_brakes_and_the_step_is_alpha_times_the_rebuilt_one(make_grpo
         params = {str(i): p for i, p in enumerate(opt.param_groups[0]["params"])}
         lr = opt.param_groups[0]["lr"]
         opt.param_groups[0]["lr"] = sched.get_last_lr()[0]  # the schedule's, unscaled
-        full = adam_step(opt, params, snapshot(params), optimizer_state(opt, params),
-                         {n: p.grad for n, p in params.items()})
+        full = adam_replay(opt, params, snapshot(params), optimizer_state(opt, params),
+                           {n: p.grad for n, p in params.items()}).delta
         opt.param_groups[0]["lr"] = lr
         at_step.append((lr, full))
 
@@ -198,7 +198,7 @@ def test_adam_step_is_linear_in_lr(make_grpo):
         for a, b in zip(scaled, full, strict=True):
             # float64 rounding of theta + step: ~1e-16 relative to theta, far below 1e-10
             torch.testing.assert_close(a, alpha * b, rtol=1e-10, atol=1e-15)
-    rebuilt = adam_step(opt, named, theta, state, dict(zip(named, grads, strict=True)))
+    rebuilt = adam_replay(opt, named, theta, state, dict(zip(named, grads, strict=True))).delta
     for d, b in zip(rebuilt.values(), full, strict=True):
         torch.testing.assert_close(d, b, rtol=1e-12, atol=1e-18)
 

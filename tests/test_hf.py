@@ -51,12 +51,14 @@ def digit_reward(prompts: list[str], completions: list[str], **kwargs: Any) -> l
     return [reward(p, c) for p, c in zip(prompts, completions, strict=True)]
 
 
-def grpo_trainer(out: Path, *, callback: bool = True, **probe_options: Any):
-    """TRL's GRPOTrainer on the float64 tiny Llama (LoRA from peft_config), 8 completions of at
-    most 3 tokens per step; with the probe attached unless ``callback=False``."""
+def grpo_trainer(out: Path, *, callback: bool = True, model=None, **probe_options: Any):
+    """TRL's GRPOTrainer on the float64 tiny Llama (LoRA from peft_config; ``model``: that
+    policy loaded otherwise), 8 completions of at most 3 tokens per step; with the probe
+    attached unless ``callback=False``."""
     transformers.set_seed(0)  # TRL's LoRA init draws from the global RNG when it wraps
     tokenizer = build_char_tokenizer()
-    model = build_tiny_llama(tokenizer, seed=0, dtype=torch.float64, **TINY)
+    if model is None:
+        model = build_tiny_llama(tokenizer, seed=0, dtype=torch.float64, **TINY)
     args = GRPOConfig(
         output_dir=str(out), use_cpu=True, report_to=[], max_steps=STEPS, seed=0,
         per_device_train_batch_size=8, num_generations=4, max_completion_length=3,
@@ -410,11 +412,67 @@ def test_liger_kernels_are_refused_at_setup_naming_the_argument(tmp_path):
         _begin(probe, tmp_path, use_liger_kernel=True)
 
 
-def test_hub_kernels_are_refused_at_setup_naming_the_option(tmp_path):
-    """``use_kernels=True`` at load time kernelizes the model from the Hub, which cannot run
-    offline; the flag transformers keeps for it is set directly instead."""
+def test_the_use_kernels_flag_alone_is_not_refused(tmp_path):
+    """transformers 5 sets ``use_kernels=True`` for every ``from_pretrained`` once ``kernels``
+    is installed; on a CPU no layer is replaced, so the flag alone must not stop the probe."""
     model, tokenizer = build_policy(seed=0, lora_r=4, **TINY)
     model.get_base_model()._use_kernels = True
     probe = EntropyProbeTrainerCallback(make_prompts(4), every=1, model=model, **PROBE)
-    with pytest.raises(ProbeConfigError, match="use_kernels"):
-        _begin(probe, tmp_path)
+    _begin(probe, tmp_path)
+    assert probe.probe is not None and probe.probe.model is model
+    probe.on_train_end(None, None, None)
+
+
+def test_a_layer_replaced_by_a_hub_kernel_is_refused_only_for_forward_mode(tmp_path):
+    """A layer whose forward ``kernels.kernelize`` replaced (it leaves the kernel's forward
+    bound on the instance and its ``_kernel_repo``) has no forward-mode rule: with
+    derivative="forward" it is refused by name; "auto" takes the reverse pass for it. The Hub
+    cannot be reached offline, so the replacement is made as kernelize makes it."""
+    model, tokenizer = build_policy(seed=0, lora_r=4, **TINY)
+    norm = model.get_base_model().model.norm
+    assert hasattr(type(norm), "kernel_layer_name")  # transformers marks it for kernels
+
+    class HubRMSNorm(torch.nn.Module):
+        def forward(self, hidden_states):
+            return hidden_states
+
+    norm.forward = HubRMSNorm.forward.__get__(norm)
+    norm.__dict__["_kernel_repo"] = "kernels-community/liger_kernels"
+    probe = EntropyProbeTrainerCallback(make_prompts(4), every=1, model=model,
+                                        derivative="forward", **PROBE)
+    with pytest.raises(ProbeConfigError, match=r"replaced by Hub kernels \(.*norm.*auto"):
+        _begin(probe, tmp_path / "forward")
+    auto = EntropyProbeTrainerCallback(make_prompts(4), every=1, model=model, **PROBE)
+    _begin(auto, tmp_path / "auto")
+    assert auto.probe is not None
+    auto.on_train_end(None, None, None)
+
+
+def test_grpo_on_a_from_pretrained_model_is_probed_and_unchanged(tmp_path):
+    """The common TRL path: a checkpoint saved with save_pretrained and loaded back with
+    from_pretrained (transformers sets use_kernels=True: ``kernels`` is installed). Every due
+    step is probed, and training is bitwise the run without the probe."""
+    import kernels  # noqa: F401  - the condition under which transformers sets use_kernels
+
+    saved = tmp_path / "tiny"
+    build_tiny_llama(build_char_tokenizer(), seed=0, dtype=torch.float64,
+                     **TINY).save_pretrained(saved)
+
+    def trainer_on_loaded(out: Path, callback: bool):
+        transformers.set_seed(0)
+        model = transformers.AutoModelForCausalLM.from_pretrained(saved, dtype=torch.float64)
+        assert model.use_kernels is True
+        trainer, probe = grpo_trainer(out, callback=callback, model=model)
+        return trainer, probe
+
+    with_probe, probe = trainer_on_loaded(tmp_path / "with", True)
+    assert not [w for w in train(with_probe) if "kernel" in str(w.message)]
+    assert probe.probed_steps == DUE and step_files(probe.run_dir) == DUE
+    for t in DUE:
+        core = json.loads((probe.run_dir / f"step_{t:08d}.json").read_text())["core_results"]
+        assert "error" not in core and core["update_cosine"] >= 1 - 1e-9
+    without, _ = trainer_on_loaded(tmp_path / "without", False)
+    train(without)
+    a, b = lora_weights(with_probe), lora_weights(without)
+    assert a.keys() == b.keys() and a
+    assert all(torch.equal(a[n], b[n]) for n in a)

@@ -2,7 +2,7 @@
 
 Before each probed optimizer step the probe snapshots θ and the Adam/AdamW state; after the step
 it rebuilds the update from that snapshot and the gradients the optimizer consumed, after the
-trainer's clipping (``update.adam_step``), and compares with the observed θ' − θ
+trainer's clipping (``update.adam_replay``), and compares with the observed θ' − θ
 (``update_cosine``, ``update_rel_error`` in every record). In float64
 the two agree to round-off, so the bars are tight: cosine ≥ 1 − 1e-9 and relative error ≤ 1e-7
 (measured: relative error 0, the replay being torch's own arithmetic; 1 − cosine ≤ 1.2e-15).

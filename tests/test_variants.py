@@ -32,7 +32,7 @@ import torch.autograd.forward_ad as fwAD
 import entropy_callback.scoring as scoring
 import entropy_callback.testing as oracle
 from entropy_callback import EntropyProbe
-from entropy_callback.attribution import attribute_step, snapshot_adam, surrogate_gradient
+from entropy_callback.attribution import attribute_step, surrogate_gradient
 from entropy_callback.demos.tiny import build_char_tokenizer, build_tiny_llama
 from entropy_callback.estimators import delta_h1
 from entropy_callback.observer import ProbeFailure
@@ -44,7 +44,7 @@ from entropy_callback.testing import (
     exact_float64,
     randomize_lora_b,
 )
-from entropy_callback.update import probed_parameters
+from entropy_callback.update import adam_replay, optimizer_state, probed_parameters
 from entropy_callback.variants import call_substituted, exact_variant_derivatives
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -369,14 +369,15 @@ def test_rollout_split_is_exact_with_a_trained_padding_row():
     grads = {n: p.grad.detach().clone() for n, p in params.items()}
     pad_rows = grads["base_model.model.model.embed_tokens.lora_embedding_A.default"][:, pad]
     assert bool((pad_rows == 0).all())  # torch's backward: no gradient for the padding row
-    states = snapshot_adam(optimizer, params)
+    replay = adam_replay(optimizer, params, theta, optimizer_state(optimizer, params), grads,
+                         split=True)
     probe = _probe(model, tokenizer, batch_size=64, microbatch_size=64)
     batch = probe._sample(0)
     t = sequence_terms(*probe.scorer.score(batch, theta), batch.response_mask)
     g_E = surrogate_gradient(probe.scorer, [batch], theta, float(t["h"].sum() / t["T"].sum()),
                              float(t["T"].sum()))
     att = attribute_step(model=model, per_token_loss=per_token_loss, rollouts=[rollouts],
-                         theta=theta, states=states, raw_grads=grads, consumed_grads=grads,
+                         theta=theta, replay=replay, raw_grads=grads, consumed_grads=grads,
                          g_E=g_E)
     for p in params.values():
         p.grad = None

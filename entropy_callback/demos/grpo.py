@@ -21,6 +21,7 @@ Example::
 
 from __future__ import annotations
 
+import inspect
 import math
 import random
 import re
@@ -34,7 +35,6 @@ from torch.utils.data import DataLoader, IterableDataset
 from transformers import PreTrainedTokenizerBase
 
 from entropy_callback.demos.tiny import EOS_TOKEN
-from entropy_callback.sampling import cache_keyword, returned_cache
 
 _PROMPT = re.compile(r"^(\d)\+(\d)=$")
 _DIGITS = "0123456789"
@@ -184,7 +184,7 @@ def sample_responses(
         response stopped early), and [N] response lengths T_i (EOS counted).
     """
     n = prompt_ids.shape[0]
-    cache_name = cache_keyword(model)
+    cache_name = _cache_keyword(model)
     mask = prompt_mask
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     out = model(
@@ -210,9 +210,27 @@ def sample_responses(
             attention_mask=mask,
             position_ids=position_ids,
             use_cache=True,
-            **{cache_name: returned_cache(out)},
+            **{cache_name: _returned_cache(out)},
         )
     return torch.stack(tokens, dim=1), lengths
+
+
+def _cache_keyword(model: torch.nn.Module) -> str:
+    """The forward's name for the KV cache: ``cache`` where it has one (transformers 5
+    deprecates ``past_key_values``), else ``past_key_values``. The demo is a user's training
+    code: it reads the model, not the probe's internals."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return "cache" if "cache" in inspect.signature(base.forward).parameters else (
+            "past_key_values")
+    except (TypeError, ValueError):
+        return "past_key_values"
+
+
+def _returned_cache(out):
+    """The KV cache a forward returned, under either name."""
+    cache = out.get("cache") if hasattr(out, "get") else None
+    return cache if cache is not None else out.past_key_values
 
 
 def score_responses(
