@@ -26,7 +26,7 @@ __version__ = "0.1.0"
 _LAZY = {"EntropyProbe": "probe", "EntropyGovernor": "governor", "GovernorPolicy": "governor",
          "EntropyProbeCallback": "lightning", "EntropyProbeTrainerCallback": "hf",
          "EntropyGovernorCallback": "governor_lightning",
-         "EntropyGovernorTrainerCallback": "governor_hf"}
+         "EntropyGovernorTrainerCallback": "governor_hf", "ProbeSession": "session"}
 # adapter module -> the extra that installs its framework
 _EXTRA = {"lightning": "lightning", "hf": "hf", "governor_lightning": "lightning",
           "governor_hf": "hf"}
