@@ -5,34 +5,13 @@ Two collectives per probe, both reached by every rank whatever failed: one ``all
 every per-sequence vector at once, which carries each rank's failure flag too (so it is the
 first agreement: a rank that failed, or has nothing to send, still enters it), then
 ``any_rank_failed`` after the pure estimators and records. Nothing that can fail on one rank
-runs between a rank's arrival at a collective and the collective itself.
+runs between a rank's arrival at a collective and the collective itself. A model sharded with
+FSDP2 adds its lockstep checks before every forward (``sharded.py``).
 """
 
 from __future__ import annotations
 
 import torch
-
-FSDP2_REFUSAL = (
-    "EntropyProbe cannot probe a model sharded with FSDP2 (fully_shard: its parameters are "
-    "DTensors) yet. FSDP all-gathers parameters inside every forward and backward, so every rank "
-    "must run the same passes in lockstep, while the probe samples and scores its own shard of E "
-    "(decode loops and microbatch counts differ between ranks), and it evaluates the model at "
-    "substituted parameters (theta, theta + m Delta theta), which FSDP's unsharding overrides "
-    "(docs/distributed.md). Probe a DDP or single-process run of the same model instead, or "
-    "remove the probe."
-)
-
-
-def refuse_sharded(params: dict[str, torch.Tensor]) -> None:
-    """ProbeConfigError when a probed parameter is a DTensor (FSDP2, tensor parallelism)."""
-    if not torch.distributed.is_available():  # a build without distributed has no DTensor
-        return
-    from torch.distributed.tensor import DTensor
-
-    from .config import ProbeConfigError
-
-    if any(isinstance(p, DTensor) for p in params.values()):
-        raise ProbeConfigError(FSDP2_REFUSAL)
 
 
 def shard(batch_size: int, world_size: int, rank: int) -> slice:

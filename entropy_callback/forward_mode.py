@@ -82,11 +82,21 @@ def jvp(fn: Callable, primals: tuple, tangents: tuple):
     directional derivative along ``tangents``. Primals are tensors or dicts of tensors (the
     tangents mirror them); the output is a tensor or a tuple of tensors. An output that does not
     depend on the primals gets a zero tangent."""
-    with fwAD.dual_level():
+    def call():
         duals = tree_map(lambda p, t: fwAD.make_dual(p, t.to(p.dtype, copy=True)), primals,
                          tangents)  # copies: nothing done inside reaches the caller's tangents
+        return fn(*duals)
+
+    return tangent_of(call)
+
+
+def tangent_of(fn: Callable):
+    """``fn()`` and its tangent, where the tangent enters inside ``fn`` (forward hooks making
+    duals, ``sharded.TangentInjector``) instead of through primals: the output is a tensor or a
+    tuple of tensors, as for ``jvp``."""
+    with fwAD.dual_level():
         with _ConstantOperands():
-            out = fn(*duals)
+            out = fn()
         flat = out if isinstance(out, tuple) else (out,)
         pairs = [fwAD.unpack_dual(o) for o in flat]
         primal_out = tuple(p for p, _ in pairs)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +27,7 @@ import torch
 from . import records
 from .attribution_report import DDP_UNSUPPORTED, build_section, keep_inputs, rollout_problems
 from .config import ProbeConfig, ProbeConfigError, check_optimizer, check_step
-from .distributed import any_rank_failed, make_gather, refuse_sharded, shard, stack_vectors
+from .distributed import any_rank_failed, make_gather, shard, stack_vectors
 from .observer import EntropyProbeWarning, PhaseRunner, contained, preserved_state
 from .progress import ProgressHook, log_phase, log_probe, logger
 from .prompts import check_model, check_prompts, prompt_texts, prompt_token_ids, special_ids
@@ -35,6 +35,19 @@ from .result import ProbeResult, ResultDraft
 from .reverse import choose_derivative, reverse_pass
 from .sampling import EBatch, draw_randomness, sample_batch
 from .scoring import CHUNK_BYTES, Scorer, sequence_terms
+from .sharded import (
+    Lockstep,
+    at_shards,
+    check_sharded_config,
+    full_tensors,
+    is_sharded,
+    local,
+    local_copies,
+    local_state,
+    refuse_fsdp1,
+    sharded_forward,
+    sharded_phase,
+)
 from .update import (
     AdamReplay,
     adam_replay,
@@ -66,7 +79,10 @@ class Measurement:
     step: exp_avg, exp_avg_sq, max_exp_avg_sq, step for Adam), ``grads`` (copies of the gradients
     the optimizer consumed, None where a parameter had none; filled by after_step), and
     ``predicted`` (Delta theta rebuilt from them, float64). ``observed`` is theta' - theta
-    (float64). All dicts are keyed by parameter name.
+    (float64). All dicts are keyed by parameter name. For a sharded model (``sharded.py``)
+    ``theta``, ``optimizer_state`` and ``grads`` hold this rank's local shards,
+    ``observed_local`` its shard of theta' - theta, ``predicted`` and ``observed`` the full
+    (all-gathered) tensors, and ``lockstep`` the probe's checks.
     """
 
     result: ResultDraft
@@ -83,6 +99,8 @@ class Measurement:
     terms: dict[str, torch.Tensor] | None = None
     tokens: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     attribution: dict | None = None  # attribution_report.keep_inputs, with attribution=True
+    observed_local: dict[str, torch.Tensor] | None = None
+    lockstep: Lockstep | None = None
     skip_reason: str | None = None
 
     @property
@@ -124,6 +142,7 @@ class EntropyProbe:
     ):
         config = ProbeConfig.resolve(config, overrides, "EntropyProbe")
         self.config = config
+        refuse_fsdp1(model)
         self.model = check_model(model)
         self.tokenizer = tokenizer
         self.eos_ids, self.pad_id = special_ids(model, tokenizer)
@@ -136,10 +155,13 @@ class EntropyProbe:
                 "model has no trainable parameters to probe: the probe measures the step of the "
                 "trainable (LoRA) parameters; add adapters (peft.get_peft_model) or unfreeze some."
             )
-        refuse_sharded(self.params)
-        self.scorer = Scorer(model, config.temperature, config.chunk_size)
+        self.sharded = is_sharded(self.params)
+        self.scorer = Scorer(model, config.temperature, config.chunk_size, split=not self.sharded)
         self.rank, self.world_size = 0, 1
         self.gather: Gather = _local_gather
+        self._lockstep: Lockstep | None = None  # the running probe's (sharded models)
+        if self.sharded:  # refuses what it cannot probe; E sharded over the default group
+            self.set_distributed(*check_sharded_config(config))
         self._pending: Measurement | None = None
         self._calls = 0
         self._warned: set[str] = set()
@@ -173,10 +195,12 @@ class EntropyProbe:
         result = ResultDraft(step=step, normalize=cfg.normalize)
         runner = PhaseRunner(step, cfg.strict, result.timing)
         pending = Measurement(result, runner, time.perf_counter(), optimizer=optimizer)
-        self._pending = pending
+        if self.sharded:
+            pending.lockstep = Lockstep(self.device)
+        self._pending, self._lockstep = pending, pending.lockstep
         self._warn_if_half()
         with contained("update", step, cfg.strict, runner), preserved_state(self.model):
-            with runner.phase("update"):
+            with self._phase(pending, "update"):
                 check_moves_are_probed(optimizer, self.model, self.params)
                 result.learning_rate, mixed = learning_rate(optimizer, self.params)
                 if mixed:
@@ -184,8 +208,11 @@ class EntropyProbe:
                                    "learning rates; bars_dot divides by the first group's lr.")
                 result.num_params = sum(p.numel() for p in self.params.values())
                 self._choose_derivative(result)
-                pending.theta = snapshot(self.params)
+                pending.theta = (local_copies(self.params) if self.sharded
+                                 else snapshot(self.params))
                 pending.optimizer_state = optimizer_state(optimizer, self.params)
+                if self.sharded:
+                    pending.optimizer_state = local_state(pending.optimizer_state)
                 if is_adam(optimizer):
                     result.update_source = "adam_reconstruction"
                     if cfg.attribution:
@@ -197,7 +224,7 @@ class EntropyProbe:
                                    "it is not a prediction.")
             if runner.failed:
                 return
-            with runner.phase("sampling"):
+            with self._phase(pending, "sampling"):
                 pending.batch = self._sample(step)
 
     def after_step(self, **facts: Any) -> ProbeResult | None:
@@ -220,31 +247,34 @@ class EntropyProbe:
         if pending is None:
             return None
         result, runner, cfg = pending.result, pending.runner, self.config
+        self._lockstep = pending.lockstep
         collected = None
         with contained("restore", pending.step, cfg.strict, runner), ExitStack() as stack:
             if not runner.failed:
-                with runner.phase("update_check"):
+                with self._phase(pending, "update_check"):
                     stack.enter_context(preserved_state(self.model))
                     pending.skip_reason = self._rebuild_step(pending)
             go = not runner.failed and pending.skip_reason is None
             if go:
-                with runner.phase("derivative"):
+                with self._phase(pending, "derivative"):
                     direction = pending.predicted if pending.predicted is not None else (
                         pending.observed)
                     pending.terms = self._derivative_pass(pending, pending.theta, direction,
                                                           result.derivative, result.diagnostics)
             if go and not runner.failed:
-                with runner.phase("rescoring"):
+                with self._phase(pending, "rescoring"):
                     upd = self._score_all(pending.batch, None)
             if go and not runner.failed:
-                with runner.phase("sweep"):
+                with self._phase(pending, "sweep"):
                     sweep = {1.0: upd}
+                    step = pending.observed if pending.observed_local is None else (
+                        pending.observed_local)
                     for m in cfg.multipliers[1:]:
                         moved = {n: (pending.theta[n].to(torch.float64) + m * d).to(
-                            pending.theta[n].dtype) for n, d in pending.observed.items()}
+                            pending.theta[n].dtype) for n, d in step.items()}
                         sweep[m] = self._score_all(pending.batch, moved)
             if go and not runner.failed:
-                with runner.phase("collect"):
+                with self._phase(pending, "collect"):
                     collected = self._local_vectors(pending, sweep)
         # every rank arrives here (a skipped step too): one gather that is also the agreement
         vectors = self._gather(runner, collected)
@@ -331,8 +361,10 @@ class EntropyProbe:
         """Read what the optimizer consumed, rebuild Delta theta, compare with the observed one.
         Returns why the step was not taken, or None."""
         optimizer = pending.optimizer
-        pending.grads = consumed_gradients(self.params)
-        pending.observed = observed_step(self.params, pending.theta)
+        grads = consumed_gradients(self.params)
+        live = {n: p.to_local() for n, p in self.params.items()} if self.sharded else self.params
+        pending.grads = {n: local(g) for n, g in grads.items()}
+        pending.observed = observed_step(live, pending.theta)
         skipped = step_not_taken(optimizer, self.params, pending.optimizer_state, pending.grads,
                                  pending.observed)
         if skipped is None:
@@ -341,6 +373,12 @@ class EntropyProbe:
                                              pending.optimizer_state, pending.grads,
                                              split=pending.attribution is not None)
                 pending.predicted = pending.replay.delta
+            if self.sharded:  # every rank gets here unless one failed: the gathers follow a check
+                self._lockstep.check()
+                pending.observed_local = pending.observed
+                pending.observed = full_tensors(self.params, pending.observed)
+                if pending.predicted is not None:
+                    pending.predicted = full_tensors(self.params, pending.predicted)
             records.update_check(pending.result, pending.predicted, pending.observed)
         return skipped
 
@@ -368,11 +406,23 @@ class EntropyProbe:
 
     def set_distributed(self, rank: int, world_size: int) -> None:
         """Shard E over ``world_size`` processes; statistics are all-gathered (torch.distributed
-        must be initialised). Every rank must call before_step/after_step at the same steps."""
+        must be initialised). Every rank must call before_step/after_step at the same steps.
+        A sharded (FSDP2) model calls it itself with the default process group's rank and size;
+        its E shards must be equal (``batch_size`` divisible by ``world_size``), so that every
+        rank runs the same number of microbatches."""
+        if self.sharded and int(batch_size := self.config.batch_size) % int(world_size):
+            raise ProbeConfigError(
+                f"batch_size={batch_size} is not divisible by world_size={world_size}: under "
+                "FSDP2 every rank must run the same number of forwards (each all-gathers the "
+                "parameters), so E's shards must be equal. Set batch_size to a multiple of "
+                f"{world_size}.")
         self.rank, self.world_size = int(rank), int(world_size)
         self.gather = _local_gather
         if self.world_size > 1:
             self.gather = make_gather(self.config.batch_size, self.world_size, self.device)
+
+    def _phase(self, pending: Measurement, name: str):
+        return sharded_phase(pending.runner, pending.lockstep, self.model, name)
 
     def cancel(self) -> None:
         """Drop a pending probe without a record (its optimizer step will never be read).
@@ -431,6 +481,8 @@ class EntropyProbe:
             pad_token_id=self.pad_id,
             device=self.device,
             chunk_bytes=CHUNK_BYTES["cpu" if self.device.type == "cpu" else "accelerator"],
+            sync=None if self._lockstep is None else (
+                lambda running: self._lockstep.check(running=running)),
         )
         log_phase(step, "sampling", batch.size, int(batch.lengths.sum()),
                   time.perf_counter() - start)
@@ -442,6 +494,8 @@ class EntropyProbe:
         mbs = self.config.microbatch_size
         for start in range(0, batch.size, mbs):
             stop = min(start + mbs, batch.size)
+            if self._lockstep is not None:  # before each forward (sharded.Lockstep)
+                self._lockstep.check()
             yield batch.slice(start, stop)
             if phase:
                 self._report(phase, stop, batch.size)
@@ -450,6 +504,9 @@ class EntropyProbe:
         """The derivative this probe takes (``config.derivative``, "auto" resolved on the model
         as it is now), into the record; said in a log line the first time and on a change."""
         mode, why = choose_derivative(self.model, self.config.derivative)
+        if self.sharded:
+            mode, why = "forward", ("FSDP2-sharded parameters: forward mode, the tangent "
+                                    "injected at the modules that own them")
         result.derivative = mode
         if (mode, why) != self._derivative_said:
             self._derivative_said = (mode, why)
@@ -466,6 +523,8 @@ class EntropyProbe:
         if derivative == "reverse":
             passes = reverse_pass(self.scorer, self.params, microbatches, theta, direction,
                                   self.config.normalize, {} if diagnostics is None else diagnostics)
+        elif self.sharded:
+            passes = sharded_forward(self.scorer, self.params, microbatches, theta, direction)
         else:
             passes = self._forward(microbatches, theta, direction)
         parts = []
@@ -491,9 +550,11 @@ class EntropyProbe:
         start = time.perf_counter()
         phase = "rescoring" if params is None else "sweep"
         parts = []
-        for mb in self._microbatches(batch, phase):
-            logp, ent = self.scorer.score(mb, params)
-            parts.append(sequence_terms(logp, ent, mb.response_mask.to(logp.device)))
+        with (at_shards(self.model, self.params, params) if self.sharded and params is not None
+              else nullcontext()):
+            for mb in self._microbatches(batch, phase):
+                logp, ent = self.scorer.score(mb, None if self.sharded else params)
+                parts.append(sequence_terms(logp, ent, mb.response_mask.to(logp.device)))
         log_phase(self._step, phase, batch.size, int(batch.lengths.sum()),
                   time.perf_counter() - start)
         return _cat(parts)

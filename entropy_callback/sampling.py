@@ -9,6 +9,7 @@ consumed.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -106,6 +107,7 @@ def sample_batch(
     device: torch.device,
     microbatch_size: int | None = None,
     chunk_bytes: int = 10_000_000,
+    sync: Callable[[bool], bool] | None = None,
 ) -> EBatch:
     """Sample one response for each of the prompts ``prompt_index`` [B], using ``uniforms``.
 
@@ -117,6 +119,10 @@ def sample_batch(
     All rows run in one decode loop (``microbatch_size`` rows per loop if given: the rows do not
     depend on it); each distinct prompt is prefilled once, with logits at its last position only,
     and the float64 softmax runs over about ``chunk_bytes`` per chunk of rows.
+
+    ``sync(running) -> any rank running`` (a sharded model: ``sharded.Lockstep.check``) is
+    called before every forward; the decode loop then runs until no rank has a row running, and
+    each distinct prompt is prefilled with its rows (one prefill forward on every rank).
     """
     rows = len(prompt_index) if microbatch_size is None else microbatch_size
     parts = []
@@ -132,6 +138,7 @@ def sample_batch(
                 pad_token_id=pad_token_id,
                 device=device,
                 chunk_bytes=chunk_bytes,
+                sync=sync,
             )
         )
     return _concat(parts, prompt_index, pad_token_id)
@@ -209,14 +216,17 @@ def _prefill(model, prompts, prompt_ids, prompt_mask, share=True):
 
 
 def _sample_rows(
-    model, prompts, uniforms, *, temperature, eos_token_ids, pad_token_id, device, chunk_bytes
+    model, prompts, uniforms, *, temperature, eos_token_ids, pad_token_id, device, chunk_bytes,
+    sync=None,
 ):
     prompt_ids, prompt_mask = left_pad(prompts, pad_token_id, device)
     eos = torch.tensor(eos_token_ids, dtype=torch.long, device=device)
     max_new_tokens = uniforms.shape[1]
     B = prompt_ids.shape[0]
     prompt_lengths = prompt_mask.sum(-1)
-    past, logits = _prefill(model, prompts, prompt_ids, prompt_mask)
+    if sync is not None:
+        sync(True)
+    past, logits = _prefill(model, prompts, prompt_ids, prompt_mask, share=sync is None)
     cache_name = cache_keyword(model)
     mask = prompt_mask
     alive = torch.ones(B, dtype=torch.bool, device=device)
@@ -232,7 +242,10 @@ def _sample_rows(
         stopped |= hit_eos
         mask = torch.cat([mask, alive.long().unsqueeze(-1)], dim=-1)
         alive = alive & ~hit_eos
-        if k == max_new_tokens - 1 or not bool(alive.any()):
+        running = bool(alive.any())
+        if k < max_new_tokens - 1 and sync is not None:
+            running = sync(running)
+        if k == max_new_tokens - 1 or not running:
             break
         out = model(
             input_ids=tok.unsqueeze(-1),

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .forward_mode import jvp
+from .forward_mode import jvp, tangent_of
 from .head import SplitModel, split_model
 from .sampling import EBatch, forward_accepts
 from .variants import call_substituted, exact_variant_derivatives
@@ -164,14 +164,17 @@ class Scorer:
     """Scores E microbatches with a fixed model, at the live or at substituted parameters.
 
     ``chunk_size``: positions per float64 chunk, or None to size chunks by ``CHUNK_BYTES``.
+    ``split``: False scores through the model's own forward always (a sharded model: FSDP2
+    unshards the root's parameters in the root's forward only).
     """
 
-    def __init__(self, model: torch.nn.Module, temperature: float, chunk_size: int | None):
+    def __init__(self, model: torch.nn.Module, temperature: float, chunk_size: int | None,
+                 split: bool = True):
         self.model = model
         self.temperature = temperature
         self.chunk_size = chunk_size
         self._keep = forward_accepts(model, "logits_to_keep")
-        self._split: SplitModel | None = split_model(model)
+        self._split: SplitModel | None = split_model(model) if split else None
         self._verified = self._split is None
 
     @property
@@ -328,6 +331,13 @@ class Scorer:
                 (logp, ent), (dlogp, dent) = jvp(
                     lambda p: self._forward(mb, p), (primals,), (tangents,)
                 )
+        return logp, ent, dlogp, dent
+
+    def score_with_injected_tangent(self, mb: EBatch):
+        """(l, H, D_u l, D_u H) [b, L] float64 at the live parameters, the tangent entering
+        through hooks (``sharded.TangentInjector``, entered by the caller); the full forward."""
+        with exact_variant_derivatives(self.model), torch.no_grad(), no_flash_attention():
+            (logp, ent), (dlogp, dent) = tangent_of(lambda: self._forward(mb, None))
         return logp, ent, dlogp, dent
 
 

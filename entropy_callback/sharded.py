@@ -1,0 +1,245 @@
+"""Probing a model sharded with FSDP2 (``fully_shard``: its parameters are DTensors).
+
+FSDP2 all-gathers a block's parameters inside every forward of that block, so every rank must
+run the same forwards in the same order, and a rank that fails must not leave the others inside
+an all-gather. Four pieces make the engine's passes work on such a model:
+
+- ``Lockstep``: every forward (a decode step, a microbatch) and every collective is preceded by
+  one check, a MAX all-reduce of (failed, running) reached by every rank; each phase ends with
+  one too. A rank whose phase fails announces it at its phase's end check, which meets the
+  other ranks' next check: they raise ``OtherRankFailed`` there, before their next forward, and
+  every rank skips the rest of the probe. The decode loop uses the same check to run until no
+  rank has a row still running.
+- ``at_shards``: the passes at theta and theta + m Delta theta write those values into the live
+  DTensors' local shards (no ``functional_call``: DTensor substitution has no sharding rule),
+  run, and write theta' back bitwise, resharding every FSDP module before and after (the root
+  keeps its parameters unsharded after a forward, which would otherwise hold stale values).
+- ``TangentInjector``: forward-mode AD without substituted parameters: a forward hook on each
+  module owning a probed parameter (FSDP has unsharded it by then) adds a dual zero whose
+  tangent is the module's own derivative along Delta theta, its input held fixed. The chain
+  rule through the rest of the model is forward-mode AD's own.
+- local / full tensors: theta, the Adam state and the consumed gradients are read as each rank's
+  local shards (the Adam replay is elementwise); Delta theta is all-gathered (LoRA-sized) for
+  the tangent and the update check.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
+from torch import nn
+
+from .injection import Injector, _attribute
+from .scoring import sequence_terms
+
+
+class OtherRankFailed(RuntimeError):
+    """Another rank announced a failure at this check: this rank skips the probe."""
+
+
+def is_sharded(params: Mapping[str, torch.Tensor]) -> bool:
+    """Whether the probed parameters are DTensors (FSDP2's ``fully_shard``)."""
+    if not torch.distributed.is_available():  # a build without distributed has no DTensor
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in params.values())
+
+
+FSDP1_REFUSAL = (
+    "EntropyProbe cannot probe a model wrapped with FSDP1 (FullyShardedDataParallel: its "
+    "parameters are flattened into per-rank buffers whose slices the probe cannot map back to "
+    "the LoRA tensors). Shard the model with FSDP2 instead (torch.distributed.fsdp.fully_shard), "
+    "which the probe supports (docs/distributed.md), or probe a DDP or single-process run."
+)
+
+
+def refuse_fsdp1(model: nn.Module) -> None:
+    """ProbeConfigError for a model wrapped with FSDP1, naming FSDP2 as the supported way."""
+    if not torch.distributed.is_available():
+        return
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    from .config import ProbeConfigError
+
+    if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+        raise ProbeConfigError(FSDP1_REFUSAL)
+
+
+def check_sharded_config(config) -> tuple[int, int]:
+    """ProbeConfigError for what a sharded model does not support; else the default process
+    group's (rank, world size), for ``EntropyProbe.set_distributed``."""
+    import torch.distributed as dist
+
+    from .config import ProbeConfigError
+
+    if config.derivative == "reverse":
+        raise ProbeConfigError(
+            "derivative='reverse' is not supported on a model sharded with FSDP2 (its backward "
+            "would run FSDP's gradient reduce-scatter); use derivative='auto' or 'forward' "
+            "(forward mode with the tangent injected by hooks, sharded.py).")
+    if config.attribution:
+        raise ProbeConfigError(
+            "attribution=True is not supported on a model sharded with FSDP2 (its surrogate "
+            "gradient is a backward pass); set attribution=False.")
+    if not dist.is_initialized():
+        raise ProbeConfigError(
+            "model: its parameters are DTensors (FSDP2) but torch.distributed is not "
+            "initialised; build the probe after init_process_group and fully_shard.")
+    return dist.get_rank(), dist.get_world_size()
+
+
+class Lockstep:
+    """The check every rank reaches before each forward and collective, and at each phase's end
+    (module docstring). One per probe; once a failure is known to all ranks, the probe's
+    remaining phases are skipped on every rank and no further check is made."""
+
+    def __init__(self, device: torch.device):
+        import torch.distributed as dist
+
+        self._dist = dist
+        self._device = device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+    def check(self, failed: bool = False, running: bool = False) -> bool:
+        """Whether any rank is still running (decode loops); raises ``OtherRankFailed`` when
+        another rank failed and this one did not."""
+        flags = torch.tensor([int(failed), int(running)], dtype=torch.int32, device=self._device)
+        self._dist.all_reduce(flags, op=self._dist.ReduceOp.MAX)
+        if flags[0].item() and not failed:
+            raise OtherRankFailed("the probe failed on another rank; all ranks skip it")
+        return bool(flags[1].item())
+
+    def end_phase(self, failed: bool) -> bool:
+        """A phase's closing check; True when another rank failed (this one did not)."""
+        try:
+            self.check(failed=failed)
+        except OtherRankFailed:
+            return True
+        return False
+
+
+def reshard_all(model: nn.Module) -> None:
+    """Reshard every FSDP2 module (a no-op where already sharded)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def local(x):
+    """A DTensor's local shard (other values unchanged)."""
+    from torch.distributed.tensor import DTensor
+
+    return x.to_local() if isinstance(x, DTensor) else x
+
+
+def local_copies(params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Copies of each parameter's local shard."""
+    return {n: local(p).detach().clone() for n, p in params.items()}
+
+
+def local_state(state: Mapping[str, Mapping[str, object]]) -> dict[str, dict[str, object]]:
+    """``update.optimizer_state`` copies with every DTensor read as its local shard."""
+    return {n: {k: local(v) for k, v in s.items()} for n, s in state.items()}
+
+
+def full_tensors(params: Mapping[str, torch.Tensor],
+                 shards: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The full tensors whose local shards are ``shards``, laid out as ``params`` (all-gathers:
+    every rank must call it, after a ``Lockstep.check``)."""
+    from torch.distributed.tensor import DTensor
+
+    out = {}
+    for n, p in params.items():
+        d = DTensor.from_local(shards[n], p.device_mesh, p.placements, shape=p.shape,
+                               stride=p.stride())
+        out[n] = d.full_tensor()
+    return out
+
+
+@contextmanager
+def at_shards(model: nn.Module, params: Mapping[str, torch.Tensor],
+              shards: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    """The live parameters hold ``shards`` (local values, any float dtype) inside; their own
+    local values are written back bitwise on exit, and every FSDP module is resharded before and
+    after (so no unsharded copy outlives either value)."""
+    live = {n: local(p) for n, p in params.items()}
+    kept = {n: t.clone() for n, t in live.items()}
+    reshard_all(model)
+    try:
+        with torch.no_grad():
+            for n, t in live.items():
+                t.copy_(shards[n])
+        yield
+    finally:
+        reshard_all(model)
+        with torch.no_grad():
+            for n, t in live.items():
+                t.copy_(kept[n])
+
+
+class TangentInjector(Injector):
+    """Forward hooks turning the output of every module that owns a probed parameter into
+    ``out + make_dual(0, D_u out)``: inside ``forward_ad.dual_level`` the model's outputs then
+    carry their derivative along u, with no parameter substituted. D_u out is the module's own
+    derivative, its input's primal held fixed (its input's tangent flows through the module by
+    forward-mode AD). Linear and embedding layers only (LoRA's), since a nested dual level for
+    other modules is not possible."""
+
+    def _hook(self, module, args, kwargs, output):
+        if not torch.is_tensor(output):
+            raise RuntimeError(
+                f"the sharded forward-mode pass needs the output of {type(module).__name__} (it "
+                f"owns probed parameters) as a tensor, got {type(output).__name__}.")
+        u = {local_name: self.tangents[full].to(_attribute(module, local_name).dtype)
+             for local_name, full in self.owners[module]}
+        x = fwAD.unpack_dual(args[0]).primal if args and torch.is_tensor(args[0]) else None
+        if type(module) is nn.Linear and x is not None:
+            d = (F.linear(x, u["weight"], u.get("bias")) if "weight" in u
+                 else u["bias"].expand(*x.shape[:-1], module.out_features))
+        elif type(module) is nn.Embedding and set(u) == {"weight"} and module.max_norm is None:
+            d = F.embedding(x, u["weight"])
+        else:
+            raise RuntimeError(
+                f"probed parameters of a sharded model must sit in Linear or Embedding layers "
+                f"(LoRA's); {type(module).__name__} owns some.")
+        return output + fwAD.make_dual(torch.zeros_like(output), d.to(output.dtype))
+
+
+@contextmanager
+def sharded_phase(runner, lockstep: Lockstep | None, model: nn.Module, name: str):
+    """``runner.phase(name)`` (``observer.PhaseRunner``); with a ``lockstep`` (a sharded model)
+    every FSDP module is then resharded and the phase's closing check made: a failure on
+    another rank becomes this rank's, phase "distributed"."""
+    other = False
+    with runner.phase(name):
+        try:
+            yield
+        except OtherRankFailed:
+            other = True
+        finally:
+            if lockstep is not None:
+                reshard_all(model)
+    if lockstep is not None and not other:
+        other = lockstep.end_phase(runner.failed)
+    if other:
+        with runner.phase("distributed"):
+            raise RuntimeError("the probe failed on another rank; all ranks skip it")
+
+
+def sharded_forward(scorer, params: Mapping[str, torch.Tensor], microbatches,
+                    theta: Mapping[str, torch.Tensor], direction: Mapping[str, torch.Tensor]):
+    """The forward-mode derivative pass on a sharded model, per microbatch (l, H, terms) as
+    ``scoring.sequence_terms`` gives them: the live local shards hold ``theta`` (this rank's)
+    while the tangent along the full ``direction`` enters through ``TangentInjector``."""
+    with at_shards(scorer.model, params, theta), TangentInjector(scorer.model, params,
+                                                                 direction):
+        for mb in microbatches:
+            logp, ent, dlogp, dent = scorer.score_with_injected_tangent(mb)
+            mask = mb.response_mask.to(logp.device)
+            yield logp, ent, sequence_terms(logp, ent, mask, dlogp, dent)
