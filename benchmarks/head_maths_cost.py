@@ -36,7 +36,7 @@ from entropy_callback.scoring import (
 
 
 def _chunk_loop(maths, W, h, dh, targets, budgets):
-    """The loop of ``Scorer._head_rows`` for a plain linear head (closed-form tangent)."""
+    """The loop of ``Scorer.head_rows`` for a plain linear head (closed-form tangent)."""
     n, vocab = h.shape[0], W.shape[0]
     rows = chunk_rows(vocab, None, h.device, budgets)
     block = head_block_rows(vocab, rows, None, h.device)

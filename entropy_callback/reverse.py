@@ -68,7 +68,7 @@ def surrogate_backward(scorer: Scorer, mb, leaves: Mapping[str, torch.Tensor], w
     """The gradients of the objectives ``weights`` defines over microbatch ``mb`` at ``leaves``
     (tensors that require grad, substituted by ``functional_call``; nothing live is written),
     one backward each. The head runs per chunk of positions on the split path."""
-    scorer._check_split(mb)
+    scorer.check_split(mb)
     with torch.enable_grad(), exact_variant_derivatives(scorer.model):
         if scorer.split is None:
             return _full_backward(scorer, mb, leaves, weights, injector)
@@ -95,7 +95,7 @@ def _split_backward(scorer, mb, leaves, weights, injector) -> Backward:
     sequence = torch.arange(b, device=device).unsqueeze(1).expand_as(mask)[mask]  # row -> i
     eps_body = leaf(b, injector, device)
     with injecting(injector, eps_body):
-        hidden, _ = scorer._hidden(mb, leaves)  # [N, d], with the body's graph
+        hidden, _ = scorer.hidden_states(mb, leaves)  # [N, d], with the body's graph
     head_leaves = {k: v for k, v in leaves.items() if k in split.head_names}
     fixed = {k: v.detach() for k, v in head_leaves.items()}
     closed_form = split.plain and not head_leaves
@@ -103,7 +103,7 @@ def _split_backward(scorer, mb, leaves, weights, injector) -> Backward:
         if closed_form:
             logp_rows, ent_rows, d_ent, d_logp = _plain_head(scorer, hidden.detach(), targets)
         else:
-            logp_rows, ent_rows = scorer._head_rows(hidden.detach(), None, targets, fixed, None)
+            logp_rows, ent_rows = scorer.head_rows(hidden.detach(), None, targets, fixed, None)
     logp = torch.zeros(mask.shape, dtype=torch.float64, device=device)
     ent = torch.zeros_like(logp)
     logp[mask], ent[mask] = logp_rows, ent_rows
@@ -200,7 +200,7 @@ def _full_backward(scorer, mb, leaves, weights, injector) -> Backward:
     b = mb.response_mask.shape[0]
     eps = leaf(b, injector, device)
     with injecting(injector, eps):
-        logp, ent = scorer._forward(mb, leaves)
+        logp, ent = scorer.full_forward(mb, leaves)
     mask = mb.response_mask.to(device, torch.float64)
     objectives = weights(ent.detach(), mask)
     inputs = [*leaves.values(), *([eps] if eps is not None else [])]

@@ -34,7 +34,7 @@ CHUNK_BYTES = {"cpu": 10_000_000, "accelerator": 256 << 20}
 CPU's cache, large enough to keep an accelerator busy."""
 
 MATHS_CHUNK_BYTES = {"cpu": 1 << 20, "accelerator": 256 << 20}
-"""The same for ``head_maths`` in ``Scorer._head_rows`` (scoring and the forward-mode pass),
+"""The same for ``head_maths`` in ``Scorer.head_rows`` (scoring and the forward-mode pass),
 whose buffers are reused chunk after chunk: 1 MiB (4 positions at 32k, 1 at 150k) stays in a CPU
 core's L2 cache. In the probe the derivative and rescoring phases took 0.63-0.87 and 0.55-0.84
 of their time before ``head_maths`` with it, 0.86-0.88 and 0.87-0.94 with 10 MB chunks
@@ -194,8 +194,10 @@ class Scorer:
             position_ids=mb.position_ids.to(self.device),
         )
 
-    def _check_split(self, mb: EBatch) -> None:
-        """Once: head(body(x)) must reproduce the model's logits, else fall back with a warning."""
+    def check_split(self, mb: EBatch) -> None:
+        """Once: head(body(x)) must reproduce the model's logits, else fall back with a warning.
+        Call before ``hidden_states``/``head_rows``; then ``split`` is None on the fallback
+        path (``full_forward``)."""
         if self._verified:
             return
         self._verified = True
@@ -217,7 +219,7 @@ class Scorer:
             )
 
     # ------------------------------------------------------------------ the split path
-    def _hidden(self, mb: EBatch, params, tangents=None):
+    def hidden_states(self, mb: EBatch, params, tangents=None):
         """Last hidden states at the response-predicting positions [N, d] (N = real tokens in
         ``mb``), with their tangent along ``tangents`` when given."""
         L = mb.response_mask.shape[1]
@@ -235,8 +237,10 @@ class Scorer:
         with no_flash_attention():
             return jvp(body, (params,), (tangents,))
 
-    def _head_rows(self, hidden, dhidden, targets, params, tangents):
-        """(l, H[, D l, D H]) [N] float64 from hidden states [N, d], chunk by chunk."""
+    def head_rows(self, hidden, dhidden, targets, params, tangents):
+        """(l, H[, D l, D H]) [N] float64 from hidden states [N, d] and their tangent ``dhidden``
+        (or None), for ``targets`` [N], chunk by chunk; ``params``/``tangents`` may hold the
+        head's own parameters (a trained head)."""
         split = self._split
         head_keys = [n for n in (params or {}) if n in split.head_names]
         hp = {k: params[k] for k in head_keys}
@@ -279,8 +283,8 @@ class Scorer:
     def _split_score(self, mb: EBatch, params, tangents=None):
         mask = mb.response_mask.to(self.device)
         targets = mb.response_ids.to(self.device)[mask]
-        hidden, dhidden = self._hidden(mb, params, tangents)
-        rows = self._head_rows(hidden, dhidden, targets, params, tangents)
+        hidden, dhidden = self.hidden_states(mb, params, tangents)
+        rows = self.head_rows(hidden, dhidden, targets, params, tangents)
         out = []
         for r in rows:
             full = torch.zeros(mask.shape, dtype=torch.float64, device=self.device)
@@ -289,7 +293,9 @@ class Scorer:
         return tuple(out)
 
     # ------------------------------------------------------------------ the fallback path
-    def _forward(self, mb: EBatch, params: dict[str, torch.Tensor] | None):
+    def full_forward(self, mb: EBatch, params: dict[str, torch.Tensor] | None):
+        """(l, H) [b, L] float64 through the model's own forward (logits of the whole
+        microbatch), at the live parameters or ``params`` substituted: the fallback path."""
         L = mb.response_mask.shape[1]
         kwargs = dict(self._inputs(mb), use_cache=False)
         if self._keep:
@@ -311,9 +317,9 @@ class Scorer:
     def score(self, mb: EBatch, params: dict[str, torch.Tensor] | None = None):
         """(l, H) [b, L] float64 at the live parameters, or at ``params`` substituted.
         Entries past each response's stop are 0 (masked out downstream)."""
-        self._check_split(mb)
+        self.check_split(mb)
         if self._split is None:
-            return self._forward(mb, params)
+            return self.full_forward(mb, params)
         return self._split_score(mb, params)
 
     def score_with_tangent(
@@ -323,13 +329,13 @@ class Scorer:
         (through what peft's LoRA variants detach, e.g. DoRA's weight norm: ``variants.py``).
         No autograd graph: forward mode does not need one (and a variant's norm, undetached, may
         hang on a leaf peft creates, e.g. ``transpose`` of an embedding's weight)."""
-        self._check_split(mb)
+        self.check_split(mb)
         with exact_variant_derivatives(self.model), torch.no_grad():
             if self._split is not None:
                 return self._split_score(mb, primals, tangents)
             with no_flash_attention():
                 (logp, ent), (dlogp, dent) = jvp(
-                    lambda p: self._forward(mb, p), (primals,), (tangents,)
+                    lambda p: self.full_forward(mb, p), (primals,), (tangents,)
                 )
         return logp, ent, dlogp, dent
 
@@ -337,7 +343,7 @@ class Scorer:
         """(l, H, D_u l, D_u H) [b, L] float64 at the live parameters, the tangent entering
         through hooks (``sharded.TangentInjector``, entered by the caller); the full forward."""
         with exact_variant_derivatives(self.model), torch.no_grad(), no_flash_attention():
-            (logp, ent), (dlogp, dent) = tangent_of(lambda: self._forward(mb, None))
+            (logp, ent), (dlogp, dent) = tangent_of(lambda: self.full_forward(mb, None))
         return logp, ent, dlogp, dent
 
 
