@@ -298,7 +298,8 @@ class EntropyGovernor:
         runner = PhaseRunner(record.step, self.probe.config.strict, record.timing)
         lrs = [group["lr"] for group in optimizer.param_groups]
         record.lr = float(lrs[0])
-        active = {"optimizer": optimizer, "lrs": lrs, "record": record, "runner": runner}
+        active = {"optimizer": optimizer, "lrs": lrs, "record": record, "runner": runner,
+                  "counts": _step_counts(optimizer, self.probe.params)}
         if step % self.policy.every == 0 or self.bars_dot is None:
             with preserved_state(self.probe.model), runner.phase("predict"):
                 active.update(self._predict(optimizer, record))
@@ -321,6 +322,10 @@ class EntropyGovernor:
         theta = {n: p.detach() for n, p in params.items()}
         state = {n: dict(optimizer.state.get(p, {})) for n, p in params.items()}
         grads = {n: None if p.grad is None else p.grad.detach() for n, p in params.items()}
+        scale = getattr(optimizer, "grad_scale", None)  # GradScaler with a fused Adam: the
+        if torch.is_tensor(scale):                      # kernel unscales inside its step
+            grads = {n: None if g is None else g / scale.to(g.device, g.dtype)
+                     for n, g in grads.items()}
         direction = adam_replay(optimizer, params, theta, state, grads).delta
         batch = probe.sample_e(record.step)
         terms = probe.e_terms(batch, direction)
@@ -363,10 +368,18 @@ class EntropyGovernor:
             return None
         self.restore_lr()
         record, runner = active["record"], active["runner"]
-        if record.governed and not runner.failed:
-            with preserved_state(self.probe.model), runner.phase("realize"):
-                self._realize(record, active["batch"], active["terms"])
-        self._update_trust(record)
+        counts = _step_counts(active["optimizer"], self.probe.params)
+        if not any(now > before for now, before in zip(counts, active["counts"], strict=True)):
+            # a fused Adam under GradScaler runs its step (and the hooks) for a step it skips
+            record.trust = ("the optimizer did not take this step (its step count did not "
+                            "advance, e.g. GradScaler skipped it): nothing realized, the trust "
+                            "region unchanged")
+            record.next_ceiling = self.ceiling
+        else:
+            if record.governed and not runner.failed:
+                with preserved_state(self.probe.model), runner.phase("realize"):
+                    self._realize(record, active["batch"], active["terms"])
+            self._update_trust(record)
         record.error = runner.error
         self.records.append(record)
         for sink in self._on_record:
@@ -414,3 +427,13 @@ class EntropyGovernor:
         self.bars_dot, self.H, self.H_se = state.get("bars_dot"), state.get("H"), state.get("H_se")
         self.sensitivity_step = state.get("sensitivity_step")
         self._calls = int(state.get("calls", 0))
+
+
+def _step_counts(optimizer: torch.optim.Optimizer, params: Mapping[str, torch.Tensor]) -> list:
+    """Adam's step count of each parameter (0 before its first step): a step was taken when
+    one of them advanced."""
+    counts = []
+    for p in params.values():
+        step = optimizer.state.get(p, {}).get("step", 0)
+        counts.append(float(step.item()) if torch.is_tensor(step) else float(step))
+    return counts

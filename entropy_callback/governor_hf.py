@@ -63,6 +63,12 @@ class EntropyGovernorTrainerCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, processing_class=None,
                        **kwargs) -> None:
+        if self.governor is not None:  # a train() that raised never reached on_train_end:
+            self.governor.detach()     # unhook it (and restore its lr) before a new one
+            self.governor = None
+        if self.log is not None:
+            self.log.close()
+            self.log = None
         if args.world_size > 1:
             raise ProbeConfigError("EntropyGovernorTrainerCallback runs in a single process; "
                                    "train on one device or remove the callback.")

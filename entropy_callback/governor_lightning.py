@@ -64,8 +64,13 @@ class EntropyGovernorCallback(Callback):
         self._state: dict[str, Any] | None = None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage != "fit" or self.governor is not None:
+        if stage != "fit":
             return
+        if self.governor is not None:  # a later fit: bind to this fit's model, keep the state
+            self.governor.detach()
+            if self._state is None:
+                self._state = self.governor.state_dict()
+            self.governor = None
         if trainer.world_size > 1:
             raise ProbeConfigError("EntropyGovernorCallback runs in a single process (it reads "
                                    "E on one rank); use devices=1 or remove the callback.")

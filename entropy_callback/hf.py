@@ -180,12 +180,9 @@ class EntropyProbeTrainerCallback(TrainerCallback):
             return
         with contained("save", state.global_step, session.config.strict):
             payload = {**session.state_dict(), "trainer_state": fingerprint(state)}
-            try:
-                atomic_write(folder / self.state_file, json.dumps(payload).encode())
-            except OSError as exc:  # the observer contract: a checkpoint is never lost to us
-                session.probe.warn_once("save", f"could not write {folder / self.state_file} "
-                                        f"({exc}); a resume from this checkpoint will log a "
-                                        "new probe run.")
+            # a failed write is a warning from ``contained`` (a resume from this checkpoint
+            # then logs a new probe run): a checkpoint is never lost to the probe
+            atomic_write(folder / self.state_file, json.dumps(payload).encode())
 
     # ------------------------------------------------------------------ the step
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack, closing, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -528,10 +528,11 @@ class EntropyProbe:
         else:
             passes = self._forward(microbatches, theta, direction)
         parts = []
-        for logp, ent, terms in passes:
-            parts.append(terms)
-            if keep_tokens:
-                pending.tokens.append((logp.cpu(), ent.cpu()))
+        with closing(passes):  # the passes' contexts (shards, hooks) close here, not at GC
+            for logp, ent, terms in passes:
+                parts.append(terms)
+                if keep_tokens:
+                    pending.tokens.append((logp.cpu(), ent.cpu()))
         log_phase(self._step, "derivative", pending.batch.size,
                   int(pending.batch.lengths.sum()), time.perf_counter() - start)
         return _cat(parts)

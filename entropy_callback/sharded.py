@@ -177,10 +177,12 @@ def at_shards(model: nn.Module, params: Mapping[str, torch.Tensor],
                 t.copy_(shards[n])
         yield
     finally:
-        reshard_all(model)
-        with torch.no_grad():
-            for n, t in live.items():
-                t.copy_(kept[n])
+        try:
+            reshard_all(model)
+        finally:  # theta' goes back even when resharding raised
+            with torch.no_grad():
+                for n, t in live.items():
+                    t.copy_(kept[n])
 
 
 class TangentInjector(Injector):

@@ -421,3 +421,76 @@ def test_hf_checkpoint_carries_the_controller_state(tmp_path):
     assert again.governor.state_dict()["calls"] == 4
     assert json.loads((tmp_path / "checkpoint-4" / STATE_FILE).read_text())["governor"] == (
         again.governor.state_dict())
+
+
+def test_a_step_the_optimizer_skips_leaves_the_trust_region_alone(make_grpo, heldout_prompts):
+    """A fused AdamW under GradScaler runs its step (and the governor's hooks) for a step it
+    skips for inf gradients: the record says the step was not taken, nothing is realized, the
+    ceiling is unchanged, and the lr is back; the predicted step is the unscaled one."""
+    module = make_grpo(seed=0, lr=FAST)
+    params = [p for p in module.model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=FAST, fused=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    gov = EntropyGovernor(module.model, module.tokenizer, heldout_prompts, max_drop=1e-4,
+                          alpha_min=0.1, **TINY_PROBE).attach(opt)
+    batches = iter(module.train_dataloader())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*self.log.*")
+        for t in range(3):
+            opt.zero_grad()
+            loss = module.training_step(next(batches), t)["loss"]
+            scaler.scale(loss * (math.inf if t == 1 else 1.0)).backward()
+            ceiling = gov.ceiling
+            before = [p.detach().clone() for p in params]
+            scaler.step(opt)
+            scaler.update()
+            record = gov.records[-1]
+            assert opt.param_groups[0]["lr"] == FAST
+            if t == 1:  # skipped: parameters unchanged, nothing realized, ceiling kept
+                assert all(torch.equal(a, p) for a, p in zip(before, params, strict=True))
+                assert "did not take this step" in record.trust
+                assert record.realized is None and gov.ceiling == ceiling
+            else:  # taken: the realized change follows the (unscaled) prediction
+                assert record.realized is not None
+                assert record.realized == pytest.approx(record.predicted, abs=5e-3, rel=0.5)
+
+
+def test_a_second_fit_binds_the_governor_to_its_own_model(make_grpo, heldout_prompts, fit,
+                                                          tmp_path):
+    """The same EntropyGovernorCallback in two fits with two modules: the second fit governs
+    its own model (the first fit's is unhooked), each step once."""
+    cb = EntropyGovernorCallback(heldout_prompts, max_drop=0.005, alpha_min=0.05, **TINY_PROBE)
+    fit(make_grpo(seed=0, lr=FAST), tmp_path / "a", max_steps=3, callbacks=[cb])
+    first = cb.governor
+    fit(make_grpo(seed=1, lr=FAST), tmp_path / "b", max_steps=3, callbacks=[cb])
+    assert cb.governor is not first and not first._hooks
+    assert [r.step for r in cb.records] == [0, 1, 2, 0, 1, 2]
+    assert all(r.error is None for r in cb.records)
+
+
+def test_hf_train_that_raised_leaves_no_governor_hooked(tmp_path):
+    """A train() that raised mid-run never reaches on_train_end: the next train() with the same
+    callback unhooks the old governor first, so each step is governed once."""
+    from test_hf import plain_trainer
+
+    from entropy_callback.governor_hf import EntropyGovernorTrainerCallback
+
+    cb = EntropyGovernorTrainerCallback(make_prompts(8, seed=123), max_drop=1e-4, alpha_min=0.1,
+                                        max_new_tokens=3, batch_size=8, microbatch_size=8)
+    trainer = plain_trainer(tmp_path, cb, steps=4)
+    boom = {"armed": True}
+
+    def crash(optimizer, args, kwargs):
+        if boom["armed"] and len(cb.records) == 2:
+            boom["armed"] = False
+            raise RuntimeError("crash mid-train")
+
+    trainer.create_optimizer()
+    trainer.optimizer.register_step_post_hook(crash)
+    with pytest.raises(RuntimeError, match="crash mid-train"):
+        trainer.train()
+    old = cb.governor
+    trainer.train()
+    assert not old._hooks and cb.governor is not old
+    steps = [r.step for r in cb.records[2:]]
+    assert steps == sorted(set(steps)) == list(range(4))  # each step governed once
