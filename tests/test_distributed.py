@@ -14,6 +14,7 @@ import socket
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -222,7 +223,7 @@ def test_lightning_ddp_spawn_writes_once_from_rank_zero(tmp_path, monkeypatch):
     trainer = L.Trainer(accelerator="cpu", devices=WORLD, strategy="ddp_spawn", max_steps=5,
                         logger=logger, callbacks=[probe], enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(module)
+    _spawn_fit(trainer, module, tmp_path / "ddp")
     records = load_run(tmp_path / "ddp" / "version_0")
     assert [r["step"] for r in records] == [0, 2, 4]  # one line per probed step: rank 0 only
     lines = (tmp_path / "ddp" / "version_0" / "entropy_probe" / "probes.jsonl").read_text()
@@ -233,6 +234,26 @@ def test_lightning_ddp_spawn_writes_once_from_rank_zero(tmp_path, monkeypatch):
         # attribution is single-process: its section says so, the record itself is complete
         section = load_step(tmp_path / "ddp" / "version_0", r["step"])["attribution"]
         assert section["error"]["type"] == "NotSupported" and "DDP" in section["error"]["message"]
+
+
+def _spawn_fit(trainer: Any, module: Any, root: Path) -> None:
+    """``trainer.fit(module)`` under ddp_spawn, once more if a rank was killed by SIGABRT or
+    SIGSEGV: gloo's teardown at a spawned process's exit sometimes aborts ("terminate called
+    without an active exception") after the fit has finished, seen once in about six full
+    suite runs, in an unprobed fit as well. ``root`` (the logger's directory) is emptied first
+    so the rerun writes the same version_0; a failure that repeats still fails the test."""
+    import shutil
+
+    import torch.multiprocessing as tmp
+
+    try:
+        trainer.fit(module)
+    except tmp.ProcessExitedException as exc:
+        if exc.signal_name not in ("SIGABRT", "SIGSEGV"):
+            raise
+        shutil.rmtree(root, ignore_errors=True)
+        os.environ["MASTER_PORT"] = str(_free_port())
+        trainer.fit(module)
 
 
 def _dense_reward(prompt: str, response: str) -> float:
@@ -260,7 +281,7 @@ def _ddp_fit(tmp_path: Path, name: str, with_probe: bool, monkeypatch) -> dict:
                         logger=TensorBoardLogger(tmp_path, name=name), callbacks=callbacks,
                         enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, gradient_clip_val=1.0)
-    trainer.fit(module)
+    _spawn_fit(trainer, module, tmp_path / name)
     # ddp_spawn hands rank 0's trained weights back to this process
     return {n: p.detach().clone() for n, p in module.model.named_parameters() if "lora_" in n}
 
@@ -308,7 +329,7 @@ def test_a_fault_on_rank_one_outside_the_probe_phases_does_not_end_the_run(tmp_p
                         logger=TensorBoardLogger(tmp_path, name="ddp"), callbacks=[probe],
                         enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False)
-    trainer.fit(module)
+    _spawn_fit(trainer, module, tmp_path / "ddp")
     records = load_run(tmp_path / "ddp" / "version_0")
     assert [r["step"] for r in records] == [0, 1, 2]
     for r in records:  # rank 0's records: its own U-batch statistics, the estimates complete
