@@ -9,8 +9,8 @@ once per backward, two per token), and give exactly the per-sequence terms, delt
 it gives without checkpointing, and the forward pass's. The user's flags, modes, hooks and
 training stay bitwise as they were.
 
-Models: the tiny float64 Llama and GPT-2 of test_reverse.py (two layers, LoRA B random), exact
-float64 arithmetic, so the two orders agree to rounding.
+Models: the tiny float64 Llama, Qwen2 and GPT-2 of test_reverse.py (two layers, LoRA B random),
+exact float64 arithmetic, so the two orders agree to rounding.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def _layer_state(model) -> dict[str, tuple]:
             for n, m in model.named_modules()}
 
 
-@pytest.mark.parametrize("kind", ["llama_untied", "gpt2"])
+@pytest.mark.parametrize("kind", ["llama_untied", "qwen2", "gpt2"])
 def test_reverse_pass_recomputes_the_checkpointed_layers_with_the_same_terms(kind):
     """Per microbatch the terms of the reverse pass with the user's checkpointing equal those
     without (to the last bits) and the forward pass's (1e-10), and each layer runs 3 times
