@@ -157,7 +157,8 @@ def test_the_demo_sampler_decodes_in_lockstep_on_a_sharded_policy(tmp_path):
         for p in ctx.processes:
             if p.is_alive():
                 p.kill()
-    assert all(f.exists() for f in files), "a rank did not finish sampling (it hung, or died in FSDP's all-gather)"
+    assert all(f.exists() for f in files), (
+        "a rank did not finish sampling (it hung, or died in FSDP's all-gather)")
     got = [torch.load(f) for f in files]
     assert got[1]["lengths"].tolist() == [6, 6]
     assert got[0]["lengths"].tolist() == [1, 1]  # stopped at once, then decoded padding
