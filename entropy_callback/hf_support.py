@@ -14,11 +14,12 @@ index is ``state.global_step`` read in ``on_pre_optimizer_step`` (0-based, like 
 TRL patches the policy's forward with a fused log-prob/entropy LM head that has no forward-mode
 rule; it only runs on calls that pass ``fused_lm_head=True``, which the probe's passes never do,
 so they take the model's original, differentiable forward. The input-require-grads hooks TRL
-adds for gradient checkpointing are set aside by the engine during its passes. Liger replaces
-layers outright and is refused; a layer actually replaced by a Hub kernel (``kernel_layers``)
-is probed by the engine's reverse pass, and refused only with ``derivative="forward"``: the
-``use_kernels`` flag alone decides nothing (transformers 5 sets it for every
-``from_pretrained`` when ``kernels`` is installed, and on a CPU no layer is replaced).
+adds for gradient checkpointing are set aside by the engine during its passes. Liger's kernels
+(``use_liger_kernel=True``) and layers actually replaced by Hub kernels
+(``kernelcheck.kernel_layers``) are probed by the engine's reverse pass, and refused only with
+``derivative="forward"``: the ``use_kernels`` flag alone decides nothing (transformers 5 sets
+it for every ``from_pretrained`` when ``kernels`` is installed, and on a CPU no layer is
+replaced).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import torch
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .config import ProbeConfigError
+from .kernelcheck import no_forward_rule_layers
 from .observer import EntropyProbeWarning
 
 # GRPOConfig fields that make TRL's rollouts differ from softmax(logits / temperature); the
@@ -51,6 +53,9 @@ def from_args(args: Any, explicit: set[str]) -> dict[str, Any]:
     length = getattr(args, "max_completion_length", None)
     if "max_new_tokens" not in explicit and isinstance(length, int) and length > 0:
         out["max_new_tokens"] = length
+    if "derivative" not in explicit and getattr(args, "use_liger_kernel", False) is True:
+        # Liger also patches module-level functions (RoPE, cross-entropy) no layer shows
+        out["derivative"] = "reverse"
     changed = [f"{name}={getattr(args, name)!r}" for name, plain in _TRUNCATIONS
                if getattr(args, name, plain) not in (plain, None)
                and not (name == "top_k" and getattr(args, name) < 0)]
@@ -65,45 +70,29 @@ def from_args(args: Any, explicit: set[str]) -> dict[str, Any]:
     return out
 
 
-def kernel_layers(model: torch.nn.Module) -> list[str]:
-    """The names of the modules whose forward the ``kernels`` library actually replaced (a
-    Hub kernel layer, which has no forward-mode rule), in module order. A model loaded with
-    ``use_kernels=True`` on a device without kernels keeps every original forward: none."""
-    out = []
-    for name, module in model.named_modules():
-        for part in (module, *getattr(module, "_kernel_funcs", {}).values()):
-            own = getattr(part, "__dict__", {})
-            forward = own.get("forward")
-            replaced = forward is not None and getattr(forward, "__func__", forward) is not (
-                getattr(type(part), "forward", None))
-            if own.get("_kernel_repo") is not None or (
-                    replaced and hasattr(type(part), "kernel_layer_name")):
-                out.append(name or type(module).__name__)
-                break
-    return out
-
-
 def check_policy(policy: torch.nn.Module, args: Any, derivative: str) -> None:
-    """Refuse, naming the option, a policy whose derivative cannot be taken: Liger's kernels,
-    or layers replaced by Hub kernels when the forward-mode derivative is asked for
-    (``derivative="auto"`` takes the reverse pass for them)."""
-    if getattr(args, "use_liger_kernel", False):
+    """Refuse, naming the option, the forward-mode derivative (``derivative="forward"``) of a
+    policy running kernels without a forward-mode rule: Liger's (``use_liger_kernel=True``, or
+    layers it patched) or layers replaced by Hub kernels. ``"auto"`` takes the reverse pass for
+    them (``from_args`` asks for it under ``use_liger_kernel``)."""
+    if derivative != "forward":
+        return
+    if getattr(args, "use_liger_kernel", False) is True:
         raise ProbeConfigError(
-            "EntropyProbeTrainerCallback cannot run with use_liger_kernel=True: Liger "
-            "replaces the model's layers with kernels that have no forward-mode derivative, "
-            "so delta H_1 cannot be computed. Set use_liger_kernel=False, or remove the "
-            "callback."
-        )
-    replaced = kernel_layers(policy) if derivative == "forward" else []
+            "EntropyProbeTrainerCallback cannot take the forward-mode derivative "
+            "(derivative='forward') with use_liger_kernel=True: Liger's kernels have no "
+            "forward-mode rule. Pass derivative='auto' or 'reverse' (the reverse pass), or set "
+            "use_liger_kernel=False.")
+    replaced = [f"{name} ({kind} kernel)" for name, kind in no_forward_rule_layers(policy)]
     if replaced:
         shown = ", ".join(replaced[:4]) + (f" and {len(replaced) - 4} more" if
                                            len(replaced) > 4 else "")
         raise ProbeConfigError(
             f"EntropyProbeTrainerCallback cannot take the forward-mode derivative "
-            f"(derivative='forward') of a model whose layers were replaced by Hub kernels "
-            f"({shown}; use_kernels=True): those kernels have no forward-mode rule. Pass "
-            "derivative='auto' or 'reverse' (the reverse pass), or load the model with "
-            "use_kernels=False."
+            f"(derivative='forward') of a model whose layers were replaced by Hub or Liger "
+            f"kernels ({shown}), which have no forward-mode rule. Pass derivative='auto' or "
+            "'reverse' (the reverse pass), or load the model without them (use_kernels=False, "
+            "use_liger_kernel=False)."
         )
 
 

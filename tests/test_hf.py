@@ -406,10 +406,19 @@ def test_fsdp_disables_the_probe_with_one_warning(tmp_path):
     assert probe.probe is None and probe.run_dir is None
 
 
-def test_liger_kernels_are_refused_at_setup_naming_the_argument(tmp_path):
+def test_liger_kernels_take_the_reverse_pass_and_refuse_only_forward_mode(tmp_path):
+    # Liger's Triton kernels define a backward only, and it patches module-level functions
+    # (RoPE, cross-entropy) that no layer shows: under use_liger_kernel=True the probe takes
+    # the reverse pass unless derivative= was given. (liger-kernel itself is not installable
+    # here: a Trainer with the flag raises ImportError; the callback sees the real arguments.)
     probe = EntropyProbeTrainerCallback(make_prompts(4), every=1, **PROBE)
-    with pytest.raises(ProbeConfigError, match="use_liger_kernel"):
-        _begin(probe, tmp_path, use_liger_kernel=True)
+    _begin(probe, tmp_path / "auto", use_liger_kernel=True)
+    assert probe.probe is not None and probe.session.config.derivative == "reverse"
+    probe.on_train_end(None, None, None)
+    forward = EntropyProbeTrainerCallback(make_prompts(4), every=1, derivative="forward",
+                                          **PROBE)
+    with pytest.raises(ProbeConfigError, match="use_liger_kernel=True"):
+        _begin(forward, tmp_path / "forward", use_liger_kernel=True)
 
 
 def test_the_use_kernels_flag_alone_is_not_refused(tmp_path):
@@ -440,7 +449,7 @@ def test_a_layer_replaced_by_a_hub_kernel_is_refused_only_for_forward_mode(tmp_p
     norm.__dict__["_kernel_repo"] = "kernels-community/liger_kernels"
     probe = EntropyProbeTrainerCallback(make_prompts(4), every=1, model=model,
                                         derivative="forward", **PROBE)
-    with pytest.raises(ProbeConfigError, match=r"replaced by Hub kernels \(.*norm.*auto"):
+    with pytest.raises(ProbeConfigError, match=r"replaced by Hub or Liger kernels \(.*norm.*auto"):
         _begin(probe, tmp_path / "forward")
     auto = EntropyProbeTrainerCallback(make_prompts(4), every=1, model=model, **PROBE)
     _begin(auto, tmp_path / "auto")
