@@ -61,6 +61,11 @@ class EntropyProbeTrainerCallback(TrainerCallback):
             ``args.temperature`` and ``max_new_tokens`` follows ``args.max_completion_length``
             (GRPOConfig), so that E is drawn like the rollouts.
 
+    Under FSDP2 (accelerate's ``fsdp_config={"version": 2}``, or transformers'
+    ``from_pretrained(distributed_config=...)``) the probe runs on the sharded model the Trainer
+    hands its callbacks, on every rank; FSDP1, DeepSpeed and Megatron-LM raise a
+    ``ProbeConfigError`` at ``on_train_begin`` (docs/distributed.md).
+
     ``config.log_dir``, when set, holds the JSON records and the TensorBoard events. ``sinks``:
     extra sinks. ``attribution=True`` is refused (the Trainer hands callbacks no rollouts). A
     ``train()`` that raised is released at the next ``on_train_begin`` (or when collected).
