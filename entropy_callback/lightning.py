@@ -13,7 +13,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from .attribution_report import DDP_UNSUPPORTED
 from .config import ProbeConfig, ProbeConfigError, name_of_attribute
-from .lightning_support import fit_inputs, unsupported_strategy
+from .lightning_support import check_fsdp2_root, fit_inputs, shards_with_fsdp2, strategy_refusal
 from .observer import EntropyProbeWarning, contained
 from .progress import lightning_postfix
 from .prompts import check_prompts
@@ -98,6 +98,7 @@ logger version directory this fit writes to.
         self.prompts_attr = name_of_attribute("prompts_attr", prompts_attr)
         self.log_dir: Path | None = None
         self._batch_step = 0  # trainer.global_step when the current batch started
+        self._bind_at_start = False  # ModelParallelStrategy: bind in on_train_start
 
     # the session's state, as attributes of the callback
     config = property(lambda self: self.session.config)
@@ -118,18 +119,25 @@ logger version directory this fit writes to.
             return
         self.session.end()  # a previous fit that ended without on_train_end / on_exception
         self.session.probe = None
-        strategy = unsupported_strategy(trainer.strategy)
-        if strategy is not None:
-            warnings.warn(
-                f"EntropyProbeCallback is disabled under {strategy}: sharded parameters and "
-                "optimizer state are not supported yet (use DDP, or a single device).",
-                EntropyProbeWarning, stacklevel=2)
-            return
+        self._bind_at_start = False
         with contained("setup", None, self.config.strict, allow=(ProbeConfigError,)):
+            refusal = strategy_refusal(trainer.strategy)
+            if refusal is not None:
+                raise ProbeConfigError(refusal)
+            if shards_with_fsdp2(trainer.strategy):
+                # configure_model() shards the policy after this hook: bind at train start
+                self._bind_at_start = True
+                return
             self.session.bind(*fit_inputs(self, trainer, pl_module))
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         session = self.session
+        if self._bind_at_start:  # ModelParallelStrategy: the policy is sharded by now
+            self._bind_at_start = False
+            with contained("setup", None, self.config.strict, allow=(ProbeConfigError,)):
+                model, tokenizer, prompts = fit_inputs(self, trainer, pl_module)
+                check_fsdp2_root(pl_module, model)
+                session.bind(model, tokenizer, prompts)
         if session.probe is None:
             return
         with contained("setup", None, self.config.strict):

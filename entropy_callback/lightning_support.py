@@ -10,16 +10,65 @@ from lightning.pytorch import LightningModule, Trainer
 from .config import ProbeConfigError
 from .prompts import check_prompts
 
-UNSUPPORTED_STRATEGIES = ("FSDP", "DeepSpeed", "ModelParallel")
+DEEPSPEED_REFUSAL = (
+    "EntropyProbeCallback cannot probe a DeepSpeed run ({strategy}): DeepSpeed's optimizer is "
+    "not a torch optimizer whose state holds each LoRA tensor's Adam moments (ZeRO keeps them, "
+    "and the fp32 master weights, in flattened partitions, and steps with its own kernel), so "
+    "the step cannot be rebuilt exactly. Use ModelParallelStrategy with fully_shard (FSDP2), "
+    "DDP or a single device, or remove the callback (docs/distributed.md)."
+)
+FSDP1_REFUSAL = (
+    "EntropyProbeCallback cannot probe Lightning's FSDPStrategy ({strategy}): it wraps the "
+    "model with FSDP1 (FullyShardedDataParallel), whose flat per-rank buffers the probe cannot "
+    "map back to the LoRA tensors. Use ModelParallelStrategy(data_parallel_size=<processes>, "
+    "tensor_parallel_size=1) and apply torch.distributed.fsdp.fully_shard (FSDP2) in "
+    "configure_model(), which the probe supports, or DDP (docs/distributed.md)."
+)
 
 
-def unsupported_strategy(strategy: Any) -> str | None:
-    """The strategy's class name when it shards parameters (FSDP, DeepSpeed, ModelParallel),
-    itself or through a base class; else None."""
+def strategy_refusal(strategy: Any) -> str | None:
+    """Why the probe cannot run under ``strategy`` (DeepSpeed; FSDPStrategy, i.e. FSDP1; a
+    ModelParallelStrategy with tensor parallelism), or None: a single device, DDP, or
+    ModelParallelStrategy sharding data-parallel with FSDP2."""
+    name = type(strategy).__name__
     for cls in type(strategy).__mro__:
-        if any(name in cls.__name__ for name in UNSUPPORTED_STRATEGIES):
-            return type(strategy).__name__
+        if "DeepSpeed" in cls.__name__:
+            return DEEPSPEED_REFUSAL.format(strategy=name)
+        if cls.__name__ == "FSDPStrategy":
+            return FSDP1_REFUSAL.format(strategy=name)
+    if shards_with_fsdp2(strategy):
+        mesh = getattr(strategy, "_device_mesh", None)
+        size = (mesh["tensor_parallel"].size() if mesh is not None
+                else getattr(strategy, "_tensor_parallel_size", 1))
+        if size not in (1, "auto") or (size == "auto" and strategy.world_size > 1):
+            return (f"EntropyProbeCallback supports ModelParallelStrategy with data parallelism "
+                    f"only (FSDP2 fully_shard over every process), but tensor_parallel_size is "
+                    f"{size}: tensor-parallel ranks hold parts of the same rows. Pass "
+                    "ModelParallelStrategy(data_parallel_size=<processes>, "
+                    "tensor_parallel_size=1), or remove the callback.")
     return None
+
+
+def shards_with_fsdp2(strategy: Any) -> bool:
+    """Whether the fit runs under Lightning's ModelParallelStrategy (the model sharded in
+    ``configure_model`` with FSDP2's ``fully_shard``, after the callbacks' ``setup``)."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    return isinstance(strategy, ModelParallelStrategy)
+
+
+def check_fsdp2_root(pl_module: LightningModule, model: Any) -> None:
+    """ProbeConfigError when the FSDP2 root is the LightningModule rather than the policy: the
+    probe calls the policy's forward, which would not unshard the root's own parameters."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if model is not pl_module and isinstance(pl_module, FSDPModule):
+        raise ProbeConfigError(
+            f"EntropyProbeCallback: fully_shard was applied to the LightningModule "
+            f"({type(pl_module).__name__}); the probe runs the policy's own forward, which "
+            "does not unshard the LightningModule's parameters. In configure_model(), shard "
+            "the policy instead: fully_shard(layer) for its blocks, then "
+            "fully_shard(self.model) (Lightning's FSDP2 recipe).")
 
 
 def module_attr(pl_module: LightningModule, name: str, what: str):

@@ -33,7 +33,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from entropy_callback import EntropyProbe, EntropyProbeCallback, ProbeConfig, ProbeConfigError
 from entropy_callback.demos import GRPOModule
-from entropy_callback.lightning import unsupported_strategy
+from entropy_callback.lightning_support import strategy_refusal
 
 
 @pytest.fixture(scope="module")
@@ -342,27 +342,36 @@ class CPUShardedStrategy(FSDPStrategy):
     callback must recognise FSDP through the base class."""
 
 
-@pytest.mark.parametrize("strategy", [CPUShardedStrategy, ModelParallelStrategy])
-def test_sharding_strategy_disables_the_probe_with_one_warning(strategy, tmp_path):
-    # A real Trainer and the callback's real setup hook. fit itself cannot run: FSDP and
-    # ModelParallel need an accelerator device.
+@pytest.mark.parametrize("strategy, says", [
+    (CPUShardedStrategy, ("FSDP1", "ModelParallelStrategy", "fully_shard")),
+    (lambda: ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2),
+     ("tensor_parallel_size is 2", "tensor_parallel_size=1")),
+])
+def test_unsupported_sharding_is_refused_at_setup_naming_the_fix(strategy, says, tmp_path):
+    # A real Trainer and the callback's real setup hook (the refusal comes before any fit).
     trainer = make_trainer(tmp_path, [], 2, strategy=strategy())
     callback = probe_callback()
-    module = grpo_module()
-    _, messages = record_warnings(lambda: callback.setup(trainer, module, "fit"))
-    assert len(messages) == 1
-    assert f"disabled under {strategy.__name__}" in messages[0] and "DDP" in messages[0]
+    with pytest.raises(ProbeConfigError) as caught:
+        callback.setup(trainer, grpo_module(), "fit")
+    assert all(part in str(caught.value) for part in says)
     assert callback.probe is None and callback.json is None
-    callback.on_train_start(trainer, module)  # a disabled callback does nothing
-    assert callback.session._handles == []
 
 
-def test_deepspeed_is_recognised_as_unsupported():
+def test_model_parallel_binds_at_train_start_once_configure_model_sharded_the_policy(tmp_path):
+    # ModelParallelStrategy shards in configure_model(), after the callbacks' setup: binding
+    # there would hold the unsharded parameters (tests/test_lightning_fsdp.py runs the fit).
+    trainer = make_trainer(tmp_path, [], 2, strategy=ModelParallelStrategy())
+    callback = probe_callback()
+    callback.setup(trainer, grpo_module(), "fit")
+    assert callback.probe is None and callback._bind_at_start
+
+
+def test_deepspeed_is_refused_saying_why():
     # deepspeed is not installed here, so no Trainer can hold the strategy; an instance of
     # Lightning's class (made without its __init__, which imports deepspeed) is what setup sees.
-    assert unsupported_strategy(DeepSpeedStrategy.__new__(DeepSpeedStrategy)) == (
-        "DeepSpeedStrategy")
-    assert unsupported_strategy(DDPStrategy()) is None
+    message = strategy_refusal(DeepSpeedStrategy.__new__(DeepSpeedStrategy))
+    assert "DeepSpeedStrategy" in message and "not a torch optimizer" in message
+    assert strategy_refusal(DDPStrategy()) is None
 
 
 # ------------------------------------------------------------------ runs that go on

@@ -1,0 +1,90 @@
+"""The Lightning adapter under ModelParallelStrategy: the policy sharded with FSDP2
+(``fully_shard``) in ``configure_model``, 2 gloo processes on CPU.
+
+Lightning's launcher runs a script once per rank (inside pytest it would run pytest again), so
+each fit is ``tests/scripts/lightning_fsdp_fit.py`` in a subprocess, with a hang guard. Three
+fits of the same float64 tiny LoRA Llama on the same seed: sharded and probed at every step,
+with a failure injected on rank 1 in one phase per step after a clean step 0 and before a
+clean last step; sharded and unprobed; one process, unsharded and probed.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_distributed import FAILURES, _free_port
+
+SCRIPT = Path(__file__).parent / "scripts" / "lightning_fsdp_fit.py"
+CLEAN = (0, len(FAILURES) + 1)  # the steps no rank fails in
+# float64 throughout; the sharded run differs from the single process only by the order of
+# FSDP's gradient reduction and the gathers (rounding, ~1e-16 relative), which the 1e-8 of
+# the issue's acceptance leaves room for over 13 steps.
+RTOL = 1e-8
+
+
+def _fit(mode: str, out: Path) -> list[dict]:
+    """Run one fit; each rank's saved state (a hang or a crash fails here, with its output)."""
+    out.mkdir()
+    env = {**os.environ, "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1"}
+    env.pop("LOCAL_RANK", None)
+    try:
+        proc = subprocess.run([sys.executable, str(SCRIPT), mode, str(out)], env=env,
+                              capture_output=True, text=True, timeout=300)  # a hang guard
+    except subprocess.TimeoutExpired as exc:
+        raise AssertionError(f"{mode}: the fit did not finish in 300 s (a hang)") from exc
+    ranks = 1 if mode == "single" else 2
+    files = [out / f"rank{r}.pt" for r in range(ranks)]
+    assert all(f.exists() for f in files), f"{mode} failed:\n{proc.stdout[-3000:]}\n" \
+                                           f"{proc.stderr[-6000:]}"
+    return [torch.load(f, weights_only=False) for f in files]  # files this test wrote
+
+
+@pytest.fixture(scope="module")
+def fits(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lightning_fsdp")
+    return {mode: _fit(mode, root / mode)
+            for mode in ("sharded", "sharded-unprobed", "single", "sharded-root")}
+
+
+def test_model_parallel_fsdp2_gives_the_single_process_result(fits):
+    single = fits["single"][0]["results"]
+    for rank, state in enumerate(fits["sharded"]):
+        assert state["sharded"], "the policy's parameters are not DTensors: nothing was sharded"
+        for step in CLEAN:
+            got, want = state["results"][step], single[step]
+            assert got["error"] is None and want["error"] is None
+            assert got["core"]["derivative"] == "forward"
+            for key in ("deltaH1", "deltaH1_se", "deltaH_true", "deltaH_true_se", "H_orig",
+                        "H_upd", "bars_dot", "update_cosine"):
+                assert got["core"][key] == pytest.approx(want["core"][key], rel=RTOL, abs=0), (
+                    rank, step, key)
+
+
+@pytest.mark.parametrize("phase", list(FAILURES))
+def test_a_failure_on_one_rank_in_any_phase_is_skipped_by_both(fits, phase):
+    step = 1 + list(FAILURES).index(phase)
+    rank0, rank1 = (state["results"][step] for state in fits["sharded"])
+    assert rank1["error"]["phase"] == FAILURES[phase][2]
+    assert "injected failure" in rank1["error"]["message"]
+    assert rank0["error"]["phase"] == "distributed"
+
+
+def test_training_is_bitwise_what_it_is_without_the_probe(fits):
+    for probed, unprobed in zip(fits["sharded"], fits["sharded-unprobed"], strict=True):
+        keys = [k for k in unprobed if k not in ("results", "sharded")]
+        assert len(keys) > 100 and set(keys) == {k for k in probed if k not in ("results",
+                                                                                "sharded")}
+        different = [k for k in keys if not torch.equal(probed[k], unprobed[k])]
+        assert different == []
+
+
+def test_fully_shard_on_the_lightning_module_is_refused_before_training(fits):
+    for state in fits["sharded-root"]:
+        assert state["steps"] == 0
+        assert "fully_shard(self.model)" in state["refusal"]
+        assert "LightningModule" in state["refusal"]
