@@ -36,9 +36,10 @@ import transformers
 from datasets import Dataset
 from test_distributed import FAILURES, PROMPTS, _free_port, inject
 
-from entropy_callback import ProbeConfigError
+from entropy_callback import EntropyProbeWarning, ProbeConfigError
 from entropy_callback.demos.tiny import build_char_tokenizer, build_tiny_llama
 from entropy_callback.hf import EntropyProbeTrainerCallback
+from entropy_callback.sharded import local
 from entropy_callback.testing import randomize_lora_b
 
 WORLD = 2
@@ -87,11 +88,11 @@ class Recorder(transformers.TrainerCallback):
 def _train(ckpt: str, out: Path, *, sharded: bool, probed: bool = True, steps: int = STEPS,
            phases=(), **probe_options):
     """A real Trainer run of ``steps`` optimizer steps, probed at every step when ``probed``
-    (``phases``: ``Recorder``'s injected failures on this rank). Every sequence is
-    the same, so every rank's gradient is the single process's, and the run stays in one
-    epoch (with 8 sequences, 2 ranks began a second epoch at step 2, whose random draws made
-    that step differ from one process's); the records, the probe's warnings, and this rank's
-    trained state."""
+    (``phases``: ``Recorder``'s injected failures on this rank); the records, the probe's
+    warnings, and this rank's trained state. Every sequence is the same, so every rank's
+    gradient is the single process's, and the run stays in one epoch (with 8 sequences, 2
+    ranks began a second epoch at step 2, whose random draws made that step differ from one
+    process's)."""
     tok = build_char_tokenizer()
     model = _model(ckpt, sharded)
     enc = tok(["3+4=7"] * 2 * WORLD * len(PHASES), padding=True)
@@ -113,15 +114,14 @@ def _train(ckpt: str, out: Path, *, sharded: bool, probed: bool = True, steps: i
         warnings.simplefilter("always")
         trainer.train()
     return {"records": [] if recorder is None else recorder.records,
-            "warnings": [str(w.message) for w in caught if "entropy probe" in str(w.message)],
+            "warnings": [str(w.message) for w in caught
+                         if issubclass(w.category, EntropyProbeWarning)],
             "state": _local_state(trainer.model, trainer.optimizer)}
 
 
 def _local_state(model, optimizer) -> dict[str, torch.Tensor]:
-    """This rank's local values of every parameter, trainable gradient and AdamW state, and the
-    RNG state."""
-    from entropy_callback.sharded import local
-
+    """This rank's local values of every parameter and of the AdamW state, and the RNG state
+    (the Trainer has zeroed the gradients)."""
     out = {"rng": torch.get_rng_state()}
     inner = getattr(optimizer, "optimizer", optimizer)
     for name, p in model.named_parameters():
