@@ -10,11 +10,13 @@ which fails on its DTensors (docs/distributed.md). What runs here, unmodified:
 - a real ``transformers.Trainer`` on transformers' own FSDP2, the base model sharded at load
   (``from_pretrained(distributed_config=DistributedConfig(fsdp_size=2))``) and LoRA added after
   (replicated, its gradients averaged by the Trainer), the callback attached as usual;
+- TRL's GRPOTrainer on that model, LoRA from ``peft_config``;
 - the callback's hooks driven around real AdamW steps of a model sharded with ``fully_shard``
   with LoRA inside the shards (DTensors): what accelerate's FSDP2 path hands the callback.
 
-Each must equal one unsharded process on the same seed; training must be bitwise what it is
-without the probe; a failure on one rank is skipped by both.
+Each must equal one unsharded process on the same seed (GRPO: the ranks sample their own
+rollouts, so the ranks agree with each other); training must be bitwise what it is without the
+probe; a failure on one rank is skipped by both.
 """
 
 from __future__ import annotations
@@ -33,14 +35,16 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import transformers
-from datasets import Dataset
 from test_distributed import FAILURES, PROMPTS, _free_port, inject
 
-from entropy_callback import EntropyProbeWarning, ProbeConfigError
-from entropy_callback.demos.tiny import build_char_tokenizer, build_tiny_llama
-from entropy_callback.hf import EntropyProbeTrainerCallback
-from entropy_callback.sharded import local
-from entropy_callback.testing import randomize_lora_b
+pytest.importorskip("trl")  # TRL's extra brings datasets and GRPOTrainer
+from datasets import Dataset  # noqa: E402
+
+from entropy_callback import EntropyProbeWarning, ProbeConfigError  # noqa: E402
+from entropy_callback.demos.tiny import build_char_tokenizer, build_tiny_llama  # noqa: E402
+from entropy_callback.hf import EntropyProbeTrainerCallback  # noqa: E402
+from entropy_callback.sharded import local  # noqa: E402
+from entropy_callback.testing import randomize_lora_b  # noqa: E402
 
 WORLD = 2
 TINY = dict(hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32)
@@ -165,6 +169,41 @@ def _hooks(ckpt: str, out: Path, *, sharded: bool, steps: int = 2):
             "dtensors": [type(p).__name__ for p in probe.probe.params.values()]}
 
 
+def _grpo(ckpt: str, out: Path, *, probed: bool, steps: int = 2):
+    """TRL's GRPOTrainer on the base model sharded at load, LoRA from ``peft_config`` (TRL's
+    usual path), probed at every step when ``probed``; the records and this rank's state.
+    Each rank samples its own rollouts, so the step is not one process's: the ranks' records
+    must agree with each other, and training must be bitwise the unprobed run's."""
+    from trl import GRPOConfig, GRPOTrainer
+
+    from entropy_callback.demos.grpo import make_prompts, reward
+
+    transformers.set_seed(0)
+    base = transformers.AutoModelForCausalLM.from_pretrained(
+        ckpt, dtype=torch.float64, distributed_config=transformers.DistributedConfig(
+            fsdp_size=WORLD))
+    args = GRPOConfig(output_dir=str(out), use_cpu=True, report_to=[], max_steps=steps, seed=0,
+                      per_device_train_batch_size=4, num_generations=4,
+                      max_completion_length=3, learning_rate=1e-2, save_strategy="no",
+                      logging_strategy="no", disable_tqdm=True)
+    trainer = GRPOTrainer(
+        model=base, args=args, train_dataset=Dataset.from_dict({"prompt": make_prompts(32)}),
+        reward_funcs=lambda prompts, completions, **kw: [
+            reward(p, c) for p, c in zip(prompts, completions, strict=True)],
+        processing_class=build_char_tokenizer(),
+        peft_config=peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                    task_type="CAUSAL_LM"))
+    recorder = None
+    if probed:
+        probe = EntropyProbeTrainerCallback.attach(trainer, PROMPTS, every=1,
+                                                   log_dir=str(out / "probe"), **CONFIG)
+        recorder = Recorder(probe)
+        trainer.add_callback(recorder)
+    trainer.train()
+    return {"records": [] if recorder is None else recorder.records,
+            "state": _local_state(trainer.model, trainer.optimizer)}
+
+
 def _refusals(ckpt: str, out: Path) -> list[str]:
     """What the callback refuses at setup on a sharded model, raised out of train() on every
     rank: unequal E shards, the reverse pass."""
@@ -185,6 +224,8 @@ JOBS = {
                                          phases=PHASES if dist.get_rank() == 1 else ()),
     "hooks": lambda ckpt, out: _hooks(ckpt, out / "hooks", sharded=True),
     "refusals": _refusals,
+    "grpo": lambda ckpt, out: {"probed": _grpo(ckpt, out / "grpo", probed=True),
+                               "unprobed": _grpo(ckpt, out / "grpo_unprobed", probed=False)},
 }
 
 
@@ -316,3 +357,18 @@ def test_sharded_refusals_are_setup_errors_naming_the_argument(runs):
     for uneven, reverse in ranks:
         assert "batch_size=7 is not divisible by world_size=2" in uneven
         assert "derivative='reverse'" in reverse and "'auto'" in reverse
+
+
+def test_trl_grpo_on_fsdp2_is_probed_on_both_ranks_and_trains_bitwise_as_without(runs):
+    ranks = runs["grpo"]
+    assert ranks is not None
+    rank0, rank1 = (got["probed"]["records"] for got in ranks)
+    assert len(rank0) == 2
+    for mine, other in zip(rank0, rank1, strict=True):
+        assert mine["error"] is None and mine["core"]["derivative"] == "forward"
+        assert mine["core"] == other["core"]  # every statistic is gathered: one result
+    for got in ranks:
+        a, b = got["probed"]["state"], got["unprobed"]["state"]
+        assert a.keys() == b.keys()
+        for key, value in b.items():
+            assert torch.equal(a[key], value), key
