@@ -140,7 +140,7 @@ class EntropyProbeTrainerCallback(TrainerCallback):
         session.end()  # a train() that raised never reached on_train_end: release its run
         policy = resolve_policy(self._model, model)
         with contained("setup", None, self._base.strict, allow=(ProbeConfigError,)):
-            check_parallelism(args)
+            check_parallelism(args, policy)
             check_policy(policy, args, self._base.derivative)
             tok = resolve_tokenizer(self._tokenizer, processing_class, kwargs.get("tokenizer"))
             if self.prompts is None:

@@ -175,12 +175,27 @@ DEEPSPEED_REFUSAL = (
     "or a single device; docs/distributed.md says why.")
 
 
-def check_parallelism(args: Any) -> None:
+def check_parallelism(args: Any, model: torch.nn.Module) -> None:
     """ProbeConfigError for the parallelism whose optimizer state or parameters the probe cannot
-    read, from the Trainer's arguments and accelerate's state: DeepSpeed, Megatron-LM, and FSDP1
-    (``fsdp_config={'version': 1}`` / accelerate's ``fsdp_version=1``). FSDP2 passes: the engine
-    finds the sharded (DTensor) parameters on the model itself (``sharded.py``)."""
+    read, from the Trainer's arguments, accelerate's state and the model's
+    ``config.distributed_config``: DeepSpeed, Megatron-LM, FSDP1 (``fsdp_config={'version':
+    1}`` / accelerate's ``fsdp_version=1``), and tensor, pipeline, expert or context
+    parallelism (ranks holding parts of the same rows; the probe shards E over every process).
+    FSDP2 passes: the engine finds the sharded (DTensor) parameters on the model itself
+    (``sharded.py``)."""
     state = _accelerator_state()
+    layouts = (getattr(getattr(model, "config", None), "distributed_config", None),
+               getattr(state, "parallelism_config", None))
+    split = sorted({f"{name}_size={size}" for layout in layouts for name in ("tp", "pp", "ep", "cp")
+                    if isinstance(size := getattr(layout, f"{name}_size", 1), int) and size > 1})
+    if split:
+        raise ProbeConfigError(
+            f"EntropyProbeTrainerCallback supports data parallelism only (DDP, or FSDP2 over "
+            f"every process), but the run splits the model or its sequences across ranks "
+            f"({', '.join(split)}): those ranks hold parts of the same rows, and the probe "
+            "shards E over every process. Use DistributedConfig(fsdp_size=<processes>) "
+            "without tp/pp/ep sizes (or accelerate's FSDP2 without tp/cp), or remove the "
+            "callback.")
     kind = getattr(getattr(state, "distributed_type", None), "name", None)
     if getattr(args, "deepspeed", None) or kind == "DEEPSPEED":
         raise ProbeConfigError(DEEPSPEED_REFUSAL)

@@ -414,6 +414,18 @@ def test_fsdp1_and_deepspeed_are_refused_at_setup_naming_fsdp2(tmp_path):
     assert probe.probe is None and probe.run_dir is None
 
 
+def test_tensor_parallelism_is_refused_at_setup_naming_fsdp_size(tmp_path):
+    """A model split across ranks (transformers' ``DistributedConfig`` with tp_size > 1) is
+    refused: its ranks hold parts of the same rows. A Trainer cannot run it on a CPU (accelerate
+    accepts a ParallelismConfig only for FSDP2 or accelerator types), so the config is set on
+    the model as ``from_pretrained(distributed_config=...)`` sets it."""
+    model, tokenizer = build_policy(seed=0, lora_r=4, **TINY)
+    model.config.distributed_config = transformers.DistributedConfig(tp_size=2, pp_size=1)
+    probe = EntropyProbeTrainerCallback(make_prompts(4), every=1, model=model, **PROBE)
+    with pytest.raises(ProbeConfigError, match=r"\(tp_size=2\).*fsdp_size=<processes>"):
+        _begin(probe, tmp_path)
+
+
 def test_fsdp2_arguments_on_a_cpu_probe_the_model_accelerate_hands_over(tmp_path):
     """On a CPU accelerate ignores ``fsdp`` (it selects FSDP only for accelerator devices, and
     DDP-wraps the model under several processes): the model handed to the callback is not
