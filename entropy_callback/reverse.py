@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpointing import checkpointing
 from .injection import Injector, injecting, leaf, per_row
 from .scoring import Scorer, _prefixed, chunk_rows, head_block_rows, logp_and_entropy_rows
 from .variants import call_substituted, exact_variant_derivatives
@@ -69,7 +70,9 @@ def surrogate_backward(scorer: Scorer, mb, leaves: Mapping[str, torch.Tensor], w
     (tensors that require grad, substituted by ``functional_call``; nothing live is written),
     one backward each. The head runs per chunk of positions on the split path."""
     scorer.check_split(mb)
-    with torch.enable_grad(), exact_variant_derivatives(scorer.model):
+    replay = None if injector is None else injector.replay
+    with (torch.enable_grad(), exact_variant_derivatives(scorer.model),
+          checkpointing(scorer.model, replay)):
         if scorer.split is None:
             return _full_backward(scorer, mb, leaves, weights, injector)
         return _split_backward(scorer, mb, leaves, weights, injector)
