@@ -141,13 +141,6 @@ def record_facts(every: int, state: Any) -> dict[str, Any]:
     return {"every": every, **({} if epoch is None else {"epoch": int(epoch)})}
 
 
-def warn_disabled(sharded: str) -> None:
-    warnings.warn(
-        f"EntropyProbeTrainerCallback is disabled under {sharded}: sharded parameters and "
-        "optimizer state are not supported yet (use DDP, or a single device).",
-        EntropyProbeWarning, stacklevel=4)
-
-
 def checkpoint_dir(args: Any, state: Any) -> Path:
     """The directory the Trainer just saved a checkpoint to."""
     return Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
@@ -163,23 +156,62 @@ def fingerprint(state: Any) -> Any:
                                   "last_log": history[-1]}, default=str))
 
 
-def sharding(args: Any) -> str | None:
-    """The sharding the Trainer runs under ("FSDP", "DeepSpeed", "Megatron-LM"), from its
-    arguments or accelerate's state; None for a single device or DDP."""
-    if getattr(args, "deepspeed", None):
-        return "DeepSpeed"
-    if getattr(args, "fsdp", None):
-        return "FSDP"
+DEEPSPEED_REFUSAL = (
+    "EntropyProbeTrainerCallback cannot probe a run under DeepSpeed: its optimizer is not a "
+    "torch optimizer whose state holds the Adam moments of each LoRA tensor (ZeRO keeps them in "
+    "flattened, partitioned buffers and steps with its own Adam kernel), so the step cannot be "
+    "rebuilt exactly. Use FSDP2 (TrainingArguments(fsdp=True, fsdp_config={'version': 2})), DDP "
+    "or a single device; docs/distributed.md says why.")
+
+
+def check_parallelism(args: Any, model: torch.nn.Module) -> None:
+    """ProbeConfigError for the parallelism whose optimizer state or parameters the probe cannot
+    read, from the Trainer's arguments, accelerate's state and the model's
+    ``config.distributed_config``: DeepSpeed, Megatron-LM, FSDP1 (``fsdp_config={'version':
+    1}`` / accelerate's ``fsdp_version=1``), and tensor, pipeline, expert or context
+    parallelism (ranks holding parts of the same rows; the probe shards E over every process).
+    FSDP2 passes: the engine finds the sharded (DTensor) parameters on the model itself
+    (``sharded.py``)."""
+    state = _accelerator_state()
+    layouts = (getattr(getattr(model, "config", None), "distributed_config", None),
+               getattr(state, "parallelism_config", None))
+    split = sorted({f"{name}_size={size}" for layout in layouts for name in ("tp", "pp", "ep", "cp")
+                    if isinstance(size := getattr(layout, f"{name}_size", 1), int) and size > 1})
+    if split:
+        raise ProbeConfigError(
+            f"EntropyProbeTrainerCallback supports data parallelism only (DDP, or FSDP2 over "
+            f"every process), but the run splits the model or its sequences across ranks "
+            f"({', '.join(split)}): those ranks hold parts of the same rows, and the probe "
+            "shards E over every process. Use DistributedConfig(fsdp_size=<processes>) "
+            "without tp/pp/ep sizes (or accelerate's FSDP2 without tp/cp), or remove the "
+            "callback.")
+    kind = getattr(getattr(state, "distributed_type", None), "name", None)
+    if getattr(args, "deepspeed", None) or kind == "DEEPSPEED":
+        raise ProbeConfigError(DEEPSPEED_REFUSAL)
+    if kind == "MEGATRON_LM":
+        raise ProbeConfigError(
+            "EntropyProbeTrainerCallback cannot probe a run under Megatron-LM (its tensor- and "
+            "pipeline-parallel parameters are not the model's); use FSDP2, DDP or one device.")
+    plugin = getattr(state, "fsdp_plugin", None)
+    versions = (getattr(plugin, "fsdp_version", None),
+                (getattr(args, "fsdp_plugin_args", None) or {}).get("fsdp_version")
+                if getattr(args, "fsdp", None) else None)
+    if 1 in versions:
+        raise ProbeConfigError(
+            "EntropyProbeTrainerCallback cannot probe a run under FSDP1 (fsdp_version=1: its "
+            "parameters are flattened into per-rank buffers whose slices the probe cannot map "
+            "back to the LoRA tensors). Use FSDP2: fsdp_config={'version': 2} in the "
+            "TrainingArguments (transformers' default), or fsdp_version: 2 in accelerate's "
+            "config.")
+
+
+def _accelerator_state() -> Any:
+    """accelerate's ``AcceleratorState`` once an Accelerator made it (the Trainer's), else None."""
     try:
-        from accelerate.state import AcceleratorState, DistributedType
+        from accelerate.state import AcceleratorState
     except ImportError:  # pragma: no cover - accelerate ships with transformers' Trainer
         return None
-    if not AcceleratorState._shared_state:
-        return None
-    kind = AcceleratorState().distributed_type
-    names = {DistributedType.FSDP: "FSDP", DistributedType.DEEPSPEED: "DeepSpeed",
-             DistributedType.MEGATRON_LM: "Megatron-LM"}
-    return names.get(kind)
+    return AcceleratorState() if AcceleratorState._shared_state else None
 
 
 def logging_dir(args: Any) -> Path:
