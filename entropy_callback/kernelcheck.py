@@ -13,20 +13,17 @@ LIGER_PACKAGE = "liger_kernel"
 
 
 def kernel_layers(model: nn.Module) -> list[str]:
-    """The names of the modules whose forward the ``kernels`` library actually replaced (a
-    Hub kernel layer), in module order. A model loaded with ``use_kernels=True`` on a device
-    without kernels keeps every original forward: none."""
+    """The names of the modules the ``kernels`` library kernelized (a Hub kernel layer, or a
+    kernel function attached to the module), in module order: those holding ``_kernel_repo``,
+    as ``kernels``' own inspection finds them (``_replace_forward`` sets it with the kernel's
+    forward and removes it when reverting). A model loaded with ``use_kernels=True`` on a
+    device without kernels keeps every original forward: none. Another instance-level
+    ``forward`` (e.g. ``testing.exact_float64``'s float64 RMSNorm) is not a kernel."""
     out = []
     for name, module in model.named_modules():
-        for part in (module, *getattr(module, "_kernel_funcs", {}).values()):
-            own = getattr(part, "__dict__", {})
-            forward = own.get("forward")
-            replaced = forward is not None and getattr(forward, "__func__", forward) is not (
-                getattr(type(part), "forward", None))
-            if own.get("_kernel_repo") is not None or (
-                    replaced and hasattr(type(part), "kernel_layer_name")):
-                out.append(name or type(module).__name__)
-                break
+        parts = (module, *getattr(module, "_kernel_funcs", {}).values())
+        if any(getattr(part, "__dict__", {}).get("_kernel_repo") is not None for part in parts):
+            out.append(name or type(module).__name__)
     return out
 
 
