@@ -33,6 +33,7 @@ from entropy_callback.demos.tiny import (
     build_char_tokenizer,
     build_tiny_llama,
 )
+from entropy_callback.distributed import shard
 from entropy_callback.sharded_reverse import fsdp_pending
 from entropy_callback.testing import exact_float64, randomize_lora_b
 
@@ -134,8 +135,10 @@ def fail_inside_backward(fail: bool):
 def _probe_once(shard: bool, fail: str | None = None, step: int = 3,
                 derivative: str = "auto") -> tuple:
     """One probed AdamW step; identical inputs on every rank (FSDP averages the gradients, so
-    the step is the single process's). Returns the result and FSDP's state after it.
-    ``fail``: a phase of ``FAILURES`` or "between_forward_and_backward" (the reverse pass)."""
+    the step is the single process's). Returns the result, FSDP's state after it and this
+    rank's per-sequence derivative terms in float64 (P_i = A_i + Bsum_i and C_i, [B_E / world];
+    the record's columns are float32). ``fail``: a phase of ``FAILURES`` or
+    "between_forward_and_backward" (the reverse pass)."""
     model, tok, opt, enc = _model(shard)
     model(**enc, labels=enc["input_ids"]).loss.backward()
     probe = EntropyProbe(model, tok, PROMPTS, ProbeConfig(**CONFIG, derivative=derivative))
@@ -143,7 +146,10 @@ def _probe_once(shard: bool, fail: str | None = None, step: int = 3,
     with inject(probe, None if between else fail), fail_between_forward_and_backward(between):
         probe.before_step(opt, step=step)
         opt.step()
-        return probe.after_step(), fsdp_state(model) if shard else None
+        measured = probe.measure()
+        t = measured.terms
+        terms = None if t is None else {"P": t["A"] + t["Bsum"], "C": t["C"]}
+        return probe.finish(measured), fsdp_state(model) if shard else None, terms
 
 
 def _train(probed: str | None, steps: int = 3,
@@ -211,9 +217,9 @@ def _worker(rank: int, port: int, out: str, job: str,
             start = time.monotonic()
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                result, state = _probe_once(True, phase if rank == 1 else None, step=i,
-                                            derivative=derivative)
-            torch.save({"core": result.core(), "error": result.error,
+                result, state, terms = _probe_once(True, phase if rank == 1 else None,
+                                                   step=i, derivative=derivative)
+            torch.save({"core": result.core(), "error": result.error, "terms": terms,
                         "sequences": result.sequences, "timing": result.timing,
                         "diagnostics": result.diagnostics, "fsdp": state,
                         "seconds": time.monotonic() - start,
@@ -282,7 +288,7 @@ def _reverse_run(runs, fail):
 
 
 def test_fsdp2_shards_give_the_single_process_result(runs):
-    single, _ = _probe_once(False, step=0)
+    single = _probe_once(False, step=0)[0]
     ranks = runs[0]
     assert ranks is not None, "the sharded probe did not finish (hang)"
     for got in ranks:
@@ -304,27 +310,29 @@ def test_fsdp2_shards_give_the_single_process_result(runs):
 def test_fsdp2_reverse_pass_gives_the_single_process_forward_and_reverse_results(runs):
     """The reverse pass on the sharded model (backwards through FSDP with respect to the
     injection leaves) against one unsharded process taking the forward and the reverse pass on
-    the same seed (so the same E): delta H_1, its SE and the per-sequence contributions to
-    1e-10 relative (float64: two differentiation orders and two summation orders of the same
-    numbers; measured ~1e-15, docs/distributed.md); its check over both ranks' rows holds."""
+    the same seed (so the same E): delta H_1, its SE and each rank's per-sequence derivative
+    terms (float64) to 1e-10 relative (two differentiation orders and two summation orders of
+    the same float64 numbers; measured ~1e-15, docs/distributed.md); its check over both
+    ranks' rows holds."""
     step = 1 + len(FAILURES)
     ranks = _reverse_run(runs, None)
     assert ranks is not None, "the sharded reverse probe did not finish (hang)"
-    singles = [_probe_once(False, step=step, derivative=d)[0] for d in ("forward", "reverse")]
-    for got in ranks:
+    singles = [_probe_once(False, step=step, derivative=d) for d in ("forward", "reverse")]
+    for rank, got in enumerate(ranks):
         assert got["error"] is None, got["error"]
         assert got["core"]["derivative"] == "reverse"
-        assert got["diagnostics"]["reverse_check_gap"] < 1e-12
         assert got["fsdp"] == fsdp_state_after_backward()
-        for single in singles:
+        for single, _, terms in singles:
             for key in ("deltaH1", "deltaH1_se"):
                 assert got["core"][key] == pytest.approx(single.core()[key], rel=1e-10), key
             for key in ("deltaH_true", "H_orig", "bars_dot"):  # the same E and Delta theta
                 assert got["core"][key] == pytest.approx(single.core()[key], rel=1e-8), key
-            torch.testing.assert_close(
-                torch.tensor(got["sequences"]["deltaH1_contribution"]),
-                torch.tensor(single.sequences["deltaH1_contribution"]),
-                rtol=1e-10, atol=1e-10 * abs(single.deltaH1))
+            rows = shard(CONFIG["batch_size"], WORLD, rank)
+            for key in ("P", "C"):
+                want = terms[key][rows]
+                torch.testing.assert_close(got["terms"][key], want, rtol=1e-10,
+                                           atol=1e-10 * float(want.abs().max()))
+        assert got["diagnostics"]["reverse_check_gap"] < 1e-12
     assert ranks[0]["diagnostics"] == ranks[1]["diagnostics"]
 
 
