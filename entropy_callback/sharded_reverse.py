@@ -24,13 +24,15 @@ unsharded gradient that post-backward would reduce-scatter into ``.grad``, a red
 still in flight that it would wait on and drop, ``set_reduce_scatter_unused_params`` that would
 reduce-scatter zeros, ``set_is_last_backward(False)`` that would leave the probe's post-forward
 order behind); the pass refuses to start unless it is empty, and checks it is empty again after
-each microbatch. A failure between a forward and its backwards resets FSDP's per-iteration
-state (``FSDPModule.reset_iter_state``: nothing of the step's is pending, so nothing is lost).
+each microbatch. A failure between a forward and its backwards, or inside a backward (whose
+final callback then never runs), resets FSDP's per-iteration state
+(``FSDPModule.reset_iter_state``: nothing of the step's is pending, so nothing is lost). The
+post-forward records of the probe's forwards are put back by ``sharded.sharded_phase``.
 
 Lockstep: the microbatch loop checks before each forward (``probe._microbatches``); one more
 check between the forward and the backwards keeps a rank whose objective failed from leaving the
-others in a backward's all-gather. A failure inside a forward or a backward, between two of
-FSDP's own collectives, is not covered (as in the forward-mode pass).
+others in a backward's all-gather. A failure on one rank inside a forward or a backward, between
+two of FSDP's own collectives, is not covered (as in the forward-mode pass).
 """
 
 from __future__ import annotations
@@ -98,8 +100,7 @@ def _reset(model: nn.Module) -> None:
 @contextmanager
 def idle_fsdp(model: nn.Module) -> Iterator[None]:
     """Runs the block only when FSDP holds nothing of the training step (``fsdp_pending``
-    empty), and leaves it so: an exception resets FSDP's per-iteration state; a block that
-    leaves something pending is reset and raises."""
+    empty); an exception leaving it resets FSDP's per-iteration state."""
     pending = fsdp_pending(model)
     if pending:
         raise RuntimeError(
@@ -111,9 +112,13 @@ def idle_fsdp(model: nn.Module) -> Iterator[None]:
     except BaseException:
         _reset(model)
         raise
+
+
+def _still_idle(model: nn.Module) -> None:
+    """Raises (inside ``idle_fsdp``: FSDP is then reset) when a microbatch's backwards left
+    anything of FSDP's pending."""
     left = fsdp_pending(model)
     if left:
-        _reset(model)
         raise RuntimeError(f"the probe's backward left FSDP state behind: {'; '.join(left)}")
 
 
@@ -177,6 +182,7 @@ def sharded_reverse(scorer, params: Mapping[str, torch.Tensor], microbatches,
             model, params, direction) as injector:
         for mb in microbatches:
             backward = _backward(scorer, mb, injector, weights, lockstep)
+            _still_idle(model)
             check.add(backward, direction)
             mask = mb.response_mask.to(backward.logp.device)
             yield backward.logp, backward.ent, reverse_terms(backward, mask)
