@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -88,12 +89,18 @@ class Injector:
     @contextmanager
     def rows(self, eps: torch.Tensor | None) -> Iterator[None]:
         """Inject along the leading dimension with ``eps`` [n + 1] (None: no injection); entry n
-        for the calls on a tensor shared by all rows (module docstring)."""
-        self.eps = eps
+        for the calls on a tensor shared by all rows (module docstring). The rows injected
+        before come back on exit."""
+        before, self.eps = self.eps, eps
         try:
             yield
         finally:
-            self.eps = None
+            self.eps = before
+
+    def replay(self):
+        """A factory of ``rows`` with the eps injected now: a checkpointed layer recomputed in
+        the backward pass (``checkpointing.py``) injects as its forward did."""
+        return partial(self.rows, self.eps)
 
     def _hook(self, module, args, kwargs, output):
         if self.eps is None or self._busy:

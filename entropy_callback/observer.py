@@ -13,6 +13,7 @@ from contextlib import ExitStack, contextmanager
 import numpy as np
 import torch
 
+from .checkpointing import suspended
 from .errors import EntropyProbeWarning, ProbeFailure
 
 __all__ = ["EntropyProbeWarning", "PhaseRunner", "ProbeFailure", "full_fp32_precision",
@@ -112,7 +113,9 @@ def without_training_hooks(modules: list[torch.nn.Module]):
     """Gradient checkpointing flags off and the input-require-grads forward hooks (transformers'
     ``enable_input_require_grads``, peft's ``make_inputs_require_grad``) detached inside: they
     exist for backward passes and call ``requires_grad_`` on activations, which forward-mode AD
-    refuses. Each module's flag and hook dict (same dict, same order) restored on exit.
+    refuses. Each module's flag and hook dict (same dict, same order) restored on exit. The
+    reverse derivative pass checkpoints the flagged decoder layers itself, in eval mode
+    (``checkpointing.py``).
     ``modules``: the model's ``modules()``, listed once by the caller."""
     flags = [m for m in modules if getattr(m, "gradient_checkpointing", None) is True]
     hooked = [(m, dict(m._forward_hooks)) for m in modules
@@ -125,7 +128,8 @@ def without_training_hooks(modules: list[torch.nn.Module]):
             for key, hook in hooks.items():
                 if _requires_grads_hook(hook):
                     del m._forward_hooks[key]
-        yield
+        with suspended(flags):  # the reverse pass checkpoints these layers (checkpointing.py)
+            yield
     finally:
         for m in flags:
             m.gradient_checkpointing = True

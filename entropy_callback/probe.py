@@ -156,7 +156,7 @@ class EntropyProbe:
                 "model has no trainable parameters to probe: the probe measures the step of the "
                 "trainable (LoRA) parameters; add adapters (peft.get_peft_model) or unfreeze some."
             )
-        self.sharded = is_sharded(self.params)
+        self.sharded = is_sharded(self.params, model)
         self.scorer = Scorer(model, config.temperature, config.chunk_size, split=not self.sharded)
         self.rank, self.world_size = 0, 1
         self.gather: Gather = _local_gather
@@ -363,7 +363,7 @@ class EntropyProbe:
         Returns why the step was not taken, or None."""
         optimizer = pending.optimizer
         grads = consumed_gradients(self.params)
-        live = {n: p.to_local() for n, p in self.params.items()} if self.sharded else self.params
+        live = {n: local(p) for n, p in self.params.items()} if self.sharded else self.params
         pending.grads = {n: local(g) for n, g in grads.items()}
         pending.observed = observed_step(live, pending.theta)
         skipped = step_not_taken(optimizer, self.params, pending.optimizer_state, pending.grads,

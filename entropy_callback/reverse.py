@@ -36,7 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpointing import checkpointing
 from .injection import Injector, injecting, leaf, per_row
+from .kernelcheck import no_forward_rule_layers
 from .scoring import Scorer, _prefixed, chunk_rows, head_block_rows, logp_and_entropy_rows
 from .variants import call_substituted, exact_variant_derivatives
 
@@ -69,7 +71,9 @@ def surrogate_backward(scorer: Scorer, mb, leaves: Mapping[str, torch.Tensor], w
     (tensors that require grad, substituted by ``functional_call``; nothing live is written),
     one backward each. The head runs per chunk of positions on the split path."""
     scorer.check_split(mb)
-    with torch.enable_grad(), exact_variant_derivatives(scorer.model):
+    replay = None if injector is None else injector.replay
+    with (torch.enable_grad(), exact_variant_derivatives(scorer.model),
+          checkpointing(scorer.model, replay)):
         if scorer.split is None:
             return _full_backward(scorer, mb, leaves, weights, injector)
         return _split_backward(scorer, mb, leaves, weights, injector)
@@ -294,9 +298,10 @@ def choose_derivative(model: nn.Module, requested: str) -> tuple[str, str]:
     if _has_dora(model):
         return "forward", ("auto: DoRA's weight norm is shared by every sequence (the reverse "
                            "pass cannot split it per sequence)")
-    kernels = [n for n, m in model.named_modules() if "_kernel_repo" in m.__dict__]
+    kernels = no_forward_rule_layers(model)
     if kernels:
-        return "reverse", f"auto: {len(kernels)} layers run Hub kernels (e.g. {kernels[0]})"
+        return "reverse", (f"auto: {len(kernels)} layers run {kernels[0][1]} kernels without a "
+                           f"forward-mode rule (e.g. {kernels[0][0]})")
     device = next(model.parameters()).device
     config = getattr(model, "config", None)
     attention = getattr(config, "_attn_implementation", None) or "eager"

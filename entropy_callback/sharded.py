@@ -41,13 +41,17 @@ class OtherRankFailed(RuntimeError):
     """Another rank announced a failure at this check: this rank skips the probe."""
 
 
-def is_sharded(params: Mapping[str, torch.Tensor]) -> bool:
-    """Whether the probed parameters are DTensors (FSDP2's ``fully_shard``)."""
+def is_sharded(params: Mapping[str, torch.Tensor], model: nn.Module | None = None) -> bool:
+    """Whether the probed parameters are DTensors (FSDP2's ``fully_shard``), or ``model`` has
+    DTensor parameters elsewhere: LoRA added after transformers sharded the base model at load
+    (``from_pretrained(distributed_config=...)``) stays replicated, but every forward still
+    all-gathers the base weights, so the passes must run in lockstep all the same."""
     if not torch.distributed.is_available():  # a build without distributed has no DTensor
         return False
     from torch.distributed.tensor import DTensor
 
-    return any(isinstance(p, DTensor) for p in params.values())
+    others = model.parameters() if model is not None else ()
+    return any(isinstance(p, DTensor) for p in (*params.values(), *others))
 
 
 FSDP1_REFUSAL = (
@@ -154,11 +158,15 @@ def local_state(state: Mapping[str, Mapping[str, object]]) -> dict[str, dict[str
 def full_tensors(params: Mapping[str, torch.Tensor],
                  shards: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The full tensors whose local shards are ``shards``, laid out as ``params`` (all-gathers:
-    every rank must call it, after a ``Lockstep.check``)."""
+    every rank must call it, after a ``Lockstep.check``); a replicated (plain) parameter's
+    shard is already its full tensor."""
     from torch.distributed.tensor import DTensor
 
     out = {}
     for n, p in params.items():
+        if not isinstance(p, DTensor):
+            out[n] = shards[n]
+            continue
         d = DTensor.from_local(shards[n], p.device_mesh, p.placements, shape=p.shape,
                                stride=p.stride())
         out[n] = d.full_tensor()

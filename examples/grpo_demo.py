@@ -9,6 +9,7 @@ advantage; off with ``--no-attribution``), and the TensorBoard and CLI commands.
 
     python examples/grpo_demo.py                       # configs/demo.yaml, about 3 minutes
     python examples/grpo_demo.py --steps 400 --every 40 --out runs/longer
+    python examples/grpo_demo.py --devices 2 --fsdp2    # FSDP2 (fully_shard), 2 CPU processes
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ import lightning as L
 import torch
 import yaml
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.strategies import ModelParallelStrategy
 
 from entropy_callback import EntropyProbeCallback, ProbeConfig, load_run
 from entropy_callback.cli import pearson
 from entropy_callback.demos import GRPOModule, build_policy, make_prompts
+from entropy_callback.demos.grpo import prompt_dataloader
 from entropy_callback.runlog import load_step
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,6 +44,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, help="seed (default: config)")
     parser.add_argument("--out", default="runs/demo", help="TensorBoard/JSON root directory")
     parser.add_argument("--devices", type=int, default=1, help="CPU processes (2 = DDP)")
+    parser.add_argument("--fsdp2", action="store_true", help="shard the policy with FSDP2 "
+                        "(ModelParallelStrategy, fully_shard per decoder layer and at the "
+                        "policy); attribution is off (the probe refuses it on sharded models)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads; the "
                         "tiny model runs fastest on one (more threads only add overhead)")
     parser.add_argument("--checkpoint", help="a local transformers checkpoint instead of the "
@@ -63,17 +69,19 @@ def main(argv=None) -> list[dict]:
     L.seed_everything(seed, verbose=False)
     model, tokenizer = build_policy(args.checkpoint, seed=seed)
     heldout = make_prompts(100, seed=seed + 1)  # drawn independently of the training stream
-    module = GRPOModule(model, tokenizer, make_prompts(4096, seed=seed), total_steps=steps,
-                        seed=seed, probe_prompts=heldout, **train)
-    probe = EntropyProbeCallback(every=every,
-                                 config=probe_config(cfg["probe"], not args.no_attribution))
+    module = (ShardedGRPOModule if args.fsdp2 else GRPOModule)(
+        model, tokenizer, make_prompts(4096, seed=seed), total_steps=steps, seed=seed,
+        probe_prompts=heldout, **train)
+    attribution = not (args.no_attribution or args.fsdp2)
+    probe = EntropyProbeCallback(every=every, config=probe_config(cfg["probe"], attribution))
     logger = TensorBoardLogger(args.out, name="grpo_demo")
     log_dir = logger.log_dir  # fixes the version before ddp_spawn's processes copy the logger
     trainer = L.Trainer(
         max_steps=steps,
         accelerator="cpu",
         devices=args.devices,
-        strategy="ddp_spawn" if args.devices > 1 else "auto",
+        strategy=(ModelParallelStrategy(data_parallel_size=args.devices, tensor_parallel_size=1)
+                  if args.fsdp2 else "ddp_spawn" if args.devices > 1 else "auto"),
         logger=logger,
         callbacks=[probe],
         gradient_clip_val=clip,
@@ -89,6 +97,24 @@ def main(argv=None) -> list[dict]:
     records = load_run(log_dir)
     report(records, log_dir, logger.save_dir, time.perf_counter() - start)
     return records
+
+
+class ShardedGRPOModule(GRPOModule):
+    """The GRPO module with its policy sharded by FSDP2 in ``configure_model`` (Lightning's
+    ModelParallelStrategy recipe): each decoder layer, then the policy itself. Each rank draws
+    its own prompts (data parallel), so the ranks' responses stop at different steps: the
+    sampler decodes in lockstep (``demos.grpo.sample_responses``)."""
+
+    def train_dataloader(self):
+        return prompt_dataloader(self.prompts, self.prompts_per_step,
+                                 seed=self.seed + self.global_rank)
+
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in self.model.get_base_model().model.layers:
+            fully_shard(layer)
+        fully_shard(self.model)
 
 
 def probe_config(options: dict, attribution: bool) -> ProbeConfig:

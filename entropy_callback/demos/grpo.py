@@ -182,8 +182,13 @@ def sample_responses(
     Returns:
         ``(response_ids, lengths)``: [N, T] ids with T <= max_new_tokens (T shrinks when every
         response stopped early), and [N] response lengths T_i (EOS counted).
+
+    On a model sharded with FSDP2 (DTensor parameters), every rank must run the same number of
+    forwards (each all-gathers the parameters): the loop then stops only once no rank has a
+    response still running (one all-reduce per step), like ``generate(synced_gpus=True)``.
     """
     n = prompt_ids.shape[0]
+    synced = _sharded(model)
     cache_name = _cache_keyword(model)
     mask = prompt_mask
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -201,7 +206,7 @@ def sample_responses(
         tokens.append(y)
         lengths += active.long()
         finished = finished | (active & (y == eos_token_id))
-        if k == max_new_tokens - 1 or bool(finished.all()):
+        if k == max_new_tokens - 1 or _all_stopped(finished, synced):
             break
         mask = torch.cat([mask, active.long()[:, None]], dim=-1)
         position_ids = position_ids[:, -1:] + 1
@@ -213,6 +218,20 @@ def sample_responses(
             **{cache_name: _returned_cache(out)},
         )
     return torch.stack(tokens, dim=1), lengths
+
+
+def _sharded(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s parameters are FSDP2 DTensors in an initialised process group."""
+    return (torch.distributed.is_available() and torch.distributed.is_initialized()
+            and any(type(p).__name__ == "DTensor" for p in model.parameters()))
+
+
+def _all_stopped(finished: torch.Tensor, synced: bool) -> bool:
+    """Whether every response stopped: on this rank, or (``synced``) on every rank."""
+    running = torch.tensor([0 if bool(finished.all()) else 1], device=finished.device)
+    if synced:
+        torch.distributed.all_reduce(running, op=torch.distributed.ReduceOp.MAX)
+    return not running.item()
 
 
 def _cache_keyword(model: torch.nn.Module) -> str:
