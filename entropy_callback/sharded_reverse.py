@@ -43,6 +43,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from .checkpointing import checkpointing
 from .injection import Injector, _attribute, injecting, leaf, per_row
 from .reverse import Backward, Check, check_rtol, estimator_weights, reverse_terms
 from .sharded import Lockstep, at_shards
@@ -140,12 +141,15 @@ class _Recording(Injector):
 def _backward(scorer, mb, injector: _Recording, weights, lockstep: Lockstep) -> Backward:
     """One microbatch: the full forward with its graph at the live (theta) shards, a lockstep
     check, then one ``autograd.grad`` per objective with respect to eps and the recorded
-    parameters (never ``.grad``)."""
+    parameters (never ``.grad``). The decoder layers the user's training checkpoints are
+    recomputed in each backward (``checkpointing.py``), as unsharded: FSDP's pre-backward hook
+    on a layer's output has unsharded it again by then, and the recomputation calls the
+    layer's own forward, not the module, so FSDP's forward hooks do not run twice."""
     device = scorer.device
     b = mb.response_mask.shape[0]
     eps = leaf(b, injector, device)
     injector.live = {}
-    with torch.enable_grad():
+    with torch.enable_grad(), checkpointing(scorer.model, injector.replay):
         with exact_variant_derivatives(scorer.model), injecting(injector, eps):
             logp, ent = scorer.full_forward(mb, None)
         mask = mb.response_mask.to(device, torch.float64)

@@ -43,14 +43,16 @@ CONFIG = dict(batch_size=24, microbatch_size=5, max_new_tokens=5, eta_multiplier
               log_level="detailed")
 
 
-def _model(shard: bool, lora_dropout: float = 0.0, exact: bool = True):
+def _model(shard: bool, lora_dropout: float = 0.0, exact: bool = True,
+           checkpointing: bool = False):
     """The float64 tiny LoRA Llama (same weights on every rank), sharded per decoder layer and
     at the root when ``shard``; its AdamW optimizer and a fixed training batch. LoRA on the LM
     head too: those parameters belong to the root's FSDP unit, which stays unsharded after a
     forward (the probe must reshard it before writing theta or theta' into its shards). Its
     RMSNorms run in float64 (``exact_float64``): as shipped they round through float32, which
     would limit the agreement of the two differentiation orders to ~1e-7 (test_reverse.py).
-    ``exact=False`` keeps them as shipped."""
+    ``exact=False`` keeps them as shipped; ``checkpointing`` enables the user's activation
+    checkpointing of the decoder layers (before sharding, as a training script would)."""
     tok = build_char_tokenizer()
     base = build_tiny_llama(tok, seed=0, dtype=torch.float64, attn_implementation="sdpa")
     if exact:
@@ -58,6 +60,8 @@ def _model(shard: bool, lora_dropout: float = 0.0, exact: bool = True):
     model = add_lora(base, r=8, alpha=16, dropout=lora_dropout, seed=0,
                      target_modules=(*LORA_TARGET_MODULES, "lm_head"))
     randomize_lora_b(model, std=0.05, seed=1)
+    if checkpointing:
+        model.get_base_model().activation_checkpointing_enable()
     if shard:
         from torch.distributed.fsdp import fully_shard
 
@@ -142,8 +146,13 @@ def _probe_once(shard: bool, fail: str | None = None, step: int = 3,
     rank's per-sequence derivative terms in float64 (P_i = A_i + Bsum_i and C_i, [B_E / world];
     the record's columns are float32). ``fail``: a phase of ``FAILURES`` or
     "between_forward_and_backward" (the reverse pass)."""
-    model, tok, opt, enc = _model(shard)
+    derivative, _, checkpointed = derivative.partition("+")
+    model, tok, opt, enc = _model(shard, checkpointing=checkpointed == "checkpointing")
     model(**enc, labels=enc["input_ids"]).loss.backward()
+    calls = [0]  # the decoder layers' attention calls in the probe (recomputations included)
+    for name, module in model.named_modules():
+        if name.endswith("self_attn"):
+            module.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     probe = EntropyProbe(model, tok, PROMPTS, ProbeConfig(**CONFIG, derivative=derivative))
     between = fail == "between_forward_and_backward"
     with inject(probe, None if between else fail), fail_between_forward_and_backward(between):
@@ -152,17 +161,20 @@ def _probe_once(shard: bool, fail: str | None = None, step: int = 3,
         measured = probe.measure()
         t = measured.terms
         terms = None if t is None else {"P": t["A"] + t["Bsum"], "C": t["C"]}
-        return probe.finish(measured), fsdp_state(model) if shard else None, terms
+        state = {"fsdp": fsdp_state(model) if shard else None, "attention_calls": calls[0]}
+        return probe.finish(measured), state, terms
 
 
-def _train(probed: str | None, steps: int = 3,
-           fail_at: int | None = None) -> dict[str, torch.Tensor]:
-    """``steps`` training steps of the sharded model (LoRA dropout on), the probe around each
-    optimizer step (``probed`` its derivative) or not; this rank's local shards of parameters,
-    grads and AdamW state, and FSDP's state. With ``fail_at``, that step's probe fails inside
-    its reverse pass's backward (``fail_inside_backward``) on every rank."""
+def _train(probed: str | None, steps: int = 3, fail_at: int | None = None,
+           checkpointing: bool = False) -> dict[str, torch.Tensor]:
+    """``steps`` training steps of the sharded model (LoRA dropout on, the decoder layers
+    checkpointed with ``checkpointing``), the probe around each optimizer step (``probed`` its
+    derivative) or not; this rank's local shards of parameters, grads and AdamW state, and
+    FSDP's state. With ``fail_at``, that step's probe fails inside its reverse pass's backward
+    (``fail_inside_backward``) on every rank."""
     torch.manual_seed(1234)
-    model, tok, opt, enc = _model(True, lora_dropout=0.1)
+    model, tok, opt, enc = _model(True, lora_dropout=0.1, checkpointing=checkpointing)
+    model.train()
     probe = (EntropyProbe(model, tok, PROMPTS, ProbeConfig(**CONFIG, derivative=probed))
              if probed else None)
     errors = []
@@ -214,8 +226,9 @@ def _worker(rank: int, port: int, out: str, job: str,
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         if job == "train":
-            torch.save({"forward": _train("forward"), "reverse": _train("reverse", 4, 1),
-                        "unprobed": _train(None), "unprobed4": _train(None, 4),
+            torch.save({"forward": _train("forward"), "unprobed": _train(None),
+                        "reverse": _train("reverse", 4, 1, checkpointing=True),
+                        "unprobed4": _train(None, 4, checkpointing=True),
                         "refusals": _refusals()}, Path(out) / f"0_rank{rank}.pt")
             return
         for i, (phase, derivative) in enumerate(phases):
@@ -226,7 +239,7 @@ def _worker(rank: int, port: int, out: str, job: str,
                                                    step=i, derivative=derivative)
             torch.save({"core": result.core(), "error": result.error, "terms": terms,
                         "sequences": result.sequences, "timing": result.timing,
-                        "diagnostics": result.diagnostics, "fsdp": state,
+                        "diagnostics": result.diagnostics, **state,
                         "seconds": time.monotonic() - start,
                         "warnings": [str(w.message) for w in caught]},
                        Path(out) / f"{i}_rank{rank}.pt")
@@ -274,8 +287,9 @@ def _results(tmp_path: Path, phases: list) -> list[list[dict] | None]:
 
 
 # after the clean forward-mode probe and one per phase of FAILURES (forward mode)
-REVERSE = [(None, "reverse"), ("between_forward_and_backward", "reverse"),
-           ("derivative", "reverse")]
+REVERSE = {"clean": (None, "reverse"), "checkpointing": (None, "reverse+checkpointing"),
+           "between_forward_and_backward": ("between_forward_and_backward", "reverse"),
+           "derivative": ("derivative", "reverse")}
 
 
 @pytest.fixture(scope="module")
@@ -284,13 +298,13 @@ def runs(tmp_path_factory):
     and failing on rank 1 in its derivative phase, then a clean forward-mode probe."""
     with pytest.MonkeyPatch.context() as mpatch:
         mpatch.delenv("MASTER_PORT", raising=False)
-        phases = [(None, "forward"), *((f, "forward") for f in FAILURES), *REVERSE,
+        phases = [(None, "forward"), *((f, "forward") for f in FAILURES), *REVERSE.values(),
                   (None, "forward")]
         return _spawn(tmp_path_factory.mktemp("fsdp"), "probe", phases)
 
 
 def _reverse_run(runs, fail):
-    return runs[1 + len(FAILURES) + [f for f, _ in REVERSE].index(fail)]
+    return runs[1 + len(FAILURES) + list(REVERSE).index(fail)]
 
 
 def test_fsdp2_shards_give_the_single_process_result(runs):
@@ -319,30 +333,37 @@ def test_fsdp2_reverse_pass_gives_the_single_process_forward_and_reverse_results
     the same seed (so the same E): delta H_1, its SE and each rank's per-sequence derivative
     terms (float64) to 1e-10 relative (two differentiation orders and two summation orders of
     the same float64 numbers; measured ~1e-15, docs/distributed.md); its check over both
-    ranks' rows holds."""
-    step = 1 + len(FAILURES)
-    ranks = _reverse_run(runs, None)
-    assert ranks is not None, "the sharded reverse probe did not finish (hang)"
-    singles = [_probe_once(False, step=step, derivative=d) for d in ("forward", "reverse")]
-    for rank, got in enumerate(ranks):
-        assert got["error"] is None, got["error"]
-        assert got["core"]["derivative"] == "reverse"
-        assert got["fsdp"] == fsdp_state_after_backward()
-        for single, _, terms in singles:
-            for key in ("deltaH1", "deltaH1_se"):
-                assert got["core"][key] == pytest.approx(single.core()[key], rel=1e-10), key
-            for key in ("deltaH_true", "H_orig", "bars_dot"):  # the same E and Delta theta
-                assert got["core"][key] == pytest.approx(single.core()[key], rel=1e-8), key
-            rows = shard(CONFIG["batch_size"], WORLD, rank)
-            for key in ("P", "C"):
-                want = terms[key][rows]
-                torch.testing.assert_close(got["terms"][key], want, rtol=1e-10,
-                                           atol=1e-10 * float(want.abs().max()))
-        assert got["diagnostics"]["reverse_check_gap"] < 1e-12
-    assert ranks[0]["diagnostics"] == ranks[1]["diagnostics"]
+    ranks' rows holds. The same with the user's activation checkpointing on: the reverse pass
+    recomputes each decoder layer once per backward (two per microbatch, per token), through
+    FSDP's re-gathered parameters."""
+    microbatches = -(-CONFIG["batch_size"] // WORLD // CONFIG["microbatch_size"])
+    ranks = {label: _reverse_run(runs, label) for label in ("clean", "checkpointing")}
+    for label, runs_ in ranks.items():
+        assert runs_ is not None, f"the sharded reverse probe ({label}) did not finish (hang)"
+        assert runs_[0]["diagnostics"] == runs_[1]["diagnostics"]
+    for plain, got in zip(ranks["clean"], ranks["checkpointing"], strict=True):
+        assert got["attention_calls"] - plain["attention_calls"] == 2 * 2 * microbatches
+    for label, runs_ in ranks.items():
+        step = 1 + len(FAILURES) + list(REVERSE).index(label)  # the worker's step: its index
+        singles = [_probe_once(False, step=step, derivative=d) for d in ("forward", "reverse")]
+        for rank, got in enumerate(runs_):
+            assert got["error"] is None, got["error"]
+            assert got["core"]["derivative"] == "reverse"
+            assert got["fsdp"] == fsdp_state_after_backward()
+            for single, _, terms in singles:
+                for key in ("deltaH1", "deltaH1_se"):
+                    assert got["core"][key] == pytest.approx(single.core()[key], rel=1e-10)
+                for key in ("deltaH_true", "H_orig", "bars_dot"):  # the same E and Delta theta
+                    assert got["core"][key] == pytest.approx(single.core()[key], rel=1e-8)
+                rows = shard(CONFIG["batch_size"], WORLD, rank)
+                for key in ("P", "C"):
+                    want = terms[key][rows]
+                    torch.testing.assert_close(got["terms"][key], want, rtol=1e-10,
+                                               atol=1e-10 * float(want.abs().max()))
+            assert got["diagnostics"]["reverse_check_gap"] < 1e-12
 
 
-@pytest.mark.parametrize("fail", [f for f, _ in REVERSE[1:]])
+@pytest.mark.parametrize("fail", ["between_forward_and_backward", "derivative"])
 def test_fsdp2_reverse_pass_failing_on_one_rank_is_skipped_by_both(runs, fail):
     """Rank 1 fails in the reverse pass's derivative phase (after a microbatch's forward, before
     its backwards; or at the phase's start): both skip the probe, no rank waits in a backward's
@@ -398,7 +419,8 @@ def test_fsdp2_training_is_bitwise_unchanged_by_the_probe(trained, derivative):
     (nothing pending, no forward record of the probe's left) after training probed at every
     step are bitwise those of the unprobed run. The reverse run is 4 steps, and its probe at
     step 1 fails inside its backward on both ranks (FSDP's final callback never runs): the
-    probe resets FSDP's per-iteration state, and the steps after it are unchanged too."""
+    probe resets FSDP's per-iteration state, and the steps after it are unchanged too; its
+    decoder layers are checkpointed (in training and in the probe's backwards)."""
     assert trained is not None, "the sharded training run did not finish (hang)"
     for got in trained:
         probed = got[derivative]
