@@ -59,9 +59,11 @@ def _fsdp_states(model: nn.Module) -> list[tuple[str, object]]:
 
 def fsdp_pending(model: nn.Module) -> list[str]:
     """What FSDP2 holds of an iteration (module docstring): empty when every state and
-    parameter group is idle and resharded, no post-forward order or reduce-scatter is pending,
-    no unsharded gradient exists, and a backward would be the last one. Reads FSDP's private
-    per-iteration fields (torch 2.13)."""
+    parameter group is idle and resharded, no all-gather, reduce-scatter or (HSDP) partial
+    reduction is pending, no unsharded gradient exists, and a backward would be the last one
+    (``reset_iter_state`` would discard any of them). Reads FSDP's private per-iteration fields
+    (torch 2.13); the post-forward records are not among them (``sharded.sharded_phase`` puts
+    them back)."""
     out = []
     for name, state in _fsdp_states(model):
         if state._training_state.name != "IDLE":
@@ -72,7 +74,8 @@ def fsdp_pending(model: nn.Module) -> list[str]:
                            f"{group._sharded_state.name}")
             if group._all_gather_result is not None:
                 out.append(f"{name}: a pending all-gather")
-            if group._post_reduce_event is not None or group._all_reduce_state is not None:
+            if (group._post_reduce_event is not None or group._all_reduce_state is not None
+                    or group._partial_reduce_output is not None):
                 out.append(f"{name}: a gradient reduction in flight")
             if group.reduce_scatter_unused_params:
                 out.append(f"{name}: set_reduce_scatter_unused_params(True)")

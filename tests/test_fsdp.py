@@ -155,7 +155,10 @@ def _probe_once(shard: bool, fail: str | None = None, step: int = 3,
             module.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     probe = EntropyProbe(model, tok, PROMPTS, ProbeConfig(**CONFIG, derivative=derivative))
     between = fail == "between_forward_and_backward"
-    with inject(probe, None if between else fail), fail_between_forward_and_backward(between):
+    if fail == "not_last_backward":  # FSDP would keep the probe's backward state
+        model.set_is_last_backward(False)
+    own = None if fail in ("between_forward_and_backward", "not_last_backward") else fail
+    with inject(probe, own), fail_between_forward_and_backward(between):
         probe.before_step(opt, step=step)
         opt.step()
         measured = probe.measure()
@@ -289,7 +292,8 @@ def _results(tmp_path: Path, phases: list) -> list[list[dict] | None]:
 # after the clean forward-mode probe and one per phase of FAILURES (forward mode)
 REVERSE = {"clean": (None, "reverse"), "checkpointing": (None, "reverse+checkpointing"),
            "between_forward_and_backward": ("between_forward_and_backward", "reverse"),
-           "derivative": ("derivative", "reverse")}
+           "derivative": ("derivative", "reverse"),
+           "not_last_backward": ("not_last_backward", "reverse")}
 
 
 @pytest.fixture(scope="module")
@@ -363,16 +367,27 @@ def test_fsdp2_reverse_pass_gives_the_single_process_forward_and_reverse_results
             assert got["diagnostics"]["reverse_check_gap"] < 1e-12
 
 
-@pytest.mark.parametrize("fail", ["between_forward_and_backward", "derivative"])
+@pytest.mark.parametrize("fail", ["between_forward_and_backward", "derivative",
+                                  "not_last_backward"])
 def test_fsdp2_reverse_pass_failing_on_one_rank_is_skipped_by_both(runs, fail):
     """Rank 1 fails in the reverse pass's derivative phase (after a microbatch's forward, before
-    its backwards; or at the phase's start): both skip the probe, no rank waits in a backward's
+    its backwards; at the phase's start; refusing to run a backward while FSDP is told the
+    next backward is not the last): both skip the probe, no rank waits in a backward's
     all-gather, and FSDP's state is left as the training step left it."""
     ranks = _reverse_run(runs, fail)
     assert ranks is not None, f"a failure ({fail}) in the reverse pass on rank 1 hung"
     assert ranks[1]["error"]["phase"] == "derivative"
-    assert "injected failure" in ranks[1]["error"]["message"]
     assert ranks[0]["error"]["phase"] == "distributed"
+    if fail == "not_last_backward":
+        assert "set_is_last_backward(False)" in ranks[1]["error"]["message"]
+        assert "derivative='forward'" in ranks[1]["error"]["message"]
+        assert ranks[1]["fsdp"] == sorted(
+            f"{m}: set_is_last_backward(False)" for m in (
+                "<root>", "base_model.model.model.layers.0", "base_model.model.model.layers.1")
+        ) + fsdp_state_after_backward()  # as the user left it
+        ranks = ranks[:1]
+    else:
+        assert "injected failure" in ranks[1]["error"]["message"]
     for got in ranks:
         assert got["fsdp"] == fsdp_state_after_backward()
 
