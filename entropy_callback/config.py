@@ -78,9 +78,10 @@ class ProbeConfig:
             needs Adam/AdamW and a LightningModule following the protocol there).
         derivative: how delta H_1's derivatives are taken: "forward" (one forward-mode pass),
             "reverse" (backward passes of the estimator's surrogate: needs no forward-mode rule,
-            so it runs through fused attention, Hub kernels and sharded parameters) or "auto"
-            (forward where every op has a forward-mode rule and the model is unsharded,
-            reverse otherwise; each record says which ran, ``derivative`` in core_results).
+            so it runs through fused attention, Hub kernels and FSDP2-sharded parameters) or
+            "auto" (reverse where layers run Hub kernels or SDPA/flash attention runs on an
+            accelerator, sharded or not; forward otherwise, e.g. on CPU, where it is the faster
+            pass; each record says which ran, ``derivative`` in core_results).
 
     Every field is checked at construction (a ProbeConfigError names the field and the fix).
     A ProbeConfig is frozen: derive a changed copy with ``dataclasses.replace(cfg, seed=1)``,

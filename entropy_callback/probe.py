@@ -48,6 +48,7 @@ from .sharded import (
     sharded_forward,
     sharded_phase,
 )
+from .sharded_reverse import sharded_reverse
 from .update import (
     AdamReplay,
     adam_replay,
@@ -504,9 +505,6 @@ class EntropyProbe:
         """The derivative this probe takes (``config.derivative``, "auto" resolved on the model
         as it is now), into the record; said in a log line the first time and on a change."""
         mode, why = choose_derivative(self.model, self.config.derivative)
-        if self.sharded:
-            mode, why = "forward", ("FSDP2-sharded parameters: forward mode, the tangent "
-                                    "injected at the modules that own them")
         result.derivative = mode
         if (mode, why) != self._derivative_said:
             self._derivative_said = (mode, why)
@@ -520,7 +518,11 @@ class EntropyProbe:
         start = time.perf_counter()
         keep_tokens = self.config.wants("token_data")
         microbatches = self._microbatches(pending.batch, "derivative")
-        if derivative == "reverse":
+        if derivative == "reverse" and self.sharded:
+            passes = sharded_reverse(self.scorer, self.params, microbatches, theta, direction,
+                                     self.config.normalize,
+                                     {} if diagnostics is None else diagnostics, self._lockstep)
+        elif derivative == "reverse":
             passes = reverse_pass(self.scorer, self.params, microbatches, theta, direction,
                                   self.config.normalize, {} if diagnostics is None else diagnostics)
         elif self.sharded:

@@ -290,8 +290,9 @@ def choose_derivative(model: nn.Module, requested: str) -> tuple[str, str]:
     run or would cost too much: layers replaced by Hub kernels (``kernels``: no forward-mode
     rules), or fused SDPA/flash attention on an accelerator (the forward pass would fall back to
     the math kernel, O(L^2) memory per head); but forward with DoRA layers (their weight norm
-    is a use shared by every sequence, which the reverse pass refuses). Sharded (FSDP2) models
-    take their own forward pass, chosen by ``EntropyProbe`` (``sharded.py``)."""
+    is a use shared by every sequence, which the reverse pass refuses). The same choice for
+    sharded (FSDP2) models, whose passes are ``sharded.sharded_forward`` and
+    ``sharded_reverse.sharded_reverse``."""
     if requested != "auto":
         return requested, "requested"
     if _has_dora(model):

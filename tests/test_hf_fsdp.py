@@ -204,16 +204,16 @@ def _grpo(ckpt: str, out: Path, *, probed: bool, steps: int = 2):
             "state": _local_state(trainer.model, trainer.optimizer)}
 
 
-def _refusals(ckpt: str, out: Path) -> list[str]:
+def _refusals(ckpt: str, out: Path) -> list:
     """What the callback refuses at setup on a sharded model, raised out of train() on every
-    rank: unequal E shards, the reverse pass."""
-    messages = []
-    for i, bad in enumerate((dict(batch_size=7), dict(derivative="reverse"))):
-        try:
-            _train(ckpt, out / f"bad{i}", sharded=True, steps=1, **bad)
-        except ProbeConfigError as exc:
-            messages.append(str(exc))
-    return messages
+    rank (unequal E shards), and one step probed with the reverse pass, which runs on a sharded
+    model (``sharded_reverse.py``; tests/test_fsdp.py checks its numbers)."""
+    try:
+        _train(ckpt, out / "bad", sharded=True, steps=1, batch_size=7)
+    except ProbeConfigError as exc:
+        message = str(exc)
+    reverse = _train(ckpt, out / "reverse", sharded=True, steps=1, derivative="reverse")
+    return [message, reverse["records"]]
 
 
 JOBS = {
@@ -351,12 +351,14 @@ def test_the_hooks_on_a_fully_sharded_model_give_the_single_process_result(runs,
             _same_as_single(mine, one)
 
 
-def test_sharded_refusals_are_setup_errors_naming_the_argument(runs):
+def test_sharded_refusal_names_the_argument_and_the_reverse_pass_runs(runs):
     ranks = runs["refusals"]
     assert ranks is not None
     for uneven, reverse in ranks:
         assert "batch_size=7 is not divisible by world_size=2" in uneven
-        assert "derivative='reverse'" in reverse and "'auto'" in reverse
+        (record,) = reverse
+        assert record["error"] is None and record["core"]["derivative"] == "reverse"
+    assert ranks[0][1][0]["core"] == ranks[1][1][0]["core"]
 
 
 def test_trl_grpo_on_fsdp2_is_probed_on_both_ranks_and_trains_bitwise_as_without(runs):
