@@ -269,14 +269,35 @@ def sharded_phase(runner, lockstep: Lockstep | None, model: nn.Module, name: str
             raise RuntimeError("the probe failed on another rank; all ranks skip it")
 
 
+def unshard_outer(model: nn.Module, body: nn.Module, head: nn.Module) -> None:
+    """Before the body is called directly (``scoring.Scorer``'s split path): every FSDP2 module
+    around ``body`` or ``head`` (the root, whose unit holds the embedding, the final norm and
+    the LM head) is unsharded, as its own pre-forward would do, since its forward is skipped.
+    The outermost is lazily initialised first when no forward has run yet (else the first
+    decoder layer called would make itself the root). ``unshard`` is a no-op where already
+    unsharded and one all-gather otherwise, the same on every rank; the modules stay unsharded,
+    as the root does after its forward, until the phase reshards every module (``at_shards``,
+    ``sharded_phase``). The modules inside (the decoder layers) run their own hooks."""
+    from torch.distributed.fsdp import FSDPModule
+
+    outer = [m for m in model.modules() if isinstance(m, FSDPModule) and any(
+        m is not part and any(x is part for x in m.modules()) for part in (body, head))]
+    for module in outer:  # outermost first (pre-order): the others are then initialised
+        module._get_fsdp_state()._lazy_init()
+        module.unshard()
+
+
 def sharded_forward(scorer, params: Mapping[str, torch.Tensor], microbatches,
                     theta: Mapping[str, torch.Tensor], direction: Mapping[str, torch.Tensor]):
     """The forward-mode derivative pass on a sharded model, per microbatch (l, H, terms) as
     ``scoring.sequence_terms`` gives them: the live local shards hold ``theta`` (this rank's)
-    while the tangent along the full ``direction`` enters through ``TangentInjector``."""
-    with at_shards(scorer.model, params, theta), TangentInjector(scorer.model, params,
-                                                                 direction):
+    while the tangent along the full ``direction`` enters through ``TangentInjector``, whose
+    hooks are off during the split's one-time check (its forwards carry no tangent)."""
+    with at_shards(scorer.model, params, theta):
+        hooks = TangentInjector(scorer.model, params, direction)
         for mb in microbatches:
-            logp, ent, dlogp, dent = scorer.score_with_injected_tangent(mb)
+            scorer.check_split(mb)
+            with hooks:
+                logp, ent, dlogp, dent = scorer.score_with_injected_tangent(mb, direction)
             mask = mb.response_mask.to(logp.device)
             yield logp, ent, sequence_terms(logp, ent, mask, dlogp, dent)

@@ -158,13 +158,18 @@ def _probe_once(shard: bool, fail: str | None = None, step: int = 3,
     if fail == "not_last_backward":  # FSDP would keep the probe's backward state
         model.set_is_last_backward(False)
     own = None if fail in ("between_forward_and_backward", "not_last_backward") else fail
+    heads = []  # the LM head's output shapes in the passes after the step
     with inject(probe, own), fail_between_forward_and_backward(between):
         probe.before_step(opt, step=step)
         opt.step()
+        hook = model.get_base_model().lm_head.register_forward_hook(
+            lambda _m, _a, out: heads.append(tuple(out.shape)))
         measured = probe.measure()
+        hook.remove()
         t = measured.terms
         terms = None if t is None else {"P": t["A"] + t["Bsum"], "C": t["C"]}
-        state = {"fsdp": fsdp_state(model) if shard else None, "attention_calls": calls[0]}
+        state = {"fsdp": fsdp_state(model) if shard else None, "attention_calls": calls[0],
+                 "head_shapes": heads}
         return probe.finish(measured), state, terms
 
 
@@ -329,6 +334,22 @@ def test_fsdp2_shards_give_the_single_process_result(runs):
         assert got["core"]["T_E"] == single.T_E
         for column in ("prompt_id", "stopped_eos", "prompt_length", "generation_length"):
             assert got["sequences"][column] == single.sequences[column], column
+
+
+def test_fsdp2_forward_mode_and_rescoring_never_build_microbatch_logits(runs):
+    """The derivative (forward mode), rescoring and sweep passes on the sharded model run the
+    body once and the LM head on rows of real response positions (2-D, at most a
+    microbatch's response tokens), never on [microbatch, L, V]: the only 3-D calls are the
+    split's one-row check (the model's own forward and head(body(x)) on one sequence)."""
+    most = CONFIG["microbatch_size"] * CONFIG["max_new_tokens"]
+    for ranks in (runs[0], runs[-1]):
+        assert ranks is not None
+        for got in ranks:
+            shapes = got["head_shapes"]
+            assert len(shapes) > 1
+            three_d = [s for s in shapes if len(s) == 3]
+            assert len(three_d) == 2 and all(s[0] == 1 for s in three_d), three_d
+            assert all(len(s) == 3 or 0 < s[0] <= most for s in shapes), shapes
 
 
 def test_fsdp2_reverse_pass_gives_the_single_process_forward_and_reverse_results(runs):
