@@ -2,7 +2,7 @@
 
 FSDP2 all-gathers a block's parameters inside every forward of that block, so every rank must
 run the same forwards in the same order, and a rank that fails must not leave the others inside
-an all-gather. Four pieces make the engine's passes work on such a model:
+an all-gather. Five pieces make the engine's passes work on such a model:
 
 - ``Lockstep``: every forward (a decode step, a microbatch) and every collective is preceded by
   one check, a MAX all-reduce of (failed, running) reached by every rank; each phase ends with
@@ -18,6 +18,9 @@ an all-gather. Four pieces make the engine's passes work on such a model:
   module owning a probed parameter (FSDP has unsharded it by then) adds a dual zero whose
   tangent is the module's own derivative along Delta theta, its input held fixed. The chain
   rule through the rest of the model is forward-mode AD's own.
+- ``unshard_outer``: the passes run the body once and the LM head per chunk of positions, as
+  unsharded (``scoring.Scorer``); the root's parameters, which FSDP unshards only in the root's
+  own forward, are unsharded before each body call.
 - local / full tensors: theta, the Adam state and the consumed gradients are read as each rank's
   local shards (the Adam replay is elementwise); Delta theta is all-gathered (LoRA-sized) for
   the tangent and the update check.

@@ -115,13 +115,13 @@ def fail_between_forward_and_backward(fail: bool):
 
 @contextmanager
 def fail_inside_backward(fail: bool):
-    """With ``fail``: the reverse pass's first backward raises inside the autograd engine (a
-    hook on the injection leaf), on every rank: FSDP's pre-backward hooks have run, its final
-    callback is queued and never runs."""
+    """With ``fail``: the reverse pass's first backward through the body raises inside the
+    autograd engine (a hook on the body's injection leaf, the first leaf made), on every rank:
+    FSDP's pre-backward hooks have run, its final callback is queued and never runs."""
     if not fail:
         yield
         return
-    original = sharded_reverse.leaf
+    original, made = sharded_reverse.leaf, []
 
     def hooked(n, injector, device):
         eps = original(n, injector, device)
@@ -129,7 +129,9 @@ def fail_inside_backward(fail: bool):
         def boom(grad):
             raise RuntimeError("injected failure inside the backward")
 
-        eps.register_hook(boom)
+        if not made:
+            eps.register_hook(boom)
+        made.append(eps)
         return eps
 
     sharded_reverse.leaf = hooked
@@ -336,13 +338,15 @@ def test_fsdp2_shards_give_the_single_process_result(runs):
             assert got["sequences"][column] == single.sequences[column], column
 
 
-def test_fsdp2_forward_mode_and_rescoring_never_build_microbatch_logits(runs):
-    """The derivative (forward mode), rescoring and sweep passes on the sharded model run the
-    body once and the LM head on rows of real response positions (2-D, at most a
-    microbatch's response tokens), never on [microbatch, L, V]: the only 3-D calls are the
-    split's one-row check (the model's own forward and head(body(x)) on one sequence)."""
+def test_fsdp2_passes_never_build_microbatch_logits(runs):
+    """The derivative (forward and reverse mode, checkpointed or not), rescoring and sweep
+    passes on the sharded model run the body once and the LM head on rows of real response
+    positions (2-D, at most a microbatch's response tokens), never on [microbatch, L, V]: the
+    only 3-D calls are the split's one-row check (the model's own forward and head(body(x)) on
+    one sequence)."""
     most = CONFIG["microbatch_size"] * CONFIG["max_new_tokens"]
-    for ranks in (runs[0], runs[-1]):
+    for ranks in (runs[0], runs[-1], _reverse_run(runs, "clean"),
+                  _reverse_run(runs, "checkpointing")):
         assert ranks is not None
         for got in ranks:
             shapes = got["head_shapes"]
