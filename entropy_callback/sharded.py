@@ -280,9 +280,24 @@ def unshard_outer(model: nn.Module, body: nn.Module, head: nn.Module) -> None:
     decoder layer called would make itself the root). ``unshard`` is a no-op where already
     unsharded and one all-gather otherwise, the same on every rank; the modules stay unsharded,
     as the root does after its forward, until the phase reshards every module (``at_shards``,
-    ``sharded_phase``). The modules inside (the decoder layers) run their own hooks."""
+    ``sharded_phase``). The modules inside (the decoder layers) run their own hooks.
+
+    Raises (the scorer then falls back to the full forward, ``Scorer.check_split``) when the
+    head is in an FSDP unit of its own, or a grouped unit holds part of the body or head
+    (transformers' FSDP plan: ``fully_shard([norm, lm_head])``): FSDP's hooks there would run
+    once per chunk and leave its per-forward state half done outside a backward."""
     from torch.distributed.fsdp import FSDPModule
 
+    inside = {id(m) for part in (body, head) for m in part.modules()}
+    for module in model.modules():
+        if isinstance(module, FSDPModule) and (
+                any(module is m for m in head.modules())
+                or (len(units := module._get_fsdp_state()._modules) > 1
+                    and any(id(m) in inside for m in units))):
+            raise RuntimeError(
+                f"{type(module).__name__} is an FSDP2 unit of the LM head or a grouped unit "
+                "around the body or head: the probe cannot run the head per chunk outside "
+                "the model's forward")
     outer = [m for m in model.modules() if isinstance(m, FSDPModule) and any(
         m is not part and any(x is part for x in m.modules()) for part in (body, head))]
     for module in outer:  # outermost first (pre-order): the others are then initialised
