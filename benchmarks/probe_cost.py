@@ -316,7 +316,8 @@ def main(argv: list[str] | None = None) -> dict:
                                       for name, b in best.items()}
         report["probe_over_floor"] = round(this["probe"] / floor["total"], 3)
         if "compiled" in best:
-            report["compiled_probe_over_floor"] = round(best["compiled"]["probe"] / floor["total"], 3)
+            report["compiled_probe_over_floor"] = round(
+                best["compiled"]["probe"] / floor["total"], 3)
         report["probe_over_floor_without_head_matmuls"] = round(
             this["probe"] / (floor["total"] - floor["derivative_head"]), 3)
         if "baseline" in best:

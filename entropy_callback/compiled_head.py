@@ -19,8 +19,10 @@ device); later processes reuse inductor's on-disk cache.
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 
 import torch
+from torch import overrides
 
 from .errors import EntropyProbeWarning
 
@@ -51,6 +53,20 @@ def _tangent(z: torch.Tensor, targets: torch.Tensor, tau: torch.Tensor, dz: torc
             (mean_x * e_dz - e_x_dz) / (s * tau))
 
 
+@contextmanager
+def _without_function_modes():
+    """The torch-function modes the caller is inside (the derivative pass's
+    ``variants.exact_variant_derivatives``) left for the call: the head maths need none, and
+    dynamo would compile one graph per mode stack (the primal of the derivative pass and of
+    rescoring would then come from different graphs)."""
+    modes = [overrides._pop_mode() for _ in overrides._get_current_function_mode_stack()]
+    try:
+        yield
+    finally:
+        for mode in reversed(modes):
+            overrides._push_mode(mode)
+
+
 class CompiledHeadMaths:
     """``head_maths`` (l, H[, D l, D H]) [r] float64 from a block of logits z [r, V] (and their
     tangent dz [r, V]), compiled; returns None once compiling has failed (the caller then runs
@@ -73,7 +89,8 @@ class CompiledHeadMaths:
         for a in args:
             for dim in range(a.dim()):
                 torch._dynamo.maybe_mark_dynamic(a, dim)
-        out = fn(args[0], args[1], tau, *args[2:])
+        with _without_function_modes():
+            out = fn(args[0], args[1], tau, *args[2:])
         return tuple(o[:1] for o in out) if one else out
 
     @torch.no_grad()
