@@ -14,7 +14,8 @@ tangent dx = dz / tau:
     d l_y = dx_y - sum_v p_v dx_v,        d H = -sum_v p_v (log p_v + H) dx_v.
 
 A model whose head ``head.py`` does not understand is scored through its full forward (the
-logits of a microbatch at once), with one warning.
+logits of a microbatch at once), with one warning. With ``compile_head`` the split path's head
+maths run compiled, a head block per call (``compiled_head.py``).
 """
 
 from __future__ import annotations
