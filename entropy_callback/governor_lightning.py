@@ -74,6 +74,12 @@ class EntropyGovernorCallback(Callback):
         if trainer.world_size > 1:
             raise ProbeConfigError("EntropyGovernorCallback runs in a single process (it reads "
                                    "E on one rank); use devices=1 or remove the callback.")
+        if any(name in cls.__name__ for cls in type(trainer.strategy).__mro__
+               for name in ("ModelParallel", "FSDP", "DeepSpeed")):
+            raise ProbeConfigError(
+                f"EntropyGovernorCallback runs on an unsharded model in one process, not under "
+                f"{type(trainer.strategy).__name__} (sharded parameters); use Trainer(devices=1) "
+                "with the default strategy, or remove the callback.")
         prompts = self.prompts if self.prompts is not None else check_prompts(
             _attr(pl_module, self.prompts_attr, "prompts"))
         model = _attr(pl_module, self.model_attr, "model")

@@ -14,6 +14,7 @@ from transformers import TrainerCallback
 from .config import ProbeConfig, ProbeConfigError
 from .fileio import atomic_write
 from .hf_support import (
+    check_parallelism,
     check_policy,
     checkpoint_dir,
     fingerprint,
@@ -25,8 +26,6 @@ from .hf_support import (
     resolve_policy,
     resolve_tokenizer,
     saved_run,
-    sharding,
-    warn_disabled,
 )
 from .observer import contained
 from .prompts import check_model
@@ -61,6 +60,11 @@ class EntropyProbeTrainerCallback(TrainerCallback):
             When neither ``config`` nor the keyword is given, ``temperature`` follows
             ``args.temperature`` and ``max_new_tokens`` follows ``args.max_completion_length``
             (GRPOConfig), so that E is drawn like the rollouts.
+
+    Under FSDP2 (accelerate's ``fsdp_config={"version": 2}``, or transformers'
+    ``from_pretrained(distributed_config=...)``) the probe runs on the sharded model the Trainer
+    hands its callbacks, on every rank; FSDP1, DeepSpeed and Megatron-LM raise a
+    ``ProbeConfigError`` at ``on_train_begin`` (docs/distributed.md).
 
     ``config.log_dir``, when set, holds the JSON records and the TensorBoard events. ``sinks``:
     extra sinks. ``attribution=True`` is refused (the Trainer hands callbacks no rollouts). A
@@ -97,7 +101,6 @@ class EntropyProbeTrainerCallback(TrainerCallback):
         if model is not None:
             check_model(model)
         self._model, self._tokenizer = model, tokenizer
-        self._disabled = False
 
     config = property(lambda self: self.session.config)
     every = property(lambda self: self.session.every)
@@ -135,14 +138,9 @@ class EntropyProbeTrainerCallback(TrainerCallback):
         continues that run, any other train() is a new run with a directory of its own."""
         session = self.session
         session.end()  # a train() that raised never reached on_train_end: release its run
-        sharded = None if self._disabled else sharding(args)
-        if sharded is not None:
-            warn_disabled(sharded)
-        self._disabled = self._disabled or sharded is not None
-        if self._disabled:
-            return
         policy = resolve_policy(self._model, model)
         with contained("setup", None, self._base.strict, allow=(ProbeConfigError,)):
+            check_parallelism(args, policy)
             check_policy(policy, args, self._base.derivative)
             tok = resolve_tokenizer(self._tokenizer, processing_class, kwargs.get("tokenizer"))
             if self.prompts is None:

@@ -14,11 +14,12 @@ index is ``state.global_step`` read in ``on_pre_optimizer_step`` (0-based, like 
 TRL patches the policy's forward with a fused log-prob/entropy LM head that has no forward-mode
 rule; it only runs on calls that pass ``fused_lm_head=True``, which the probe's passes never do,
 so they take the model's original, differentiable forward. The input-require-grads hooks TRL
-adds for gradient checkpointing are set aside by the engine during its passes. Liger replaces
-layers outright and is refused; a layer actually replaced by a Hub kernel (``kernel_layers``)
-is probed by the engine's reverse pass, and refused only with ``derivative="forward"``: the
-``use_kernels`` flag alone decides nothing (transformers 5 sets it for every
-``from_pretrained`` when ``kernels`` is installed, and on a CPU no layer is replaced).
+adds for gradient checkpointing are set aside by the engine during its passes. Liger's kernels
+(``use_liger_kernel=True``) and layers actually replaced by Hub kernels
+(``kernelcheck.kernel_layers``) are probed by the engine's reverse pass, and refused only with
+``derivative="forward"``: the ``use_kernels`` flag alone decides nothing (transformers 5 sets
+it for every ``from_pretrained`` when ``kernels`` is installed, and on a CPU no layer is
+replaced).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import torch
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .config import ProbeConfigError
+from .kernelcheck import no_forward_rule_layers
 from .observer import EntropyProbeWarning
 
 # GRPOConfig fields that make TRL's rollouts differ from softmax(logits / temperature); the
@@ -51,6 +53,9 @@ def from_args(args: Any, explicit: set[str]) -> dict[str, Any]:
     length = getattr(args, "max_completion_length", None)
     if "max_new_tokens" not in explicit and isinstance(length, int) and length > 0:
         out["max_new_tokens"] = length
+    if "derivative" not in explicit and getattr(args, "use_liger_kernel", False) is True:
+        # Liger also patches module-level functions (RoPE, cross-entropy) no layer shows
+        out["derivative"] = "reverse"
     changed = [f"{name}={getattr(args, name)!r}" for name, plain in _TRUNCATIONS
                if getattr(args, name, plain) not in (plain, None)
                and not (name == "top_k" and getattr(args, name) < 0)]
@@ -65,45 +70,29 @@ def from_args(args: Any, explicit: set[str]) -> dict[str, Any]:
     return out
 
 
-def kernel_layers(model: torch.nn.Module) -> list[str]:
-    """The names of the modules whose forward the ``kernels`` library actually replaced (a
-    Hub kernel layer, which has no forward-mode rule), in module order. A model loaded with
-    ``use_kernels=True`` on a device without kernels keeps every original forward: none."""
-    out = []
-    for name, module in model.named_modules():
-        for part in (module, *getattr(module, "_kernel_funcs", {}).values()):
-            own = getattr(part, "__dict__", {})
-            forward = own.get("forward")
-            replaced = forward is not None and getattr(forward, "__func__", forward) is not (
-                getattr(type(part), "forward", None))
-            if own.get("_kernel_repo") is not None or (
-                    replaced and hasattr(type(part), "kernel_layer_name")):
-                out.append(name or type(module).__name__)
-                break
-    return out
-
-
 def check_policy(policy: torch.nn.Module, args: Any, derivative: str) -> None:
-    """Refuse, naming the option, a policy whose derivative cannot be taken: Liger's kernels,
-    or layers replaced by Hub kernels when the forward-mode derivative is asked for
-    (``derivative="auto"`` takes the reverse pass for them)."""
-    if getattr(args, "use_liger_kernel", False):
+    """Refuse, naming the option, the forward-mode derivative (``derivative="forward"``) of a
+    policy running kernels without a forward-mode rule: Liger's (``use_liger_kernel=True``, or
+    layers it patched) or layers replaced by Hub kernels. ``"auto"`` takes the reverse pass for
+    them (``from_args`` asks for it under ``use_liger_kernel``)."""
+    if derivative != "forward":
+        return
+    if getattr(args, "use_liger_kernel", False) is True:
         raise ProbeConfigError(
-            "EntropyProbeTrainerCallback cannot run with use_liger_kernel=True: Liger "
-            "replaces the model's layers with kernels that have no forward-mode derivative, "
-            "so delta H_1 cannot be computed. Set use_liger_kernel=False, or remove the "
-            "callback."
-        )
-    replaced = kernel_layers(policy) if derivative == "forward" else []
+            "EntropyProbeTrainerCallback cannot take the forward-mode derivative "
+            "(derivative='forward') with use_liger_kernel=True: Liger's kernels have no "
+            "forward-mode rule. Pass derivative='auto' or 'reverse' (the reverse pass), or set "
+            "use_liger_kernel=False.")
+    replaced = [f"{name} ({kind} kernel)" for name, kind in no_forward_rule_layers(policy)]
     if replaced:
         shown = ", ".join(replaced[:4]) + (f" and {len(replaced) - 4} more" if
                                            len(replaced) > 4 else "")
         raise ProbeConfigError(
             f"EntropyProbeTrainerCallback cannot take the forward-mode derivative "
-            f"(derivative='forward') of a model whose layers were replaced by Hub kernels "
-            f"({shown}; use_kernels=True): those kernels have no forward-mode rule. Pass "
-            "derivative='auto' or 'reverse' (the reverse pass), or load the model with "
-            "use_kernels=False."
+            f"(derivative='forward') of a model whose layers were replaced by Hub or Liger "
+            f"kernels ({shown}), which have no forward-mode rule. Pass derivative='auto' or "
+            "'reverse' (the reverse pass), or load the model without them (use_kernels=False, "
+            "use_liger_kernel=False)."
         )
 
 
@@ -152,13 +141,6 @@ def record_facts(every: int, state: Any) -> dict[str, Any]:
     return {"every": every, **({} if epoch is None else {"epoch": int(epoch)})}
 
 
-def warn_disabled(sharded: str) -> None:
-    warnings.warn(
-        f"EntropyProbeTrainerCallback is disabled under {sharded}: sharded parameters and "
-        "optimizer state are not supported yet (use DDP, or a single device).",
-        EntropyProbeWarning, stacklevel=4)
-
-
 def checkpoint_dir(args: Any, state: Any) -> Path:
     """The directory the Trainer just saved a checkpoint to."""
     return Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
@@ -174,23 +156,62 @@ def fingerprint(state: Any) -> Any:
                                   "last_log": history[-1]}, default=str))
 
 
-def sharding(args: Any) -> str | None:
-    """The sharding the Trainer runs under ("FSDP", "DeepSpeed", "Megatron-LM"), from its
-    arguments or accelerate's state; None for a single device or DDP."""
-    if getattr(args, "deepspeed", None):
-        return "DeepSpeed"
-    if getattr(args, "fsdp", None):
-        return "FSDP"
+DEEPSPEED_REFUSAL = (
+    "EntropyProbeTrainerCallback cannot probe a run under DeepSpeed: its optimizer is not a "
+    "torch optimizer whose state holds the Adam moments of each LoRA tensor (ZeRO keeps them in "
+    "flattened, partitioned buffers and steps with its own Adam kernel), so the step cannot be "
+    "rebuilt exactly. Use FSDP2 (TrainingArguments(fsdp=True, fsdp_config={'version': 2})), DDP "
+    "or a single device; docs/distributed.md says why.")
+
+
+def check_parallelism(args: Any, model: torch.nn.Module) -> None:
+    """ProbeConfigError for the parallelism whose optimizer state or parameters the probe cannot
+    read, from the Trainer's arguments, accelerate's state and the model's
+    ``config.distributed_config``: DeepSpeed, Megatron-LM, FSDP1 (``fsdp_config={'version':
+    1}`` / accelerate's ``fsdp_version=1``), and tensor, pipeline, expert or context
+    parallelism (ranks holding parts of the same rows; the probe shards E over every process).
+    FSDP2 passes: the engine finds the sharded (DTensor) parameters on the model itself
+    (``sharded.py``)."""
+    state = _accelerator_state()
+    layouts = (getattr(getattr(model, "config", None), "distributed_config", None),
+               getattr(state, "parallelism_config", None))
+    split = sorted({f"{name}_size={size}" for layout in layouts for name in ("tp", "pp", "ep", "cp")
+                    if isinstance(size := getattr(layout, f"{name}_size", 1), int) and size > 1})
+    if split:
+        raise ProbeConfigError(
+            f"EntropyProbeTrainerCallback supports data parallelism only (DDP, or FSDP2 over "
+            f"every process), but the run splits the model or its sequences across ranks "
+            f"({', '.join(split)}): those ranks hold parts of the same rows, and the probe "
+            "shards E over every process. Use DistributedConfig(fsdp_size=<processes>) "
+            "without tp/pp/ep sizes (or accelerate's FSDP2 without tp/cp), or remove the "
+            "callback.")
+    kind = getattr(getattr(state, "distributed_type", None), "name", None)
+    if getattr(args, "deepspeed", None) or kind == "DEEPSPEED":
+        raise ProbeConfigError(DEEPSPEED_REFUSAL)
+    if kind == "MEGATRON_LM":
+        raise ProbeConfigError(
+            "EntropyProbeTrainerCallback cannot probe a run under Megatron-LM (its tensor- and "
+            "pipeline-parallel parameters are not the model's); use FSDP2, DDP or one device.")
+    plugin = getattr(state, "fsdp_plugin", None)
+    versions = (getattr(plugin, "fsdp_version", None),
+                (getattr(args, "fsdp_plugin_args", None) or {}).get("fsdp_version")
+                if getattr(args, "fsdp", None) else None)
+    if 1 in versions:
+        raise ProbeConfigError(
+            "EntropyProbeTrainerCallback cannot probe a run under FSDP1 (fsdp_version=1: its "
+            "parameters are flattened into per-rank buffers whose slices the probe cannot map "
+            "back to the LoRA tensors). Use FSDP2: fsdp_config={'version': 2} in the "
+            "TrainingArguments (transformers' default), or fsdp_version: 2 in accelerate's "
+            "config.")
+
+
+def _accelerator_state() -> Any:
+    """accelerate's ``AcceleratorState`` once an Accelerator made it (the Trainer's), else None."""
     try:
-        from accelerate.state import AcceleratorState, DistributedType
+        from accelerate.state import AcceleratorState
     except ImportError:  # pragma: no cover - accelerate ships with transformers' Trainer
         return None
-    if not AcceleratorState._shared_state:
-        return None
-    kind = AcceleratorState().distributed_type
-    names = {DistributedType.FSDP: "FSDP", DistributedType.DEEPSPEED: "DeepSpeed",
-             DistributedType.MEGATRON_LM: "Megatron-LM"}
-    return names.get(kind)
+    return AcceleratorState() if AcceleratorState._shared_state else None
 
 
 def logging_dir(args: Any) -> Path:

@@ -48,6 +48,7 @@ from .sharded import (
     sharded_forward,
     sharded_phase,
 )
+from .sharded_reverse import sharded_reverse
 from .update import (
     AdamReplay,
     adam_replay,
@@ -155,7 +156,7 @@ class EntropyProbe:
                 "model has no trainable parameters to probe: the probe measures the step of the "
                 "trainable (LoRA) parameters; add adapters (peft.get_peft_model) or unfreeze some."
             )
-        self.sharded = is_sharded(self.params)
+        self.sharded = is_sharded(self.params, model)
         self.scorer = Scorer(model, config.temperature, config.chunk_size, split=not self.sharded,
                              compile_head=config.compile_head)
         self.rank, self.world_size = 0, 1
@@ -363,7 +364,7 @@ class EntropyProbe:
         Returns why the step was not taken, or None."""
         optimizer = pending.optimizer
         grads = consumed_gradients(self.params)
-        live = {n: p.to_local() for n, p in self.params.items()} if self.sharded else self.params
+        live = {n: local(p) for n, p in self.params.items()} if self.sharded else self.params
         pending.grads = {n: local(g) for n, g in grads.items()}
         pending.observed = observed_step(live, pending.theta)
         skipped = step_not_taken(optimizer, self.params, pending.optimizer_state, pending.grads,
@@ -505,9 +506,6 @@ class EntropyProbe:
         """The derivative this probe takes (``config.derivative``, "auto" resolved on the model
         as it is now), into the record; said in a log line the first time and on a change."""
         mode, why = choose_derivative(self.model, self.config.derivative)
-        if self.sharded:
-            mode, why = "forward", ("FSDP2-sharded parameters: forward mode, the tangent "
-                                    "injected at the modules that own them")
         result.derivative = mode
         if (mode, why) != self._derivative_said:
             self._derivative_said = (mode, why)
@@ -521,7 +519,11 @@ class EntropyProbe:
         start = time.perf_counter()
         keep_tokens = self.config.wants("token_data")
         microbatches = self._microbatches(pending.batch, "derivative")
-        if derivative == "reverse":
+        if derivative == "reverse" and self.sharded:
+            passes = sharded_reverse(self.scorer, self.params, microbatches, theta, direction,
+                                     self.config.normalize,
+                                     {} if diagnostics is None else diagnostics, self._lockstep)
+        elif derivative == "reverse":
             passes = reverse_pass(self.scorer, self.params, microbatches, theta, direction,
                                   self.config.normalize, {} if diagnostics is None else diagnostics)
         elif self.sharded:

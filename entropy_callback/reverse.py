@@ -38,6 +38,7 @@ from torch import nn
 
 from .checkpointing import checkpointing
 from .injection import Injector, injecting, leaf, per_row
+from .kernelcheck import no_forward_rule_layers
 from .scoring import Scorer, _prefixed, chunk_rows, head_block_rows, logp_and_entropy_rows
 from .variants import call_substituted, exact_variant_derivatives
 
@@ -289,16 +290,18 @@ def choose_derivative(model: nn.Module, requested: str) -> tuple[str, str]:
     run or would cost too much: layers replaced by Hub kernels (``kernels``: no forward-mode
     rules), or fused SDPA/flash attention on an accelerator (the forward pass would fall back to
     the math kernel, O(L^2) memory per head); but forward with DoRA layers (their weight norm
-    is a use shared by every sequence, which the reverse pass refuses). Sharded (FSDP2) models
-    take their own forward pass, chosen by ``EntropyProbe`` (``sharded.py``)."""
+    is a use shared by every sequence, which the reverse pass refuses). The same choice for
+    sharded (FSDP2) models, whose passes are ``sharded.sharded_forward`` and
+    ``sharded_reverse.sharded_reverse``."""
     if requested != "auto":
         return requested, "requested"
     if _has_dora(model):
         return "forward", ("auto: DoRA's weight norm is shared by every sequence (the reverse "
                            "pass cannot split it per sequence)")
-    kernels = [n for n, m in model.named_modules() if "_kernel_repo" in m.__dict__]
+    kernels = no_forward_rule_layers(model)
     if kernels:
-        return "reverse", f"auto: {len(kernels)} layers run Hub kernels (e.g. {kernels[0]})"
+        return "reverse", (f"auto: {len(kernels)} layers run {kernels[0][1]} kernels without a "
+                           f"forward-mode rule (e.g. {kernels[0][0]})")
     device = next(model.parameters()).device
     config = getattr(model, "config", None)
     attention = getattr(config, "_attn_implementation", None) or "eager"

@@ -117,9 +117,9 @@ class ProbeSession:
         self.probe = EntropyProbe(model, tokenizer, prompts, self.config)
 
     def set_distributed(self, rank: int, world_size: int, kind: str = "ddp") -> None:
-        """Shard E over ``world_size`` data-parallel processes (``kind`` "ddp": every rank
-        holds the whole model). Sharded parameters ("fsdp") are set up here once the engine
-        supports them; today they are refused by the adapters before binding."""
+        """Shard E over ``world_size`` data-parallel processes (``kind`` "ddp"). A model with
+        FSDP2-sharded parameters needs nothing more: the engine set itself up from the default
+        process group when ``bind`` built it, and this call repeats the same rank and size."""
         self.rank, self.world_size = int(rank), int(world_size)
         if kind != "ddp":
             raise ProbeConfigError(f"parallel kind {kind!r} is not supported yet; use 'ddp'.")

@@ -26,7 +26,7 @@ an all-gather. Four pieces make the engine's passes work on such a model:
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -41,13 +41,17 @@ class OtherRankFailed(RuntimeError):
     """Another rank announced a failure at this check: this rank skips the probe."""
 
 
-def is_sharded(params: Mapping[str, torch.Tensor]) -> bool:
-    """Whether the probed parameters are DTensors (FSDP2's ``fully_shard``)."""
+def is_sharded(params: Mapping[str, torch.Tensor], model: nn.Module | None = None) -> bool:
+    """Whether the probed parameters are DTensors (FSDP2's ``fully_shard``), or ``model`` has
+    DTensor parameters elsewhere: LoRA added after transformers sharded the base model at load
+    (``from_pretrained(distributed_config=...)``) stays replicated, but every forward still
+    all-gathers the base weights, so the passes must run in lockstep all the same."""
     if not torch.distributed.is_available():  # a build without distributed has no DTensor
         return False
     from torch.distributed.tensor import DTensor
 
-    return any(isinstance(p, DTensor) for p in params.values())
+    others = model.parameters() if model is not None else ()
+    return any(isinstance(p, DTensor) for p in (*params.values(), *others))
 
 
 FSDP1_REFUSAL = (
@@ -77,15 +81,11 @@ def check_sharded_config(config) -> tuple[int, int]:
 
     from .config import ProbeConfigError
 
-    if config.derivative == "reverse":
-        raise ProbeConfigError(
-            "derivative='reverse' is not supported on a model sharded with FSDP2 (its backward "
-            "would run FSDP's gradient reduce-scatter); use derivative='auto' or 'forward' "
-            "(forward mode with the tangent injected by hooks, sharded.py).")
     if config.attribution:
         raise ProbeConfigError(
-            "attribution=True is not supported on a model sharded with FSDP2 (its surrogate "
-            "gradient is a backward pass); set attribution=False.")
+            "attribution=True is not supported on a model sharded with FSDP2 (its passes "
+            "substitute copies of the parameters with functional_call, which DTensor "
+            "parameters do not allow); set attribution=False.")
     if not dist.is_initialized():
         raise ProbeConfigError(
             "model: its parameters are DTensors (FSDP2) but torch.distributed is not "
@@ -112,6 +112,13 @@ class Lockstep:
         if flags[0].item() and not failed:
             raise OtherRankFailed("the probe failed on another rank; all ranks skip it")
         return bool(flags[1].item())
+
+    def sum(self, values: list[float]) -> list[float]:
+        """One check, then ``values`` summed over the ranks (a float64 all-reduce)."""
+        self.check()
+        total = torch.tensor(values, dtype=torch.float64, device=self._device)
+        self._dist.all_reduce(total)
+        return total.tolist()
 
     def end_phase(self, failed: bool) -> bool:
         """A phase's closing check; True when another rank failed (this one did not)."""
@@ -151,11 +158,15 @@ def local_state(state: Mapping[str, Mapping[str, object]]) -> dict[str, dict[str
 def full_tensors(params: Mapping[str, torch.Tensor],
                  shards: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The full tensors whose local shards are ``shards``, laid out as ``params`` (all-gathers:
-    every rank must call it, after a ``Lockstep.check``)."""
+    every rank must call it, after a ``Lockstep.check``); a replicated (plain) parameter's
+    shard is already its full tensor."""
     from torch.distributed.tensor import DTensor
 
     out = {}
     for n, p in params.items():
+        if not isinstance(p, DTensor):
+            out[n] = shards[n]
+            continue
         d = DTensor.from_local(shards[n], p.device_mesh, p.placements, shape=p.shape,
                                stride=p.stride())
         out[n] = d.full_tensor()
@@ -214,12 +225,36 @@ class TangentInjector(Injector):
 
 
 @contextmanager
+def forward_records_kept(model: nn.Module) -> Iterator[None]:
+    """FSDP2 records every forward of a block, with or without grad (its post-forward order,
+    which the next backward reads to prefetch and clears); the probe's forwards are not the
+    training step's, so the records are put back as they were when the block is left."""
+    from torch.distributed.fsdp import FSDPModule
+
+    states = {id(s): s for s in (m._get_fsdp_state() for m in model.modules()
+                                 if isinstance(m, FSDPModule))}.values()
+    orders = {id(s._comm_ctx): s._comm_ctx.post_forward_order for s in states}
+    groups = [g for s in states for g in s._fsdp_param_groups]
+    kept = ({k: list(v) for k, v in orders.items()}, [list(g._post_forward_indices)
+                                                      for g in groups])
+    try:
+        yield
+    finally:
+        for k, order in orders.items():
+            order[:] = kept[0][k]
+        for g, indices in zip(groups, kept[1], strict=True):
+            g._post_forward_indices[:] = indices
+
+
+@contextmanager
 def sharded_phase(runner, lockstep: Lockstep | None, model: nn.Module, name: str):
     """``runner.phase(name)`` (``observer.PhaseRunner``); with a ``lockstep`` (a sharded model)
-    every FSDP module is then resharded and the phase's closing check made: a failure on
-    another rank becomes this rank's, phase "distributed"."""
+    FSDP's forward records are kept (``forward_records_kept``), every FSDP module is then
+    resharded and the phase's closing check made: a failure on another rank becomes this
+    rank's, phase "distributed"."""
     other = False
-    with runner.phase(name):
+    with runner.phase(name), (forward_records_kept(model) if lockstep is not None
+                              else nullcontext()):
         try:
             yield
         except OtherRankFailed:

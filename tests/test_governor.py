@@ -494,3 +494,15 @@ def test_hf_train_that_raised_leaves_no_governor_hooked(tmp_path):
     assert not old._hooks and cb.governor is not old
     steps = [r.step for r in cb.records[2:]]
     assert steps == sorted(set(steps)) == list(range(4))  # each step governed once
+
+
+def test_refuses_a_sharding_strategy_at_setup(make_grpo, heldout_prompts, tmp_path):
+    # ModelParallelStrategy shards the policy after setup (configure_model): the governor,
+    # single-process and unsharded by design, says so instead of binding stale parameters.
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    trainer = lightning.Trainer(accelerator="cpu", devices=1, strategy=ModelParallelStrategy(),
+                                default_root_dir=tmp_path, logger=False)
+    cb = EntropyGovernorCallback(heldout_prompts, floor=1.0)
+    with pytest.raises(ProbeConfigError, match="ModelParallelStrategy"):
+        cb.setup(trainer, make_grpo(seed=0), "fit")

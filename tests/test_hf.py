@@ -397,19 +397,58 @@ def test_a_conversational_eval_dataset_becomes_chat_formatted_prompts(tmp_path):
     assert probe.probe.prompts == make_prompts(4, seed=1)
 
 
-def test_fsdp_disables_the_probe_with_one_warning(tmp_path):
+def test_fsdp1_and_deepspeed_are_refused_at_setup_naming_fsdp2(tmp_path):
+    """FSDP1 (``fsdp_config={'version': 1}``) and DeepSpeed raise a ProbeConfigError from
+    on_train_begin naming FSDP2; FSDP2 itself is probed (tests/test_hf_fsdp.py). DeepSpeed is
+    not installed, so TrainingArguments cannot be built with it: the field the Trainer reads is
+    set on real arguments afterwards."""
     probe = EntropyProbeTrainerCallback(make_prompts(4), every=1, **PROBE)
-    with pytest.warns(EntropyProbeWarning, match="disabled under FSDP") as caught:
-        args, state = _begin(probe, tmp_path, fsdp=True)
-        probe.on_train_begin(args, state, transformers.TrainerControl())
-    assert len([w for w in caught if issubclass(w.category, EntropyProbeWarning)]) == 1
+    with pytest.raises(ProbeConfigError, match=r"FSDP1 \(fsdp_version=1.*'version': 2"):
+        _begin(probe, tmp_path, fsdp=True, fsdp_config={"version": 1})
+    model, tokenizer = build_policy(seed=0, lora_r=4, **TINY)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    args.deepspeed = {"zero_optimization": {"stage": 2}}
+    with pytest.raises(ProbeConfigError, match="DeepSpeed: its optimizer is not a torch "):
+        probe.on_train_begin(args, transformers.TrainerState(), transformers.TrainerControl(),
+                             model=model, processing_class=tokenizer)
     assert probe.probe is None and probe.run_dir is None
 
 
-def test_liger_kernels_are_refused_at_setup_naming_the_argument(tmp_path):
+def test_tensor_parallelism_is_refused_at_setup_naming_fsdp_size(tmp_path):
+    """A model split across ranks (transformers' ``DistributedConfig`` with tp_size > 1) is
+    refused: its ranks hold parts of the same rows. A Trainer cannot run it on a CPU (accelerate
+    accepts a ParallelismConfig only for FSDP2 or accelerator types), so the config is set on
+    the model as ``from_pretrained(distributed_config=...)`` sets it."""
+    model, tokenizer = build_policy(seed=0, lora_r=4, **TINY)
+    model.config.distributed_config = transformers.DistributedConfig(tp_size=2, pp_size=1)
+    probe = EntropyProbeTrainerCallback(make_prompts(4), every=1, model=model, **PROBE)
+    with pytest.raises(ProbeConfigError, match=r"\(tp_size=2\).*fsdp_size=<processes>"):
+        _begin(probe, tmp_path)
+
+
+def test_fsdp2_arguments_on_a_cpu_probe_the_model_accelerate_hands_over(tmp_path):
+    """On a CPU accelerate ignores ``fsdp`` (it selects FSDP only for accelerator devices, and
+    DDP-wraps the model under several processes): the model handed to the callback is not
+    sharded, and the probe runs on it as it would without the arguments."""
     probe = EntropyProbeTrainerCallback(make_prompts(4), every=1, **PROBE)
-    with pytest.raises(ProbeConfigError, match="use_liger_kernel"):
-        _begin(probe, tmp_path, use_liger_kernel=True)
+    _begin(probe, tmp_path, fsdp=True, fsdp_config={"version": 2})
+    assert probe.probe is not None and not probe.probe.sharded
+    probe.on_train_end(None, None, None)
+
+
+def test_liger_kernels_take_the_reverse_pass_and_refuse_only_forward_mode(tmp_path):
+    # Liger's Triton kernels define a backward only, and it patches module-level functions
+    # (RoPE, cross-entropy) that no layer shows: under use_liger_kernel=True the probe takes
+    # the reverse pass unless derivative= was given. (liger-kernel itself is not installable
+    # here: a Trainer with the flag raises ImportError; the callback sees the real arguments.)
+    probe = EntropyProbeTrainerCallback(make_prompts(4), every=1, **PROBE)
+    _begin(probe, tmp_path / "auto", use_liger_kernel=True)
+    assert probe.probe is not None and probe.session.config.derivative == "reverse"
+    probe.on_train_end(None, None, None)
+    forward = EntropyProbeTrainerCallback(make_prompts(4), every=1, derivative="forward",
+                                          **PROBE)
+    with pytest.raises(ProbeConfigError, match="use_liger_kernel=True"):
+        _begin(forward, tmp_path / "forward", use_liger_kernel=True)
 
 
 def test_the_use_kernels_flag_alone_is_not_refused(tmp_path):
@@ -440,7 +479,7 @@ def test_a_layer_replaced_by_a_hub_kernel_is_refused_only_for_forward_mode(tmp_p
     norm.__dict__["_kernel_repo"] = "kernels-community/liger_kernels"
     probe = EntropyProbeTrainerCallback(make_prompts(4), every=1, model=model,
                                         derivative="forward", **PROBE)
-    with pytest.raises(ProbeConfigError, match=r"replaced by Hub kernels \(.*norm.*auto"):
+    with pytest.raises(ProbeConfigError, match=r"replaced by Hub or Liger kernels \(.*norm.*auto"):
         _begin(probe, tmp_path / "forward")
     auto = EntropyProbeTrainerCallback(make_prompts(4), every=1, model=model, **PROBE)
     _begin(auto, tmp_path / "auto")
