@@ -99,12 +99,14 @@ class CompiledHeadMaths:
         if self.failed:
             return None
         try:
-            if self._fns is None:  # both variants now: never theta's terms compiled, theta''s not
+            if self._fns is None:  # both variants at the first call: both compile, or neither runs
+                # dynamic=False: only the dimensions marked in _call are symbolic
                 fns = (torch.compile(_primal, dynamic=False, fullgraph=True),
                        torch.compile(_tangent, dynamic=False, fullgraph=True))
-                self._call(fns[0], z, targets, None)
-                self._call(fns[1], z, targets, torch.zeros_like(z) if dz is None else dz)
+                primal = self._call(fns[0], z, targets, None)
+                tangent = self._call(fns[1], z, targets, torch.zeros_like(z) if dz is None else dz)
                 self._fns = fns
+                return primal if dz is None else tangent
             return self._call(self._fns[dz is not None], z, targets, dz)
         except Exception as exc:  # any failure to compile or run: the eager maths from now on
             self.failed = True
