@@ -157,7 +157,8 @@ class EntropyProbe:
                 "trainable (LoRA) parameters; add adapters (peft.get_peft_model) or unfreeze some."
             )
         self.sharded = is_sharded(self.params, model)
-        self.scorer = Scorer(model, config.temperature, config.chunk_size, split=not self.sharded)
+        self.scorer = Scorer(model, config.temperature, config.chunk_size, split=not self.sharded,
+                             compile_head=config.compile_head)
         self.rank, self.world_size = 0, 1
         self.gather: Gather = _local_gather
         self._lockstep: Lockstep | None = None  # the running probe's (sharded models)
