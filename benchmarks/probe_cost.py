@@ -27,10 +27,15 @@ within one run count).
         --memory --baseline /work/wt/base
     python benchmarks/probe_cost.py --attribution   # the probe with attribution=True vs without
     python benchmarks/probe_cost.py --derivative reverse --memory   # reverse vs forward pass
+    python benchmarks/probe_cost.py --compile-head   # also with compile_head=True, same floor
 
 ``--derivative reverse`` measures the probe with ``derivative="reverse"`` and with
 ``derivative="forward"``, round by round (time and, with ``--memory``, peak memory each against
 one training step); no floor, no baseline.
+
+``--compile-head`` adds this checkout with ``compile_head=True`` ("compiled") to the runs,
+its phases over the same floor; ``first_probe`` is the dropped warm-up probe (with the
+one-off compile).
 
 ``--attribution`` hands the remaining options to ``attribution_cost.py`` (the demo's Dr-GRPO
 module and character vocabulary: its per-token loss protocol is what attribution needs).
@@ -94,7 +99,7 @@ def _build(args):
     prompts = [f"{a}+{b}=" for a in range(10) for b in range(10)]
     cfg = ProbeConfig(batch_size=args.batch_size, microbatch_size=args.microbatch_size,
                       max_new_tokens=args.max_new_tokens, log_level="minimal",
-                      derivative=args.derivative)
+                      derivative=args.derivative, compile_head=args.compile_head)
     probe = EntropyProbe(model, tok, prompts, cfg)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     opt = torch.optim.AdamW(params.values(), lr=1e-3)
@@ -202,6 +207,8 @@ def worker(args) -> dict:
             result = probe.after_step()
             seconds = time.perf_counter() - start
             assert result.error is None, result.error
+            if rep == 0:  # the warm-up probe (with compile_head: the one-off compile)
+                rows["first_probe"] = [seconds]
             phases = {k: v for k, v in result.timing.items() if k != "total"}
             if args.floor:
                 with torch.no_grad():
@@ -230,11 +237,14 @@ def worker(args) -> dict:
 
 
 # ---------------------------------------------------------------------- orchestrating
-def _run(args, mode: str, package: Path, floor: bool = False, derivative: str = "forward") -> dict:
+def _run(args, mode: str, package: Path, floor: bool = False, derivative: str = "forward",
+         compile_head: bool = False) -> dict:
     cmd = [sys.executable, __file__, "--worker", mode, *args.passthrough,
            f"--derivative={derivative}"]
     if floor:
         cmd.append("--floor")
+    if compile_head:
+        cmd.append("--compile-head")
     env = dict(os.environ, PYTHONPATH=str(package), OMP_NUM_THREADS=str(args.threads))
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -269,6 +279,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", help="also write the figures to this file")
     parser.add_argument("--derivative", choices=("forward", "reverse"), default="forward",
                         help="reverse: compare the reverse derivative pass with the forward one")
+    parser.add_argument("--compile-head", action="store_true",
+                        help="also time this checkout with compile_head=True ('compiled'), "
+                             "round by round, against the same floor")
     args = parser.parse_args(argv)
     if args.worker:
         args.mode = args.worker
@@ -279,7 +292,8 @@ def main(argv: list[str] | None = None) -> dict:
         "repeats", "threads")]
     if args.derivative == "reverse":
         return _reverse_report(args)
-    packages = {"this": ROOT, **({"baseline": args.baseline} if args.baseline else {})}
+    packages = {"this": ROOT, **({"compiled": ROOT} if args.compile_head else {}),
+                **({"baseline": args.baseline} if args.baseline else {})}
     report: dict = {"setup": {k: getattr(args, k) for k in (
         "vocab", "hidden", "layers", "batch_size", "microbatch_size", "max_new_tokens",
         "repeats", "rounds", "threads")}}
@@ -287,7 +301,8 @@ def main(argv: list[str] | None = None) -> dict:
         runs: dict[str, list[dict]] = {name: [] for name in packages}
         for _ in range(args.rounds):  # interleaved: this, baseline, this, baseline, ...
             for name, package in packages.items():
-                runs[name].append(_run(args, "time", package, floor=name == "this"))
+                runs[name].append(_run(args, "time", package, floor=name == "this",
+                                       compile_head=name == "compiled"))
         best = {name: {k: min(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()}
         this = best["this"]
         floor = {k.removeprefix("floor."): v for k, v in this.items() if k.startswith("floor.")}
@@ -300,6 +315,9 @@ def main(argv: list[str] | None = None) -> dict:
         report["phase_over_floor"] = {name: {k: round(b[k] / v, 3) for k, v in phase_floor.items()}
                                       for name, b in best.items()}
         report["probe_over_floor"] = round(this["probe"] / floor["total"], 3)
+        if "compiled" in best:
+            report["compiled_probe_over_floor"] = round(
+                best["compiled"]["probe"] / floor["total"], 3)
         report["probe_over_floor_without_head_matmuls"] = round(
             this["probe"] / (floor["total"] - floor["derivative_head"]), 3)
         if "baseline" in best:
@@ -307,7 +325,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.memory:
         mem = {"train_step": _run(args, "memory_train", ROOT)}
         for name, package in packages.items():
-            mem[f"probe_{name}"] = _run(args, "memory_probe", package)
+            mem[f"probe_{name}"] = _run(args, "memory_probe", package,
+                                        compile_head=name == "compiled")
         report["peak_increment_mib"] = {k: round(v["peak_increment_mib"], 1)
                                         for k, v in mem.items()}
         report["probe_over_train_step"] = round(

@@ -23,7 +23,7 @@ SEED_LIMIT = 2**32  # seed * 1_000_003 + step stays below 2**64 (torch's seed ra
                     # below 1.8e19
 LOG_LEVELS = ("minimal", "standard", "detailed", "debug")
 # What one probe measures; every other field is how it is computed in memory (microbatch_size,
-# chunk_size: the same numbers to rounding) or how it is logged and reported.
+# chunk_size, compile_head: the same numbers to rounding) or how it is logged and reported.
 MEASUREMENT_FIELDS = ("batch_size", "max_new_tokens", "temperature", "normalize",
                       "eta_multipliers", "seed", "add_special_tokens", "ess_threshold",
                       "attribution")
@@ -82,6 +82,11 @@ class ProbeConfig:
             "auto" (reverse where layers run Hub kernels or SDPA/flash attention runs on an
             accelerator, sharded or not; forward otherwise, e.g. on CPU, where it is the faster
             pass; each record says which ran, ``derivative`` in core_results).
+        compile_head: run the float64 head maths (log-softmax, entropy and their derivatives,
+            scoring and the forward-mode pass) as one ``torch.compile``d pass over the logits:
+            the same formula and numbers (to ~1e-13), faster, after a one-off compile of a few
+            seconds per process; needs a C++ compiler on a CPU (Triton on a GPU), else one
+            warning and the eager maths. Not part of ``config_hash`` (how, not what).
 
     Every field is checked at construction (a ProbeConfigError names the field and the fix).
     A ProbeConfig is frozen: derive a changed copy with ``dataclasses.replace(cfg, seed=1)``,
@@ -108,6 +113,7 @@ class ProbeConfig:
     log_raw_tensors: bool | None = None
     attribution: bool = False
     derivative: str = "auto"
+    compile_head: bool = False
 
     def __post_init__(self) -> None:
         for name, check in _CHECKS.items():
@@ -458,4 +464,5 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "log_raw_tensors": _optional_boolean,
     "attribution": boolean,
     "derivative": _choice(DERIVATIVES),
+    "compile_head": boolean,
 }

@@ -159,7 +159,8 @@ class EntropyProbe:
             )
         self.sharded = is_sharded(self.params, model)
         self.scorer = Scorer(model, config.temperature, config.chunk_size,
-                             before_body=unshard_outer if self.sharded else None)
+                             before_body=unshard_outer if self.sharded else None,
+                             compile_head=config.compile_head)
         self.rank, self.world_size = 0, 1
         self.gather: Gather = _local_gather
         self._lockstep: Lockstep | None = None  # the running probe's (sharded models)

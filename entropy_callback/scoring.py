@@ -14,7 +14,8 @@ tangent dx = dz / tau:
     d l_y = dx_y - sum_v p_v dx_v,        d H = -sum_v p_v (log p_v + H) dx_v.
 
 A model whose head ``head.py`` does not understand is scored through its full forward (the
-logits of a microbatch at once), with one warning.
+logits of a microbatch at once), with one warning. With ``compile_head`` the split path's head
+maths run compiled, a head block per call (``compiled_head.py``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from functools import partial
 
 import torch
 
+from .compiled_head import CompiledHeadMaths
 from .forward_mode import jvp, tangent_of
 from .head import SplitModel, split_model
 from .sampling import EBatch, forward_accepts
@@ -169,14 +171,17 @@ class Scorer:
     ``before_body(model, body, head)``: called before each call of the body on the split path
     (``sharded.unshard_outer`` on an FSDP2 model: FSDP unshards the parameters of the modules
     around the body and head, the root's, only in their own forwards, which the split skips).
+    ``compile_head``: the split path's head maths through ``compiled_head.CompiledHeadMaths``
+    (a block per call).
     """
 
     def __init__(self, model: torch.nn.Module, temperature: float, chunk_size: int | None,
                  before_body: Callable[[torch.nn.Module, torch.nn.Module, torch.nn.Module],
-                                       None] | None = None):
+                                       None] | None = None, compile_head: bool = False):
         self.model = model
         self.temperature = temperature
         self.chunk_size = chunk_size
+        self._compiled = CompiledHeadMaths(temperature) if compile_head else None
         self._keep = forward_accepts(model, "logits_to_keep")
         self._split: SplitModel | None = split_model(model)
         if self._split is not None and before_body is not None:
@@ -277,7 +282,11 @@ class Scorer:
             else:
                 ht = {k: tangents[k] for k in head_keys}
                 z, dz = jvp(head, (hp, h), (ht, dhidden[first : first + block]))
-            for start in range(0, h.shape[0], rows):
+            fused = None if self._compiled is None else self._compiled(
+                z, targets[first : first + h.shape[0]], dz)  # the whole block in one pass
+            for row, col in zip(out, () if fused is None else fused, strict=fused is not None):
+                row[first : first + h.shape[0]] = col
+            for start in range(0, 0 if fused else h.shape[0], rows):
                 stop = min(start + rows, h.shape[0])
                 t = targets[first + start : first + stop]
                 cols = head_maths(z[start:stop], t, self.temperature,

@@ -84,6 +84,7 @@ CONFIG_CASES = {
     "strict_string": (dict(strict="false"), ["strict", "True or False", "'false'"]),
     "compress_string": (dict(compress="no"), ["compress", "True or False", "'no'"]),
     "attribution_string": (dict(attribution="yes"), ["attribution", "True or False", "'yes'"]),
+    "compile_head_string": (dict(compile_head="yes"), ["compile_head", "True or False", "'yes'"]),
     "log_sequences_string": (dict(log_sequences="no"), ["log_sequences", "None", "'no'"]),
     "log_tokens_float": (dict(log_tokens=0.5), ["log_tokens", "True or False", "0.5"]),
     "log_raw_tensors_int": (dict(log_raw_tensors=1), ["log_raw_tensors", "True or False"]),

@@ -29,18 +29,20 @@ CLEAN = (0, len(FAILURES) + 1)  # the steps no rank fails in
 RTOL = 1e-8
 
 
-def _fit(mode: str, out: Path) -> list[dict]:
-    """Run one fit; each rank's saved state (a hang or a crash fails here, with its output)."""
-    out.mkdir()
+def _fit(mode: str, out: Path, *extra: str) -> list[dict]:
+    """Run one fit; each rank's saved state (a hang or a crash fails here, with its output).
+    ``extra``: the script's STEPS and CKPT."""
+    out.mkdir(exist_ok=True)
     env = {**os.environ, "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1"}
     env.pop("LOCAL_RANK", None)
     try:
-        proc = subprocess.run([sys.executable, str(SCRIPT), mode, str(out)], env=env,
+        proc = subprocess.run([sys.executable, str(SCRIPT), mode, str(out), *extra], env=env,
                               capture_output=True, text=True, timeout=300)  # a hang guard
     except subprocess.TimeoutExpired as exc:
         raise AssertionError(f"{mode}: the fit did not finish in 300 s (a hang)") from exc
     ranks = 1 if mode == "single" else 2
-    files = [out / f"rank{r}.pt" for r in range(ranks)]
+    suffix = "_resumed" if len(extra) > 1 else ""
+    files = [out / f"rank{r}{suffix}.pt" for r in range(ranks)]
     assert all(f.exists() for f in files), f"{mode} failed:\n{proc.stdout[-3000:]}\n" \
                                            f"{proc.stderr[-6000:]}"
     return [torch.load(f, weights_only=False) for f in files]  # files this test wrote
@@ -90,6 +92,22 @@ def test_fully_shard_on_the_lightning_module_is_refused_before_training(fits):
         assert state["steps"] == 0
         assert "fully_shard(self.model)" in state["refusal"]
         assert "LightningModule" in state["refusal"]
+
+
+def test_a_fit_resumed_from_a_distributed_checkpoint_continues_its_run(tmp_path):
+    # ModelParallelStrategy saves a distributed checkpoint and restores the callbacks' state
+    # after setup: the resumed fit continues the same run, each step probed once.
+    from entropy_callback import load_run
+
+    _fit("sharded-resume", tmp_path, "3")
+    _fit("sharded-resume", tmp_path, "6", str(tmp_path / "ckpt" / "last.ckpt"))
+    records = load_run(tmp_path / "run" / "version_0")
+    assert [r["step"] for r in records] == list(range(6))
+    assert all(r["deltaH1"] is not None and r["deltaH_true"] is not None for r in records)
+    # one run directory: a resume that lost the run would open entropy_probe-<run_id>/
+    names = [p.name for p in (tmp_path / "run" / "version_0").iterdir()]
+    assert [n for n in names if n == "entropy_probe" or n.startswith("entropy_probe-")] == [
+        "entropy_probe"]
 
 
 def test_the_grpo_demo_trains_and_probes_under_fsdp2(tmp_path):

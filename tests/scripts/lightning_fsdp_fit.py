@@ -1,13 +1,15 @@
 """One Lightning fit of the float64 tiny LoRA Llama, for tests/test_lightning_fsdp.py.
 
-    python tests/scripts/lightning_fsdp_fit.py MODE OUT [STEPS]
+    python tests/scripts/lightning_fsdp_fit.py MODE OUT [STEPS [CKPT]]
 
 MODE: "sharded" (ModelParallelStrategy on 2 CPU processes, each decoder layer and the policy
 sharded with FSDP2 in configure_model, the probe at every step, a failure injected on rank 1
 in one phase per step, by ``test_distributed.FAILURES``'s order, after a clean step 0),
 "sharded-unprobed" (the same fit without the probe), "sharded-root" (fully_shard applied to the
 LightningModule too: the probe refuses it at train start) or "single" (one process,
-unsharded, probed at every step, no failure). Lightning's launcher runs this script again
+unsharded, probed at every step, no failure), or "sharded-resume" (sharded and probed, a
+TensorBoard logger and a distributed checkpoint after every step, resuming from CKPT when
+given). Lightning's launcher runs this script again
 for rank 1. Each rank saves ``rank<r>.pt`` in OUT: the probe's result per step, and its local
 shards of the LoRA parameters, gradients and AdamW state and the RNG state after the fit.
 """
@@ -20,6 +22,8 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared fixtures
@@ -100,7 +104,7 @@ class Record(L.Callback):
                                          "sequences": result.sequences}
 
 
-def main(mode: str, out: Path, steps: int) -> None:
+def main(mode: str, out: Path, steps: int, ckpt: str | None = None) -> None:
     torch.set_num_threads(1)
     L.seed_everything(1234, verbose=False)
     sharded = mode.startswith("sharded")
@@ -109,13 +113,18 @@ def main(mode: str, out: Path, steps: int) -> None:
     strategy = (dict(devices=2, strategy=ModelParallelStrategy(data_parallel_size=2,
                                                                tensor_parallel_size=1))
                 if sharded else dict(devices=1))
-    trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False,
+    callbacks = [c for c in (probe, record) if c is not None]
+    logging = dict(logger=False, enable_checkpointing=False)
+    if mode == "sharded-resume":
+        callbacks.append(ModelCheckpoint(dirpath=out / "ckpt", every_n_train_steps=1,
+                                         save_last=True))
+        logging = dict(logger=TensorBoardLogger(str(out), name="run", version=0))
+    trainer = L.Trainer(accelerator="cpu", max_steps=steps, enable_progress_bar=False,
                         enable_model_summary=False, default_root_dir=str(out),
-                        callbacks=[c for c in (probe, record) if c is not None], **strategy)
+                        callbacks=callbacks, **logging, **strategy)
     module = Policy(sharded, shard_root=mode == "sharded-root")
     try:
-        trainer.fit(module)
+        trainer.fit(module, ckpt_path=ckpt)
     except ProbeConfigError as exc:  # saved for the test, which expects it in sharded-root
         torch.save({"refusal": str(exc), "steps": trainer.global_step},
                    out / f"rank{trainer.global_rank}.pt")
@@ -132,8 +141,9 @@ def main(mode: str, out: Path, steps: int) -> None:
             for key, value in optimizer.state[p].items():
                 value = value.to_local() if hasattr(value, "to_local") else value
                 state[f"state:{key}:{name}"] = value.clone()
-    torch.save(state, out / f"rank{trainer.global_rank}.pt")
+    torch.save(state, out / f"rank{trainer.global_rank}{'_resumed' if ckpt else ''}.pt")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else len(PHASES))
+    main(sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else len(PHASES),
+         sys.argv[4] if len(sys.argv) > 4 else None)
