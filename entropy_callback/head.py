@@ -11,6 +11,8 @@ to the model's full forward with one warning).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -37,6 +39,8 @@ class SplitModel(nn.Module):
         # tied head's weight appears under the embedding's name
         self.head_names = {n for n, p in model.named_parameters() if id(p) in head_ids}
         self.vocab = 0  # set by verify
+        # called before each body call (``sharded.unshard_outer`` on an FSDP2 model)
+        self.before_body: Callable[[], None] | None = None
 
     @property
     def body(self) -> nn.Module:
@@ -51,6 +55,8 @@ class SplitModel(nn.Module):
         ``part="head"``: hidden states [r, d] -> logits [r, V] in the model's dtype."""
         if part == "head":
             return self.logits(*args)
+        if self.before_body is not None:
+            self.before_body()
         return self.body(*args, **kwargs).last_hidden_state
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

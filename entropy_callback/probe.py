@@ -47,6 +47,7 @@ from .sharded import (
     refuse_fsdp1,
     sharded_forward,
     sharded_phase,
+    unshard_outer,
 )
 from .sharded_reverse import sharded_reverse
 from .update import (
@@ -157,7 +158,8 @@ class EntropyProbe:
                 "trainable (LoRA) parameters; add adapters (peft.get_peft_model) or unfreeze some."
             )
         self.sharded = is_sharded(self.params, model)
-        self.scorer = Scorer(model, config.temperature, config.chunk_size, split=not self.sharded,
+        self.scorer = Scorer(model, config.temperature, config.chunk_size,
+                             before_body=unshard_outer if self.sharded else None,
                              compile_head=config.compile_head)
         self.rank, self.world_size = 0, 1
         self.gather: Gather = _local_gather

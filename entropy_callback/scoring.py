@@ -21,7 +21,9 @@ maths run compiled, a head block per call (``compiled_head.py``).
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Collection
 from contextlib import contextmanager
+from functools import partial
 
 import torch
 
@@ -166,19 +168,25 @@ class Scorer:
     """Scores E microbatches with a fixed model, at the live or at substituted parameters.
 
     ``chunk_size``: positions per float64 chunk, or None to size chunks by ``CHUNK_BYTES``.
-    ``split``: False scores through the model's own forward always (a sharded model: FSDP2
-    unshards the root's parameters in the root's forward only). ``compile_head``: the split
-    path's head maths through ``compiled_head.CompiledHeadMaths`` (a block per call).
+    ``before_body(model, body, head)``: called before each call of the body on the split path
+    (``sharded.unshard_outer`` on an FSDP2 model: FSDP unshards the parameters of the modules
+    around the body and head, the root's, only in their own forwards, which the split skips).
+    ``compile_head``: the split path's head maths through ``compiled_head.CompiledHeadMaths``
+    (a block per call).
     """
 
     def __init__(self, model: torch.nn.Module, temperature: float, chunk_size: int | None,
-                 split: bool = True, compile_head: bool = False):
+                 before_body: Callable[[torch.nn.Module, torch.nn.Module, torch.nn.Module],
+                                       None] | None = None, compile_head: bool = False):
         self.model = model
         self.temperature = temperature
         self.chunk_size = chunk_size
         self._compiled = CompiledHeadMaths(temperature) if compile_head else None
         self._keep = forward_accepts(model, "logits_to_keep")
-        self._split: SplitModel | None = split_model(model) if split else None
+        self._split: SplitModel | None = split_model(model)
+        if self._split is not None and before_body is not None:
+            self._split.before_body = partial(before_body, model, self._split.body,
+                                              self._split.head)
         self._verified = self._split is None
 
     @property
@@ -241,10 +249,11 @@ class Scorer:
         with no_flash_attention():
             return jvp(body, (params,), (tangents,))
 
-    def head_rows(self, hidden, dhidden, targets, params, tangents):
+    def head_rows(self, hidden, dhidden, targets, params, tangents, head_tangent: bool = False):
         """(l, H[, D l, D H]) [N] float64 from hidden states [N, d] and their tangent ``dhidden``
         (or None), for ``targets`` [N], chunk by chunk; ``params``/``tangents`` may hold the
-        head's own parameters (a trained head)."""
+        head's own parameters (a trained head). ``head_tangent``: the head's own parameters'
+        tangent enters through forward hooks instead (``sharded.TangentInjector``)."""
         split = self._split
         head_keys = [n for n in (params or {}) if n in split.head_names]
         hp = {k: params[k] for k in head_keys}
@@ -256,7 +265,7 @@ class Scorer:
 
         rows = chunk_rows(split.vocab, self.chunk_size, self.device, MATHS_CHUNK_BYTES)
         block = head_block_rows(split.vocab, rows, self.chunk_size, self.device)
-        closed_form = split.plain and not head_keys
+        closed_form = split.plain and not head_keys and not head_tangent
         n = hidden.shape[0]
         # results written in place: no small tensor outlives a chunk, so the allocator can
         # reuse (and give back) each chunk's buffers instead of piling them up
@@ -288,11 +297,19 @@ class Scorer:
             del z, dz
         return list(out)
 
-    def _split_score(self, mb: EBatch, params, tangents=None):
+    def _split_score(self, mb: EBatch, params, tangents=None,
+                     injected: Collection[str] | None = None):
+        """(l, H[, D l, D H]) [b, L] float64; ``injected``: the names of the parameters whose
+        tangent enters through hooks (``score_with_injected_tangent``)."""
         mask = mb.response_mask.to(self.device)
         targets = mb.response_ids.to(self.device)[mask]
-        hidden, dhidden = self.hidden_states(mb, params, tangents)
-        rows = self.head_rows(hidden, dhidden, targets, params, tangents)
+        if injected is None:
+            hidden, dhidden = self.hidden_states(mb, params, tangents)
+        else:
+            with no_flash_attention():
+                hidden, dhidden = tangent_of(lambda: self.hidden_states(mb, None)[0])
+        rows = self.head_rows(hidden, dhidden, targets, params, tangents, head_tangent=bool(
+            injected and set(injected) & self._split.head_names))
         out = []
         for r in rows:
             full = torch.zeros(mask.shape, dtype=torch.float64, device=self.device)
@@ -347,11 +364,16 @@ class Scorer:
                 )
         return logp, ent, dlogp, dent
 
-    def score_with_injected_tangent(self, mb: EBatch):
-        """(l, H, D_u l, D_u H) [b, L] float64 at the live parameters, the tangent entering
-        through hooks (``sharded.TangentInjector``, entered by the caller); the full forward."""
-        with exact_variant_derivatives(self.model), torch.no_grad(), no_flash_attention():
-            (logp, ent), (dlogp, dent) = tangent_of(lambda: self.full_forward(mb, None))
+    def score_with_injected_tangent(self, mb: EBatch, probed: Collection[str]):
+        """(l, H, D_u l, D_u H) [b, L] float64 at the live parameters, the tangent of the
+        parameters named in ``probed`` entering through hooks (``sharded.TangentInjector``,
+        entered by the caller after ``check_split``, whose forwards must not carry a tangent):
+        the body once and the head per chunk, or the full forward where the split failed."""
+        with exact_variant_derivatives(self.model), torch.no_grad():
+            if self._split is not None:
+                return self._split_score(mb, None, injected=probed)
+            with no_flash_attention():
+                (logp, ent), (dlogp, dent) = tangent_of(lambda: self.full_forward(mb, None))
         return logp, ent, dlogp, dent
 
 

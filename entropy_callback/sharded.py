@@ -2,7 +2,7 @@
 
 FSDP2 all-gathers a block's parameters inside every forward of that block, so every rank must
 run the same forwards in the same order, and a rank that fails must not leave the others inside
-an all-gather. Four pieces make the engine's passes work on such a model:
+an all-gather. Five pieces make the engine's passes work on such a model:
 
 - ``Lockstep``: every forward (a decode step, a microbatch) and every collective is preceded by
   one check, a MAX all-reduce of (failed, running) reached by every rank; each phase ends with
@@ -18,6 +18,9 @@ an all-gather. Four pieces make the engine's passes work on such a model:
   module owning a probed parameter (FSDP has unsharded it by then) adds a dual zero whose
   tangent is the module's own derivative along Delta theta, its input held fixed. The chain
   rule through the rest of the model is forward-mode AD's own.
+- ``unshard_outer``: the passes run the body once and the LM head per chunk of positions, as
+  unsharded (``scoring.Scorer``); the root's parameters, which FSDP unshards only in the root's
+  own forward, are unsharded before each body call.
 - local / full tensors: theta, the Adam state and the consumed gradients are read as each rank's
   local shards (the Adam replay is elementwise); Delta theta is all-gathered (LoRA-sized) for
   the tangent and the update check.
@@ -269,14 +272,50 @@ def sharded_phase(runner, lockstep: Lockstep | None, model: nn.Module, name: str
             raise RuntimeError("the probe failed on another rank; all ranks skip it")
 
 
+def unshard_outer(model: nn.Module, body: nn.Module, head: nn.Module) -> None:
+    """Before the body is called directly (``scoring.Scorer``'s split path): every FSDP2 module
+    around ``body`` or ``head`` (the root, whose unit holds the embedding, the final norm and
+    the LM head) is unsharded, as its own pre-forward would do, since its forward is skipped.
+    The outermost is lazily initialised first when no forward has run yet (else the first
+    decoder layer called would make itself the root). ``unshard`` is a no-op where already
+    unsharded and one all-gather otherwise, the same on every rank; the modules stay unsharded,
+    as the root does after its forward, until the phase reshards every module (``at_shards``,
+    ``sharded_phase``). The modules inside (the decoder layers) run their own hooks.
+
+    Raises (the scorer then falls back to the full forward, ``Scorer.check_split``) when the
+    head is in an FSDP unit of its own, or a grouped unit holds part of the body or head
+    (transformers' FSDP plan: ``fully_shard([norm, lm_head])``): FSDP's hooks there would run
+    once per chunk and leave its per-forward state half done outside a backward."""
+    from torch.distributed.fsdp import FSDPModule
+
+    inside = {id(m) for part in (body, head) for m in part.modules()}
+    for module in model.modules():
+        if isinstance(module, FSDPModule) and (
+                any(module is m for m in head.modules())
+                or (len(units := module._get_fsdp_state()._modules) > 1
+                    and any(id(m) in inside for m in units))):
+            raise RuntimeError(
+                f"{type(module).__name__} is an FSDP2 unit of the LM head or a grouped unit "
+                "around the body or head: the probe cannot run the head per chunk outside "
+                "the model's forward")
+    outer = [m for m in model.modules() if isinstance(m, FSDPModule) and any(
+        m is not part and any(x is part for x in m.modules()) for part in (body, head))]
+    for module in outer:  # outermost first (pre-order): the others are then initialised
+        module._get_fsdp_state()._lazy_init()
+        module.unshard()
+
+
 def sharded_forward(scorer, params: Mapping[str, torch.Tensor], microbatches,
                     theta: Mapping[str, torch.Tensor], direction: Mapping[str, torch.Tensor]):
     """The forward-mode derivative pass on a sharded model, per microbatch (l, H, terms) as
     ``scoring.sequence_terms`` gives them: the live local shards hold ``theta`` (this rank's)
-    while the tangent along the full ``direction`` enters through ``TangentInjector``."""
-    with at_shards(scorer.model, params, theta), TangentInjector(scorer.model, params,
-                                                                 direction):
+    while the tangent along the full ``direction`` enters through ``TangentInjector``, whose
+    hooks are off during the split's one-time check (its forwards carry no tangent)."""
+    with at_shards(scorer.model, params, theta):
+        hooks = TangentInjector(scorer.model, params, direction)
         for mb in microbatches:
-            logp, ent, dlogp, dent = scorer.score_with_injected_tangent(mb)
+            scorer.check_split(mb)
+            with hooks:
+                logp, ent, dlogp, dent = scorer.score_with_injected_tangent(mb, direction)
             mask = mb.response_mask.to(logp.device)
             yield logp, ent, sequence_terms(logp, ent, mask, dlogp, dent)

@@ -2,9 +2,13 @@
 
 The unsharded reverse pass (``reverse.py``) differentiates with respect to substituted copies of
 theta, which DTensor parameters do not allow. Here theta is written into the live local shards
-(``sharded.at_shards``), the microbatch runs through the sharded model's own forward with its
-graph (FSDP all-gathers each block as usual, the model's own attention kernel runs), and one
-``torch.autograd.grad`` per objective differentiates with respect to
+(``sharded.at_shards``), the microbatch runs through the sharded model's body with its graph
+(FSDP all-gathers each block as usual, the model's own attention kernel runs; the root's
+parameters, embedding, final norm and LM head, are unsharded around it by
+``sharded.unshard_outer``), the LM head runs per chunk of positions with its own backward, as in
+``reverse._split_backward`` (no [microbatch, L, V] logits; the model's full forward where the
+split cannot reproduce its logits), and one ``torch.autograd.grad`` per objective through the
+body differentiates with respect to
 
 - the injection leaf eps (``injection.Injector``): its gradient is the per-sequence terms, and
 - the tensors the probed parameters *are* during that forward (FSDP's unsharded parameters, full
@@ -24,7 +28,10 @@ unsharded gradient that post-backward would reduce-scatter into ``.grad``, a red
 still in flight that it would wait on and drop, ``set_reduce_scatter_unused_params`` that would
 reduce-scatter zeros, ``set_is_last_backward(False)`` that would leave the probe's post-forward
 order behind); the pass refuses to start unless it is empty, and checks it is empty again after
-each microbatch. A failure between a forward and its backwards, or inside a backward (whose
+each microbatch. Each backward through the body ends in that final callback, which also
+reshards the root (whose forward did not run: its parameter group is post-backwarded there): the
+root is unsharded again before the next backward, whose graph holds its parameters' storage.
+A failure between a forward and its backwards, or inside a backward (whose
 final callback then never runs), resets FSDP's per-iteration state
 (``FSDPModule.reset_iter_state``: nothing of the step's is pending, so nothing is lost). The
 post-forward records of the probe's forwards are put back by ``sharded.sharded_phase``.
@@ -45,8 +52,9 @@ from torch import nn
 
 from .checkpointing import checkpointing
 from .injection import Injector, _attribute, injecting, leaf, per_row
-from .reverse import Backward, Check, check_rtol, estimator_weights, reverse_terms
-from .sharded import Lockstep, at_shards
+from .reverse import Backward, Check, _plain_head, check_rtol, estimator_weights, reverse_terms
+from .scoring import chunk_rows, logp_and_entropy_rows
+from .sharded import Lockstep, at_shards, reshard_all
 from .variants import exact_variant_derivatives
 
 
@@ -152,17 +160,16 @@ def _backward(scorer, mb, injector: _Recording, weights, lockstep: Lockstep) -> 
     b = mb.response_mask.shape[0]
     eps = leaf(b, injector, device)
     injector.live = {}
-    with torch.enable_grad(), checkpointing(scorer.model, injector.replay):
-        with exact_variant_derivatives(scorer.model), injecting(injector, eps):
-            logp, ent = scorer.full_forward(mb, None)
-        mask = mb.response_mask.to(device, torch.float64)
-        objectives = weights(ent.detach(), mask)
-        names = list(injector.live)
-        inputs = [eps, *injector.live.values()]
-        lockstep.check()  # every rank enters the backwards (FSDP all-gathers in them) or none
-        raw = [torch.autograd.grad(((alpha * ent + logp * w) * mask).sum(), inputs,
-                                   retain_graph=j + 1 < len(objectives), allow_unused=True)
-               for j, (alpha, w) in enumerate(objectives)]
+    with injecting(injector, eps):
+        logp, ent = scorer.full_forward(mb, None)
+    mask = mb.response_mask.to(device, torch.float64)
+    objectives = weights(ent.detach(), mask)
+    names = list(injector.live)
+    inputs = [eps, *injector.live.values()]
+    lockstep.check()  # every rank enters the backwards (FSDP all-gathers in them) or none
+    raw = [torch.autograd.grad(((alpha * ent + logp * w) * mask).sum(), inputs,
+                               retain_graph=j + 1 < len(objectives), allow_unused=True)
+           for j, (alpha, w) in enumerate(objectives)]
     rows, grads = [], []
     for g in raw:
         rows.append(torch.zeros(b, dtype=torch.float64, device=device) if g[0] is None
@@ -171,6 +178,85 @@ def _backward(scorer, mb, injector: _Recording, weights, lockstep: Lockstep) -> 
                       if t is not None})
     mask_b = mb.response_mask.to(device)
     return Backward(logp.detach() * mask_b, ent.detach() * mask_b, grads, rows)
+
+
+def _split_backward(scorer, mb, injector: _Recording, weights, lockstep: Lockstep) -> Backward:
+    """``reverse._split_backward`` on the sharded model, with respect to the recorded tensors:
+    the body once with its graph (FSDP gathers each decoder layer; the root's parameters are
+    unsharded around it, ``sharded.unshard_outer``), l and H per chunk without a graph, a
+    lockstep check, the head per chunk with its own backwards (no collective: d/d hidden, the
+    head's probed parameters and their injection leaf), then one backward through the body per
+    objective. FSDP's final callback reshards the root after each backward, freeing the storage
+    the body's graph holds of its parameters: they are unsharded again (into that storage)
+    before each. No [microbatch, L, V] logits are built."""
+    split, device = scorer.split, scorer.device
+    mask = mb.response_mask.to(device)
+    b = mask.shape[0]
+    targets = mb.response_ids.to(device)[mask]
+    sequence = torch.arange(b, device=device).unsqueeze(1).expand_as(mask)[mask]  # row -> i
+    eps_body = leaf(b, injector, device)
+    injector.live = {}
+    with injecting(injector, eps_body):
+        hidden, _ = scorer.hidden_states(mb, None)  # [N, d], with the body's graph
+    body = dict(injector.live)
+    head = [full for module in split.head.modules() for _, full in injector.owners.get(module, ())]
+    closed_form = split.plain and not head
+    with torch.no_grad():
+        if closed_form:
+            logp_rows, ent_rows, d_ent, d_logp = _plain_head(scorer, hidden.detach(), targets)
+        else:
+            logp_rows, ent_rows = scorer.head_rows(hidden.detach(), None, targets, None, None)
+    logp = torch.zeros(mask.shape, dtype=torch.float64, device=device)
+    ent = torch.zeros_like(logp)
+    logp[mask], ent[mask] = logp_rows, ent_rows
+    objectives = weights(ent, mask.to(torch.float64))
+    w_rows = [w[mask] for _, w in objectives]
+    lockstep.check()  # every rank enters the backwards (FSDP all-gathers in them) or none
+    grads = [{n: torch.zeros_like(t, dtype=torch.float64) for n, t in body.items()}
+             for _ in objectives]
+    rows = [torch.zeros(b, dtype=torch.float64, device=device) for _ in objectives]
+    if closed_form:  # d objective_j / d hidden = alpha_j dH/dh + w_j dl/dh, row by row
+        d_hidden = [alpha * d_ent + w.unsqueeze(-1).to(hidden.dtype) * d_logp
+                    for (alpha, _), w in zip(objectives, w_rows, strict=True)]
+    else:
+        d_hidden = [torch.zeros_like(hidden) for _ in objectives]
+    step = chunk_rows(split.vocab, scorer.chunk_size, device)
+    for start in range(0, 0 if closed_form else hidden.shape[0], step):
+        stop = min(start + step, hidden.shape[0])
+        h = hidden[start:stop].detach().requires_grad_(True)
+        eps_tok = leaf(stop - start, injector if head else None, device)
+        with injecting(injector, eps_tok):
+            z = split.logits(h)
+        live = {n: injector.live[n] for n in head}
+        lp, en = logp_and_entropy_rows(z, targets[start:stop], scorer.temperature)
+        inputs = [h, *live.values(), *([eps_tok] if eps_tok is not None else [])]
+        for j, (alpha, _) in enumerate(objectives):
+            objective = (alpha * en + lp * w_rows[j][start:stop]).sum()
+            g = torch.autograd.grad(objective, inputs, retain_graph=j + 1 < len(objectives),
+                                    allow_unused=True)
+            d_hidden[j][start:stop] = g[0]
+            _add(grads[j], live, g[1 : 1 + len(live)])
+            if eps_tok is not None and g[-1] is not None:
+                rows[j].index_add_(0, sequence[start:stop], per_row(g[-1]))
+        del z, lp, en
+    if hidden.requires_grad:  # False with LoRA on the head alone
+        inputs = [*body.values(), *([eps_body] if eps_body is not None else [])]
+        for j in range(len(objectives)):
+            split.before_body()
+            g = torch.autograd.grad(hidden, inputs, grad_outputs=d_hidden[j],
+                                    retain_graph=j + 1 < len(objectives), allow_unused=True)
+            _add(grads[j], body, g[: len(body)])
+            if eps_body is not None and g[-1] is not None:
+                rows[j] += per_row(g[-1])
+    return Backward(logp, ent, grads, rows)
+
+
+def _add(total: dict[str, torch.Tensor], live: Mapping[str, torch.Tensor], grads) -> None:
+    """Adds each gradient (float64) to ``total`` under its name in ``live``."""
+    for name, g in zip(live, grads, strict=True):
+        if g is not None:
+            g = g.detach().to(torch.float64)
+            total[name] = total[name] + g if name in total else g
 
 
 def sharded_reverse(scorer, params: Mapping[str, torch.Tensor], microbatches,
@@ -189,7 +275,12 @@ def sharded_reverse(scorer, params: Mapping[str, torch.Tensor], microbatches,
     with at_shards(model, params, theta), idle_fsdp(model), _Recording(
             model, params, direction) as injector:
         for mb in microbatches:
-            backward = _backward(scorer, mb, injector, weights, lockstep)
+            scorer.check_split(mb)  # once, no injection: the split or the full forward
+            with torch.enable_grad(), checkpointing(model, injector.replay), \
+                    exact_variant_derivatives(model):
+                backward = (_backward if scorer.split is None else _split_backward)(
+                    scorer, mb, injector, weights, lockstep)
+            reshard_all(model)  # the root stays unsharded where no backward reached the body
             dtypes |= {t.dtype for t in injector.live.values()}
             _still_idle(model)
             check.add(backward, direction)
