@@ -37,6 +37,7 @@ from .sampling import EBatch, draw_randomness, sample_batch
 from .scoring import CHUNK_BYTES, Scorer, sequence_terms
 from .sharded import (
     Lockstep,
+    agree_max,
     at_shards,
     check_sharded_config,
     full_tensors,
@@ -160,7 +161,8 @@ class EntropyProbe:
         self.sharded = is_sharded(self.params, model)
         self.scorer = Scorer(model, config.temperature, config.chunk_size,
                              before_body=unshard_outer if self.sharded else None,
-                             compile_head=config.compile_head)
+                             compile_head=config.compile_head,
+                             agree=agree_max if self.sharded else None)
         self.rank, self.world_size = 0, 1
         self.gather: Gather = _local_gather
         self._lockstep: Lockstep | None = None  # the running probe's (sharded models)

@@ -177,7 +177,8 @@ class Scorer:
 
     def __init__(self, model: torch.nn.Module, temperature: float, chunk_size: int | None,
                  before_body: Callable[[torch.nn.Module, torch.nn.Module, torch.nn.Module],
-                                       None] | None = None, compile_head: bool = False):
+                                       None] | None = None, compile_head: bool = False,
+                 agree: Callable[[float], float] | None = None):
         self.model = model
         self.temperature = temperature
         self.chunk_size = chunk_size
@@ -188,6 +189,7 @@ class Scorer:
             self._split.before_body = partial(before_body, model, self._split.body,
                                               self._split.head)
         self._verified = self._split is None
+        self._agree = agree  # sharded: every rank takes the same path (the largest error)
 
     @property
     def device(self) -> torch.device:
@@ -220,6 +222,8 @@ class Scorer:
             error, why = float("inf"), f"{type(exc).__name__}: {exc}"
         else:
             why = f"relative logit error {error:.2g}"
+        if self._agree is not None:
+            error = self._agree(error)
         if not error <= _VERIFY_RTOL:
             self._split = None
             warnings.warn(

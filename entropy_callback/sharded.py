@@ -96,6 +96,19 @@ def check_sharded_config(config) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def agree_max(value: float) -> float:
+    """The largest of every rank's ``value`` (one MAX all-reduce over the default group): a
+    decision each rank makes on its own rows (the body/head split check) that all must share,
+    since the two paths run different forwards."""
+    import torch.distributed as dist
+
+    device = (torch.device("cuda", torch.cuda.current_device())
+              if dist.get_backend() == "nccl" else torch.device("cpu"))
+    out = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    return float(out.item())
+
+
 class Lockstep:
     """The check every rank reaches before each forward and collective, and at each phase's end
     (module docstring). One per probe; once a failure is known to all ranks, the probe's
