@@ -28,13 +28,14 @@ from . import records
 from .attribution_report import DDP_UNSUPPORTED, build_section, keep_inputs, rollout_problems
 from .config import ProbeConfig, ProbeConfigError, check_optimizer, check_step
 from .distributed import any_rank_failed, make_gather, shard, stack_vectors
+from .headmaths import CHUNK_BYTES
 from .observer import EntropyProbeWarning, PhaseRunner, contained, preserved_state
 from .progress import ProgressHook, log_phase, log_probe, logger
 from .prompts import check_model, check_prompts, prompt_texts, prompt_token_ids, special_ids
 from .result import ProbeResult, ResultDraft
 from .reverse import choose_derivative, reverse_pass
 from .sampling import EBatch, draw_randomness, sample_batch
-from .scoring import CHUNK_BYTES, Scorer, sequence_terms
+from .scoring import Scorer, sequence_terms
 from .sharded import (
     Lockstep,
     agree_max,

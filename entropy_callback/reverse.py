@@ -37,9 +37,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpointing import checkpointing
+from .headmaths import chunk_rows, head_block_rows, logp_and_entropy_rows
 from .injection import Injector, injecting, leaf, per_row
 from .kernelcheck import no_forward_rule_layers
-from .scoring import Scorer, _prefixed, chunk_rows, head_block_rows, logp_and_entropy_rows
+from .scoring import Scorer, _prefixed
 from .variants import call_substituted, exact_variant_derivatives
 
 Weights = Callable[[torch.Tensor, torch.Tensor], list[tuple[float, torch.Tensor]]]

@@ -51,9 +51,9 @@ import torch
 from torch import nn
 
 from .checkpointing import checkpointing
+from .headmaths import chunk_rows, logp_and_entropy_rows
 from .injection import Injector, _attribute, injecting, leaf, per_row
 from .reverse import Backward, Check, _plain_head, check_rtol, estimator_weights, reverse_terms
-from .scoring import chunk_rows, logp_and_entropy_rows
 from .sharded import Lockstep, at_shards, reshard_all
 from .variants import exact_variant_derivatives
 
