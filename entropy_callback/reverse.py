@@ -85,9 +85,11 @@ def _zeros(leaves: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _add(total: dict[str, torch.Tensor], names, grads) -> None:
+    """Adds each gradient (float64) to ``total`` under its name in ``names``."""
     for name, g in zip(names, grads, strict=True):
         if g is not None:
-            total[name] += g.to(torch.float64)
+            g = g.detach().to(torch.float64)
+            total[name] = total[name] + g if name in total else g
 
 
 def _split_backward(scorer, mb, leaves, weights, injector) -> Backward:
@@ -116,39 +118,67 @@ def _split_backward(scorer, mb, leaves, weights, injector) -> Backward:
     w_rows = [w[mask] for _, w in objectives]
     grads = [_zeros(leaves) for _ in objectives]
     rows = [torch.zeros(b, dtype=torch.float64, device=device) for _ in objectives]
-    if closed_form:  # d objective_j / d hidden = alpha_j dH/dh + w_j dl/dh, row by row
-        d_hidden = [alpha * d_ent + w.unsqueeze(-1).to(hidden.dtype) * d_logp
+
+    def head(h: torch.Tensor):
+        if not head_leaves:
+            return split.logits(h), {}
+        return call_substituted(split, _prefixed(head_leaves), args=(h,),
+                                kwargs={"part": "head"}), head_leaves
+
+    head_then_body(scorer, hidden, targets, sequence, objectives, w_rows,
+                   (d_ent, d_logp) if closed_form else None,
+                   head, injector if head_leaves else None, leaves, eps_body, grads, rows,
+                   injector)
+    return Backward(logp, ent, grads, rows if injector is not None else None)
+
+
+def head_then_body(scorer: Scorer, hidden, targets, sequence, objectives, w_rows, closed,
+                   head, head_injector, body: Mapping[str, torch.Tensor], eps_body, grads, rows,
+                   injector, before_body=None) -> None:
+    """The backwards of the split path, shared by this pass and the sharded one
+    (``sharded_reverse.py``). With ``closed`` = (dH/dh, dl/dh) [N, d] from the head's closed
+    form (``_plain_head``), d objective_j / d hidden = alpha_j dH/dh + w_j dl/dh row by row;
+    without (None): the head per chunk of the N response rows of ``hidden`` [N, d] with its own
+    backward per objective, ``head(h) -> (logits, {name: head parameter tensor in the graph})``,
+    giving ``d_hidden[j]`` and the head parameters' gradients, with an injection leaf per chunk
+    when ``head_injector`` is given (the head owns probed parameters). Then, when the body has a
+    graph, one backward through it per objective (``before_body()`` first, if given) with respect to
+    ``body``'s tensors and ``eps_body``. Gradients add into ``grads[j]`` (float64, by name), the
+    injection leaves' per-sequence rows into ``rows[j]`` (``sequence``: row -> sequence)."""
+    device = hidden.device
+    if closed is not None:
+        d_hidden = [alpha * closed[0] + w.unsqueeze(-1).to(hidden.dtype) * closed[1]
                     for (alpha, _), w in zip(objectives, w_rows, strict=True)]
     else:
         d_hidden = [torch.zeros_like(hidden) for _ in objectives]
-    step = chunk_rows(split.vocab, scorer.chunk_size, device)
-    for start in range(0, 0 if closed_form else hidden.shape[0], step):
+    step = chunk_rows(scorer.split.vocab, scorer.chunk_size, device)
+    for start in range(0, 0 if closed is not None else hidden.shape[0], step):
         stop = min(start + step, hidden.shape[0])
         h = hidden[start:stop].detach().requires_grad_(True)
-        eps_tok = leaf(stop - start, injector if head_leaves else None, device)
+        eps_tok = leaf(stop - start, head_injector, device)
         with injecting(injector, eps_tok):
-            z = (call_substituted(split, _prefixed(head_leaves), args=(h,),
-                                  kwargs={"part": "head"}) if head_leaves else split.logits(h))
+            z, params = head(h)
         lp, en = logp_and_entropy_rows(z, targets[start:stop], scorer.temperature)
-        inputs = [h, *head_leaves.values(), *([eps_tok] if eps_tok is not None else [])]
+        inputs = [h, *params.values(), *([eps_tok] if eps_tok is not None else [])]
         for j, (alpha, _) in enumerate(objectives):
             objective = (alpha * en + lp * w_rows[j][start:stop]).sum()
             g = torch.autograd.grad(objective, inputs, retain_graph=j + 1 < len(objectives),
                                     allow_unused=True)
             d_hidden[j][start:stop] = g[0]
-            _add(grads[j], head_leaves, g[1 : 1 + len(head_leaves)])
+            _add(grads[j], params, g[1 : 1 + len(params)])
             if eps_tok is not None and g[-1] is not None:
                 rows[j].index_add_(0, sequence[start:stop], per_row(g[-1]))
         del z, lp, en
     if hidden.requires_grad:  # False with LoRA on the head alone
-        inputs = [*leaves.values(), *([eps_body] if eps_body is not None else [])]
+        inputs = [*body.values(), *([eps_body] if eps_body is not None else [])]
         for j in range(len(objectives)):
+            if before_body is not None:
+                before_body()
             g = torch.autograd.grad(hidden, inputs, grad_outputs=d_hidden[j],
                                     retain_graph=j + 1 < len(objectives), allow_unused=True)
-            _add(grads[j], leaves, g[: len(leaves)])
+            _add(grads[j], body, g[: len(body)])
             if eps_body is not None and g[-1] is not None:
                 rows[j] += per_row(g[-1])
-    return Backward(logp, ent, grads, rows if injector is not None else None)
 
 
 def _plain_head(scorer: Scorer, hidden: torch.Tensor, targets: torch.Tensor):

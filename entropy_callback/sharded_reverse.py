@@ -51,9 +51,16 @@ import torch
 from torch import nn
 
 from .checkpointing import checkpointing
-from .headmaths import chunk_rows, logp_and_entropy_rows
 from .injection import Injector, _attribute, injecting, leaf, per_row
-from .reverse import Backward, Check, _plain_head, check_rtol, estimator_weights, reverse_terms
+from .reverse import (
+    Backward,
+    Check,
+    _plain_head,
+    check_rtol,
+    estimator_weights,
+    head_then_body,
+    reverse_terms,
+)
 from .sharded import Lockstep, at_shards, reshard_all
 from .variants import exact_variant_derivatives
 
@@ -215,48 +222,16 @@ def _split_backward(scorer, mb, injector: _Recording, weights, lockstep: Lockste
     grads = [{n: torch.zeros_like(t, dtype=torch.float64) for n, t in body.items()}
              for _ in objectives]
     rows = [torch.zeros(b, dtype=torch.float64, device=device) for _ in objectives]
-    if closed_form:  # d objective_j / d hidden = alpha_j dH/dh + w_j dl/dh, row by row
-        d_hidden = [alpha * d_ent + w.unsqueeze(-1).to(hidden.dtype) * d_logp
-                    for (alpha, _), w in zip(objectives, w_rows, strict=True)]
-    else:
-        d_hidden = [torch.zeros_like(hidden) for _ in objectives]
-    step = chunk_rows(split.vocab, scorer.chunk_size, device)
-    for start in range(0, 0 if closed_form else hidden.shape[0], step):
-        stop = min(start + step, hidden.shape[0])
-        h = hidden[start:stop].detach().requires_grad_(True)
-        eps_tok = leaf(stop - start, injector if head else None, device)
-        with injecting(injector, eps_tok):
-            z = split.logits(h)
-        live = {n: injector.live[n] for n in head}
-        lp, en = logp_and_entropy_rows(z, targets[start:stop], scorer.temperature)
-        inputs = [h, *live.values(), *([eps_tok] if eps_tok is not None else [])]
-        for j, (alpha, _) in enumerate(objectives):
-            objective = (alpha * en + lp * w_rows[j][start:stop]).sum()
-            g = torch.autograd.grad(objective, inputs, retain_graph=j + 1 < len(objectives),
-                                    allow_unused=True)
-            d_hidden[j][start:stop] = g[0]
-            _add(grads[j], live, g[1 : 1 + len(live)])
-            if eps_tok is not None and g[-1] is not None:
-                rows[j].index_add_(0, sequence[start:stop], per_row(g[-1]))
-        del z, lp, en
-    if hidden.requires_grad:  # False with LoRA on the head alone
-        inputs = [*body.values(), *([eps_body] if eps_body is not None else [])]
-        for j in range(len(objectives)):
-            split.before_body()
-            g = torch.autograd.grad(hidden, inputs, grad_outputs=d_hidden[j],
-                                    retain_graph=j + 1 < len(objectives), allow_unused=True)
-            _add(grads[j], body, g[: len(body)])
-            if eps_body is not None and g[-1] is not None:
-                rows[j] += per_row(g[-1])
+
+    def head_call(h: torch.Tensor):
+        z = split.logits(h)
+        return z, {n: injector.live[n] for n in head}
+
+    head_then_body(scorer, hidden, targets, sequence, objectives, w_rows,
+                   (d_ent, d_logp) if closed_form else None,
+                   head_call, injector if head else None, body, eps_body, grads, rows, injector,
+                   before_body=split.before_body)
     return Backward(logp, ent, grads, rows)
-
-
-def _add(total: dict[str, torch.Tensor], live: Mapping[str, torch.Tensor], grads) -> None:
-    """Adds each gradient (float64) to ``total`` under its name in ``live``."""
-    for name, g in zip(live, grads, strict=True):
-        if g is not None:
-            g = g.detach().to(torch.float64)
-            total[name] = total[name] + g if name in total else g
 
 
 def sharded_reverse(scorer, params: Mapping[str, torch.Tensor], microbatches,
