@@ -78,10 +78,12 @@ class ProbeConfig:
             needs Adam/AdamW and a LightningModule following the protocol there).
         derivative: how delta H_1's derivatives are taken: "forward" (one forward-mode pass),
             "reverse" (backward passes of the estimator's surrogate: needs no forward-mode rule,
-            so it runs through fused attention, Hub kernels and FSDP2-sharded parameters) or
-            "auto" (reverse where layers run Hub kernels or SDPA/flash attention runs on an
-            accelerator, sharded or not; forward otherwise, e.g. on CPU, where it is the faster
-            pass; each record says which ran, ``derivative`` in core_results).
+            so it runs through fused attention, Hub and Liger kernels and FSDP2-sharded
+            parameters) or "auto" (forward for DoRA, whose shared weight norm the reverse pass
+            cannot split per sequence; else reverse where layers run Hub or Liger kernels or
+            SDPA/flash attention runs on an accelerator, sharded or not; forward otherwise, e.g.
+            on CPU, where it is the faster pass; each record says which ran, ``derivative`` in
+            core_results).
         compile_head: run the float64 head maths (log-softmax, entropy and their derivatives,
             scoring and the forward-mode pass) as one ``torch.compile``d pass over the logits:
             the same formula and numbers (to ~1e-13), faster, after a one-off compile of a few

@@ -7,6 +7,8 @@ say so at setup (``hf_support.check_policy``)."""
 
 from __future__ import annotations
 
+import sys
+
 from torch import nn
 
 LIGER_PACKAGE = "liger_kernel"
@@ -45,7 +47,22 @@ def liger_layers(model: nn.Module) -> list[str]:
     return out
 
 
+def liger_functions(model: nn.Module) -> list[str]:
+    """Module-level functions Liger swapped into the modeling modules ``model``'s layers come
+    from (``apply_liger_kernel_to_llama(rope=True, rms_norm=False, ...)`` replaces e.g.
+    ``modeling_llama.apply_rotary_pos_emb`` and patches no layer): "module.function" names."""
+    out = []
+    for name in sorted({type(m).__module__ for m in model.modules()}):
+        module = sys.modules.get(name)
+        if module is None or not name.startswith("transformers.models."):
+            continue
+        out += [f"{name.rsplit('.', 1)[-1]}.{attr}" for attr, value in vars(module).items()
+                if callable(value) and _from_liger(value)]
+    return out
+
+
 def no_forward_rule_layers(model: nn.Module) -> list[tuple[str, str]]:
-    """(name, "Hub" | "Liger") for every layer whose kernel has no forward-mode rule."""
+    """(name, "Hub" | "Liger") for every layer (or Liger function) whose kernel has no
+    forward-mode rule."""
     return ([(n, "Hub") for n in kernel_layers(model)]
-            + [(n, "Liger") for n in liger_layers(model)])
+            + [(n, "Liger") for n in liger_layers(model) + liger_functions(model)])

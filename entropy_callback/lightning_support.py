@@ -52,16 +52,19 @@ def strategy_refusal(strategy: Any) -> str | None:
 def shards_with_fsdp2(strategy: Any) -> bool:
     """Whether the fit runs under Lightning's ModelParallelStrategy (the model sharded in
     ``configure_model`` with FSDP2's ``fully_shard``, after the callbacks' ``setup``)."""
-    from lightning.pytorch.strategies import ModelParallelStrategy
+    import lightning.pytorch.strategies as strategies
 
-    return isinstance(strategy, ModelParallelStrategy)
+    cls = getattr(strategies, "ModelParallelStrategy", None)  # Lightning >= 2.3
+    return cls is not None and isinstance(strategy, cls)
 
 
 def check_fsdp2_root(pl_module: LightningModule, model: Any) -> None:
     """ProbeConfigError when the FSDP2 root is the LightningModule rather than the policy: the
     probe calls the policy's forward, which would not unshard the root's own parameters."""
-    from torch.distributed.fsdp import FSDPModule
-
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch < 2.6: the engine refuses the sharded model, saying so
+        return
     if model is not pl_module and isinstance(pl_module, FSDPModule):
         raise ProbeConfigError(
             f"EntropyProbeCallback: fully_shard was applied to the LightningModule "

@@ -41,6 +41,7 @@ from .sharded import (
     agree_max,
     at_shards,
     check_sharded_config,
+    check_sharded_model,
     full_tensors,
     is_sharded,
     local,
@@ -51,7 +52,7 @@ from .sharded import (
     sharded_phase,
     unshard_outer,
 )
-from .sharded_reverse import sharded_reverse
+from .sharded_reverse import fsdp_internals_known, sharded_reverse
 from .update import (
     AdamReplay,
     adam_replay,
@@ -168,6 +169,7 @@ class EntropyProbe:
         self.gather: Gather = _local_gather
         self._lockstep: Lockstep | None = None  # the running probe's (sharded models)
         if self.sharded:  # refuses what it cannot probe; E sharded over the default group
+            check_sharded_model(model)
             self.set_distributed(*check_sharded_config(config))
         self._pending: Measurement | None = None
         self._calls = 0
@@ -511,6 +513,10 @@ class EntropyProbe:
         """The derivative this probe takes (``config.derivative``, "auto" resolved on the model
         as it is now), into the record; said in a log line the first time and on a change."""
         mode, why = choose_derivative(self.model, self.config.derivative)
+        if (self.sharded and mode == "reverse" and self.config.derivative == "auto"
+                and not fsdp_internals_known(self.model)):
+            mode, why = "forward", ("auto: this torch's FSDP2 state is not the one the sharded "
+                                    "reverse pass was checked on (torch 2.13)")
         result.derivative = mode
         if (mode, why) != self._derivative_said:
             self._derivative_said = (mode, why)

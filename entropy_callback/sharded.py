@@ -77,6 +77,37 @@ def refuse_fsdp1(model: nn.Module) -> None:
         raise ProbeConfigError(FSDP1_REFUSAL)
 
 
+def check_sharded_model(model: nn.Module) -> None:
+    """ProbeConfigError for a sharded model the probe cannot run: a torch without FSDP2's
+    public API (``torch.distributed.fsdp.FSDPModule``, torch >= 2.6), or a DTensor parameter
+    that no FSDP2 unit inside ``model`` manages (the policy sharded as part of a larger unit,
+    e.g. a value-head wrapper: the probe calls the policy's own forward, which would not
+    unshard that unit's parameters). A parameter is managed by the nearest FSDP2 module above
+    it (``fully_shard`` takes every parameter not in a nested unit)."""
+    from .config import ProbeConfigError
+
+    try:
+        from torch.distributed.fsdp import FSDPModule
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        raise ProbeConfigError(
+            f"model: its parameters are sharded (DTensors), but this torch ({torch.__version__}) "
+            "has no torch.distributed.fsdp.FSDPModule; probing an FSDP2 model needs torch >= "
+            "2.6. Upgrade torch, or probe a DDP or single-process run.") from None
+    units = {name for name, m in model.named_modules() if isinstance(m, FSDPModule)}
+    for name, p in model.named_parameters():
+        if not isinstance(p, DTensor):
+            continue
+        parts = name.split(".")[:-1]
+        owners = {".".join(parts[:i]) for i in range(len(parts) + 1)}
+        if not owners & units:
+            raise ProbeConfigError(
+                f"model: its parameter {name!r} is sharded by an FSDP2 unit outside the model "
+                "given to the probe (fully_shard was applied to a module that contains the "
+                "policy), so the policy's own forward would not unshard it. Apply fully_shard "
+                "to the policy itself too (after its blocks, before any wrapper around it).")
+
+
 def check_sharded_config(config) -> tuple[int, int]:
     """ProbeConfigError for what a sharded model does not support; else the default process
     group's (rank, world size), for ``EntropyProbe.set_distributed``."""

@@ -78,7 +78,23 @@ def fsdp_pending(model: nn.Module) -> list[str]:
     reduction is pending, no unsharded gradient exists, and a backward would be the last one
     (``reset_iter_state`` would discard any of them). Reads FSDP's private per-iteration fields
     (torch 2.13); the post-forward records are not among them (``sharded.sharded_phase`` puts
-    them back)."""
+    them back). On a torch whose FSDP lacks one of those fields, one entry saying so: the pass
+    then refuses to run (``fsdp_internals_known``)."""
+    try:
+        return _pending(model)
+    except AttributeError as exc:
+        return [f"FSDP2 internals this probe does not know (torch {torch.__version__}: {exc}); "
+                "the reverse pass on sharded models was checked on torch 2.13"]
+
+
+def fsdp_internals_known(model: nn.Module) -> bool:
+    """Whether ``fsdp_pending`` can read this torch's FSDP2 state (else the reverse pass on a
+    sharded model refuses to run, an error record; ``derivative="auto"`` takes the forward
+    pass). Asked once FSDP has run a forward (its communication state is made lazily)."""
+    return not any(entry.startswith("FSDP2 internals") for entry in fsdp_pending(model))
+
+
+def _pending(model: nn.Module) -> list[str]:
     out = []
     for name, state in _fsdp_states(model):
         if state._training_state.name != "IDLE":
@@ -129,7 +145,10 @@ def idle_fsdp(model: nn.Module) -> Iterator[None]:
     try:
         yield
     except BaseException:
-        _reset(model)
+        try:
+            _reset(model)
+        except AttributeError:  # a torch whose FSDP has no _reset_iter_state: nothing to reset
+            pass
         raise
 
 

@@ -25,7 +25,6 @@ import lightning as L
 import torch
 import yaml
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.strategies import ModelParallelStrategy
 
 from entropy_callback import EntropyProbeCallback, ProbeConfig, load_run
 from entropy_callback.cli import pearson
@@ -80,8 +79,7 @@ def main(argv=None) -> list[dict]:
         max_steps=steps,
         accelerator="cpu",
         devices=args.devices,
-        strategy=(ModelParallelStrategy(data_parallel_size=args.devices, tensor_parallel_size=1)
-                  if args.fsdp2 else "ddp_spawn" if args.devices > 1 else "auto"),
+        strategy=strategy(args),
         logger=logger,
         callbacks=[probe],
         gradient_clip_val=clip,
@@ -99,6 +97,16 @@ def main(argv=None) -> list[dict]:
     return records
 
 
+def strategy(args: argparse.Namespace):
+    """FSDP2 through Lightning's ModelParallelStrategy (Lightning >= 2.3), DDP on several CPU
+    processes, else Lightning's default."""
+    if args.fsdp2:
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        return ModelParallelStrategy(data_parallel_size=args.devices, tensor_parallel_size=1)
+    return "ddp_spawn" if args.devices > 1 else "auto"
+
+
 class ShardedGRPOModule(GRPOModule):
     """The GRPO module with its policy sharded by FSDP2 in ``configure_model`` (Lightning's
     ModelParallelStrategy recipe): each decoder layer, then the policy itself. Each rank draws
@@ -110,9 +118,11 @@ class ShardedGRPOModule(GRPOModule):
                                  seed=self.seed + self.global_rank)
 
     def configure_model(self) -> None:
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import FSDPModule, fully_shard
 
-        for layer in self.model.get_base_model().model.layers:
+        if isinstance(self.model, FSDPModule):  # configure_model may be called again
+            return
+        for layer in self.model.get_base_model().model.layers:  # Llama/Qwen-style models
             fully_shard(layer)
         fully_shard(self.model)
 

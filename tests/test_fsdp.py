@@ -44,7 +44,7 @@ CONFIG = dict(batch_size=24, microbatch_size=5, max_new_tokens=5, eta_multiplier
 
 
 def _model(shard: bool, lora_dropout: float = 0.0, exact: bool = True,
-           checkpointing: bool = False):
+           checkpointing: bool = False, shard_root: bool = True):
     """The float64 tiny LoRA Llama (same weights on every rank), sharded per decoder layer and
     at the root when ``shard``; its AdamW optimizer and a fixed training batch. LoRA on the LM
     head too: those parameters belong to the root's FSDP unit, which stays unsharded after a
@@ -52,7 +52,8 @@ def _model(shard: bool, lora_dropout: float = 0.0, exact: bool = True,
     RMSNorms run in float64 (``exact_float64``): as shipped they round through float32, which
     would limit the agreement of the two differentiation orders to ~1e-7 (test_reverse.py).
     ``exact=False`` keeps them as shipped; ``checkpointing`` enables the user's activation
-    checkpointing of the decoder layers (before sharding, as a training script would)."""
+    checkpointing of the decoder layers (before sharding, as a training script would);
+    ``shard_root=False`` shards the decoder layers only."""
     tok = build_char_tokenizer()
     base = build_tiny_llama(tok, seed=0, dtype=torch.float64, attn_implementation="sdpa")
     if exact:
@@ -67,7 +68,8 @@ def _model(shard: bool, lora_dropout: float = 0.0, exact: bool = True,
 
         for layer in model.get_base_model().model.layers:
             fully_shard(layer)
-        fully_shard(model)
+        if shard_root:
+            fully_shard(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.01)
     enc = tok(["3+4=7", "1+1=2", "9+9=8"], return_tensors="pt", padding=True)
@@ -211,6 +213,17 @@ def _train(probed: str | None, steps: int = 3, fail_at: int | None = None,
     return out
 
 
+class _ValueHead(torch.nn.Module):
+    """A wrapper around the policy (a value head), sharded as one unit with it."""
+
+    def __init__(self, policy):
+        super().__init__()
+        self.policy, self.value = policy, torch.nn.Linear(1, 1, dtype=torch.float64)
+
+    def forward(self, **inputs):
+        return self.policy(**inputs)
+
+
 def _refusals() -> list:
     """What the probe refuses on a sharded model, at construction (unequal E shards,
     attribution), and what ``derivative="auto"`` picks for the sharded model on CPU (as
@@ -223,6 +236,14 @@ def _refusals() -> list:
             EntropyProbe(model, tok, PROMPTS, ProbeConfig(**{**CONFIG, **bad}))
         except ProbeConfigError as exc:
             messages.append(str(exc))
+    wrapped, tok, _, _ = _model(True, exact=False, shard_root=False)
+    from torch.distributed.fsdp import fully_shard
+
+    fully_shard(_ValueHead(wrapped))  # the wrapper's unit holds the policy's root parameters
+    try:
+        EntropyProbe(wrapped, tok, PROMPTS, ProbeConfig(**CONFIG))
+    except ProbeConfigError as exc:
+        messages.append(str(exc))
     return [*messages, choose_derivative(model, "auto")]
 
 
@@ -483,7 +504,8 @@ def test_fsdp2_training_is_bitwise_unchanged_by_the_probe(trained, derivative):
 def test_fsdp2_refusals_name_the_argument_and_the_fix_and_auto_is_forward_on_cpu(trained):
     assert trained is not None
     for got in trained:
-        uneven, attribution, auto = got["refusals"]
+        uneven, attribution, outer, auto = got["refusals"]
+        assert "embed_tokens" in outer and "outside the model" in outer
         assert "batch_size=25 is not divisible by world_size=2" in uneven
         assert "attribution=True" in attribution and "functional_call" in attribution
         # on CPU the forward pass is the faster one (docs/distributed.md)
