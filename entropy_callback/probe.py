@@ -42,6 +42,7 @@ from .sharded import (
     at_shards,
     check_sharded_config,
     check_sharded_model,
+    forward_injectable,
     full_tensors,
     is_sharded,
     local,
@@ -171,6 +172,11 @@ class EntropyProbe:
         if self.sharded:  # refuses what it cannot probe; E sharded over the default group
             check_sharded_model(model)
             self.set_distributed(*check_sharded_config(config))
+            if config.derivative == "forward" and not forward_injectable(model, self.params):
+                raise ProbeConfigError(
+                    "derivative='forward' on an FSDP2 model needs every probed parameter in a "
+                    "Linear or Embedding layer (LoRA's); this model trains others (e.g. norms: "
+                    "full fine-tuning). Use derivative='auto' or 'reverse'.")
         self._pending: Measurement | None = None
         self._calls = 0
         self._warned: set[str] = set()
@@ -513,10 +519,14 @@ class EntropyProbe:
         """The derivative this probe takes (``config.derivative``, "auto" resolved on the model
         as it is now), into the record; said in a log line the first time and on a change."""
         mode, why = choose_derivative(self.model, self.config.derivative)
-        if (self.sharded and mode == "reverse" and self.config.derivative == "auto"
-                and not fsdp_internals_known(self.model)):
-            mode, why = "forward", ("auto: this torch's FSDP2 state is not the one the sharded "
-                                    "reverse pass was checked on (torch 2.13)")
+        if self.sharded and self.config.derivative == "auto":
+            if mode == "forward" and not forward_injectable(self.model, self.params):
+                mode, why = "reverse", ("auto: probed parameters outside Linear/Embedding "
+                                        "layers (e.g. full fine-tuning), where the sharded "
+                                        "forward-mode pass cannot inject their tangent")
+            elif mode == "reverse" and not fsdp_internals_known(self.model):
+                mode, why = "forward", ("auto: this torch's FSDP2 state is not the one the "
+                                        "sharded reverse pass was checked on (torch 2.13)")
         result.derivative = mode
         if (mode, why) != self._derivative_said:
             self._derivative_said = (mode, why)

@@ -108,6 +108,17 @@ def check_sharded_model(model: nn.Module) -> None:
                 "to the policy itself too (after its blocks, before any wrapper around it).")
 
 
+def forward_injectable(model: nn.Module, params: Mapping[str, torch.Tensor]) -> bool:
+    """Whether the sharded forward-mode pass can inject every probed parameter's tangent: each
+    sits in a plain ``nn.Linear`` or ``nn.Embedding`` (LoRA's layers; ``TangentInjector``).
+    Full fine-tuning (norms, other layers trained) needs the reverse pass."""
+    for name in params:
+        owner = model.get_submodule(name.rpartition(".")[0])
+        if type(owner) not in (nn.Linear, nn.Embedding) or getattr(owner, "max_norm", None):
+            return False
+    return True
+
+
 def check_sharded_config(config) -> tuple[int, int]:
     """ProbeConfigError for what a sharded model does not support; else the default process
     group's (rank, world size), for ``EntropyProbe.set_distributed``."""
