@@ -39,29 +39,42 @@ def _probe(derivative: str, shard: bool):
             fully_shard(layer, mp_policy=policy)
         fully_shard(model, mp_policy=policy)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+    return _probed_step(model, tok, opt, derivative)
+
+
+def _probed_step(model, tok, opt, derivative: str) -> dict:
+    """One AdamW step on a fixed batch with the probe around it: its core results and error,
+    or the construction's refusal."""
     enc = tok(["3+4=7", "1+1=2", "9+9=8"], return_tensors="pt", padding=True)
     model(**enc, labels=enc["input_ids"]).loss.backward()
-    probe = EntropyProbe(model, tok, PROMPTS, ProbeConfig(**CONFIG, derivative=derivative))
+    try:
+        probe = EntropyProbe(model, tok, PROMPTS, ProbeConfig(**CONFIG, derivative=derivative))
+    except Exception as exc:  # noqa: BLE001 - the refusal is the result
+        return {"refusal": f"{type(exc).__name__}: {exc}"}
     probe.before_step(opt, step=0)
     opt.step()
     result = probe.after_step()
     return {"core": result.core(), "error": result.error}
 
 
-def _worker(rank: int, port: int, out: str) -> None:
+def _worker(rank: int, port: int, out: str, job: str) -> None:
+    """Both ranks: ``job`` "bf16" (both passes on bf16 shards) or "full" (full fine-tuning,
+    auto and forward), saved as ``<job><rank>.pt``."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        torch.save({d: _probe(d, True) for d in ("forward", "reverse")},
-                   Path(out) / f"rank{rank}.pt")
+        result = ({d: _probe(d, True) for d in ("forward", "reverse")} if job == "bf16"
+                  else {d: _full_finetune(d, True) for d in ("auto", "forward")})
+        torch.save(result, Path(out) / f"{job}{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def test_bf16_mixed_precision_shards_are_probed_by_both_passes(tmp_path):
-    ctx = mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=False,
-                             start_method="spawn")
+def _spawn(tmp_path: Path, job: str) -> list[dict]:
+    """``_worker`` on 2 ranks with a hang guard; both ranks' saved results."""
+    ctx = mp.start_processes(_worker, args=(_free_port(), str(tmp_path), job), nprocs=2,
+                             join=False, start_method="spawn")
     try:
         for _ in range(150):  # a hang guard
             if ctx.join(timeout=2):
@@ -72,9 +85,13 @@ def test_bf16_mixed_precision_shards_are_probed_by_both_passes(tmp_path):
         for p in ctx.processes:
             if p.is_alive():
                 p.kill()
-    files = [tmp_path / f"rank{r}.pt" for r in (0, 1)]
+    files = [tmp_path / f"{job}{r}.pt" for r in (0, 1)]
     assert all(f.exists() for f in files), "a rank did not finish (hung or died)"
-    ranks = [torch.load(f, weights_only=False) for f in files]  # files this test wrote
+    return [torch.load(f, weights_only=False) for f in files]  # files this test wrote
+
+
+def test_bf16_mixed_precision_shards_are_probed_by_both_passes(tmp_path):
+    ranks = _spawn(tmp_path, "bf16")
     reference = _probe("forward", False)["core"]  # one float32 process, unsharded
     for got in ranks:
         for derivative in ("forward", "reverse"):
@@ -106,48 +123,15 @@ def _full_finetune(derivative: str, shard: bool):
             fully_shard(layer)
         fully_shard(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    enc = tok(["3+4=7", "1+1=2", "9+9=8"], return_tensors="pt", padding=True)
-    model(**enc, labels=enc["input_ids"]).loss.backward()
-    try:
-        probe = EntropyProbe(model, tok, PROMPTS, ProbeConfig(**CONFIG, derivative=derivative))
-    except Exception as exc:  # noqa: BLE001 - the refusal is the result
-        return {"refusal": f"{type(exc).__name__}: {exc}"}
-    probe.before_step(opt, step=0)
-    opt.step()
-    result = probe.after_step()
-    return {"core": result.core(), "error": result.error}
-
-
-def _full_worker(rank: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        torch.save({d: _full_finetune(d, True) for d in ("auto", "forward")},
-                   Path(out) / f"full{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    return _probed_step(model, tok, opt, derivative)
 
 
 def test_full_fine_tuning_of_a_sharded_model_takes_the_reverse_pass(tmp_path):
     # The sharded forward-mode pass injects tangents at Linear and Embedding layers only;
     # trained norms need the reverse pass, which "auto" takes ("forward" is refused).
-    ctx = mp.start_processes(_full_worker, args=(_free_port(), str(tmp_path)), nprocs=2,
-                             join=False, start_method="spawn")
-    try:
-        for _ in range(150):  # a hang guard
-            if ctx.join(timeout=2):
-                break
-    except (mp.ProcessExitedException, mp.ProcessRaisedException):
-        pass  # a native abort in gloo's teardown after saving (docs/distributed.md)
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-    files = [tmp_path / f"full{r}.pt" for r in (0, 1)]
-    assert all(f.exists() for f in files), "a rank did not finish (hung or died)"
+    ranks = _spawn(tmp_path, "full")
     reference = _full_finetune("reverse", False)["core"]  # one process, unsharded
-    for got in (torch.load(f, weights_only=False) for f in files):  # files this test wrote
+    for got in ranks:
         auto = got["auto"]
         assert auto["error"] is None and auto["core"]["derivative"] == "reverse"
         # float64, the same reverse pass on one process: rounding only
